@@ -1,0 +1,150 @@
+"""The `ftlab` command: thin argument parsing over the library.
+
+    ftlab generate [-m MODEL_DIR] (--prompt TEXT ... | --input-ids "1,2,3;4,5") [--max-new-tokens N] [--top-k K]
+                   [--top-p P] [--temperature T] [--seed S] [--dtype fp32|fp16|bf16] [--json] [--stream]
+    ftlab convert hf -i HF_DIR -o OUT_DIR -i_g N [--weight-data-type fp32|fp16] [--force]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .tokenizer import DATA_DIR
+
+DEFAULT_MODEL_DIR = DATA_DIR / "demo-model"
+
+
+def _parse_input_ids(text: str) -> list[list[int]]:
+    try:
+        return [[int(t) for t in part.split(",") if t.strip()] for part in text.split(";")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input-ids {text!r}: expected comma-separated integers, requests "
+                                         f"separated by ';' (e.g. \"1,2,3;4,5\")") from None
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text or token ids with a c-model")
+    p.add_argument("-m", "--model-dir", type=Path, default=None,
+                   help="c-model directory (<out>/<N>-gpu or its parent); default: the bundled demo model")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", nargs="+", help="one or more prompts (a batch)")
+    src.add_argument("--input-ids", type=_parse_input_ids, help='token ids, e.g. "1,2,3;4,5" for two requests')
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--top-k", type=int, default=1, help="top-k (FT candidate_num); 1 = greedy, 0 = no limit")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus probability in (0, 1]; 1 = no limit")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="random_seed of every request")
+    p.add_argument("--dtype", default="auto", help="fp32 | fp16 | bf16 (default: fp16 on a GPU, fp32 on the CPU)")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="print {output_ids, sequence_length, text} as JSON")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated (one request)")
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert a checkpoint to FasterTransformer's c-model format")
+    conv = p.add_subparsers(dest="source", required=True)
+    hf = conv.add_parser("hf", help="a local HF GPT-2 directory (config.json + safetensors or pytorch_model.bin)")
+    hf.add_argument("-i", "--input-dir", "--in-file", type=Path, required=True)
+    hf.add_argument("-o", "--output-dir", "--saved-dir", type=Path, required=True)
+    hf.add_argument("-i_g", "--infer-gpu-num", type=int, default=1, help="tensor_para_size to split for")
+    hf.add_argument("--weight-data-type", choices=("fp32", "fp16"), default="fp32")
+    hf.add_argument("--force", action="store_true", help="overwrite an existing <OUT_DIR>/<N>-gpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftlab", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_convert(sub)
+    return parser
+
+
+def _load_model(args):
+    import torch
+
+    from .checkpoint import random_ft_tensors
+    from .config import GPTConfig
+    from .model import GPT
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = args.dtype if args.dtype != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    model_dir = args.model_dir
+    if model_dir is None and DEFAULT_MODEL_DIR.is_dir():
+        model_dir = DEFAULT_MODEL_DIR
+    if model_dir is not None:
+        return GPT.from_cmodel(model_dir, dtype=dtype, device=device), model_dir
+    print("ftlab: no trained default model is bundled (data/demo-model is missing): using a RANDOM 2-layer GPT "
+          "with the GPT-2 vocabulary, so the text will be gibberish", file=sys.stderr)
+    config = GPTConfig(head_num=4, size_per_head=16, num_layer=2, max_pos_seq_len=256, model_name="random")
+    return GPT.from_ft_tensors(config, random_ft_tensors(config), dtype=dtype, device=device), None
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate
+    from .tokenizer import load_tokenizer
+
+    model, model_dir = _load_model(args)
+    tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise ValueError(f"{model_dir}: no tokenizer files (vocab.json + merges.txt) for --prompt; "
+                             f"use --input-ids")
+        prompts = [tokenizer.encode(text) for text in args.prompt]
+    else:
+        prompts = args.input_ids
+
+    def show(step):
+        if tokenizer is not None:
+            print(tokenizer.decode(step.token_ids[:1]), end="", flush=True)
+        else:
+            print(step.token_ids[0], end=" ", flush=True)
+
+    streaming = args.stream and not args.json
+    if streaming and args.prompt is not None:
+        print(args.prompt[0], end="", flush=True)
+    result = generate(model, prompts, max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p,
+                      temperature=args.temperature, random_seed=args.seed,
+                      on_step=show if streaming else None)
+    texts = [tokenizer.decode(ids) for ids in result.output_ids] if tokenizer is not None else None
+    if args.json:
+        out = {"output_ids": result.output_ids, "sequence_length": result.sequence_length}
+        if texts is not None:
+            out["text"] = texts
+        print(json.dumps(out))
+    elif streaming:
+        print()
+    else:
+        for b in range(len(prompts)):
+            print(texts[b] if texts is not None else " ".join(map(str, result.output_ids[b])))
+            if b + 1 < len(prompts):
+                print("-" * 40)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    if args.source == "hf":
+        from .convert.huggingface import convert_hf
+
+        out = convert_hf(args.input_dir, args.output_dir, infer_gpu_num=args.infer_gpu_num,
+                         weight_data_type=args.weight_data_type, force=args.force)
+        print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+        if args.command == "convert":
+            return cmd_convert(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        print(f"ftlab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""The GPT decoder (GPT-2 / Megatron architecture) on ftlab's Triton kernels.
+
+Per block (pre-LayerNorm), five launches, each LayerNorm folded into the GEMM that follows it:
+
+    qkv  = linear(x, W_qkv, b_qkv, ln=ln_1)                  # (T, 3*nh*hs)  LN prologue + bias epilogue
+    a    = attention(qkv, kv cache)                          # (T, nh*hs)    also appends k, v to the cache
+    x    = linear(a, W_o, b_o, residual=x)                   # (T, H)        bias + residual epilogue
+    h    = linear(x, W_fc1, b_fc1, ln=ln_2, activation=gelu) # (T, I)
+    x    = linear(h, W_fc2, b_fc2, residual=x)               # (T, H)
+
+Two phases share the weights: `prefill` runs packed ragged prompts (T = sum of prompt lengths) through causal
+context attention; `decode` runs one token per sequence (T = B) through decode attention over the KV cache.
+
+Tensor parallelism (ftlab.parallel) gives each rank nh/N heads and I/N MLP columns, and an `all_reduce` that sums
+the row-parallel outputs (attention output projection and fc2). Only rank 0 adds those layers' bias and the residual
+in its epilogue, so the all-reduced sum is exactly x + bias + sum of partial products. Layer (pipeline) parallelism
+gives each stage a contiguous range of blocks; `embed`, `run_blocks_*` and `lm_logits` are the stage-sized pieces.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .checkpoint import LM_HEAD, layer_prefix, load_cmodel, split_tensor, tensor_specs
+from .config import GPTConfig, compute_dtype
+from .kernels.attention import context_attention
+from .kernels.decode_attention import decode_attention
+from .kernels.embedding import embedding
+from .kernels.linear import linear
+
+
+@dataclass
+class BlockWeights:
+    """One decoder block on the device, Linear weights in (out, in) layout, this rank's shard."""
+    ln1_weight: torch.Tensor  # (H,)
+    ln1_bias: torch.Tensor  # (H,)
+    qkv_weight: torch.Tensor  # (3*nh_local*hs, H), rows ordered [3, nh_local, hs]
+    qkv_bias: torch.Tensor  # (3*nh_local*hs,)
+    attn_out_weight: torch.Tensor  # (H, nh_local*hs)
+    attn_out_bias: torch.Tensor | None  # (H,), None on tensor-parallel ranks other than 0
+    ln2_weight: torch.Tensor  # (H,)
+    ln2_bias: torch.Tensor  # (H,)
+    fc1_weight: torch.Tensor  # (I_local, H)
+    fc1_bias: torch.Tensor  # (I_local,)
+    fc2_weight: torch.Tensor  # (H, I_local)
+    fc2_bias: torch.Tensor | None  # (H,), None on tensor-parallel ranks other than 0
+
+
+@dataclass
+class GPTWeights:
+    blocks: list[BlockWeights]  # this stage's blocks, global indices first_layer .. first_layer+len-1
+    first_layer: int = 0
+    wte: torch.Tensor | None = None  # (V, H); needed by the first stage (embedding)
+    wpe: torch.Tensor | None = None  # (P, H)
+    lnf_weight: torch.Tensor | None = None  # (H,); needed by the last stage
+    lnf_bias: torch.Tensor | None = None
+    lm_head: torch.Tensor | None = None  # (V, H); the same tensor as wte when tied
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every sequence, written in place by the attention kernels."""
+    k: torch.Tensor  # (L_local, B, nh_local, capacity, hs)
+    v: torch.Tensor  # (L_local, B, nh_local, capacity, hs)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Views of sequences start..stop-1 (micro-batches of the layer-parallel context phase)."""
+        return KVCache(self.k[:, start:stop], self.v[:, start:stop])
+
+
+def _device_block(ft: dict, layer: int, *, dtype, device, rank: int, tp: int, is_shard: bool, config: GPTConfig):
+    """FT file layout ([in, out], full or this rank's shard) -> BlockWeights on the device."""
+    prefix = layer_prefix(layer)
+    specs = {s.name: s for s in tensor_specs(config, layers=[layer], embeddings=False)}
+
+    def get(suffix: str) -> torch.Tensor:
+        name = prefix + suffix
+        tensor = ft[name]
+        if not is_shard and specs[name].split_axis is not None:
+            tensor = split_tensor(specs[name], tensor, tp)[rank]
+        return tensor.to(device=device, dtype=dtype)
+
+    def out_in(t: torch.Tensor) -> torch.Tensor:
+        return t.t().contiguous()  # FT stores Linear weights [in, out]; the kernels stream rows of (out, in)
+
+    H = config.hidden
+    owns_bias = rank == 0
+    return BlockWeights(
+        ln1_weight=get("input_layernorm.weight"), ln1_bias=get("input_layernorm.bias"),
+        qkv_weight=out_in(get("attention.query_key_value.weight").reshape(H, -1)),
+        qkv_bias=get("attention.query_key_value.bias").reshape(-1).contiguous(),
+        attn_out_weight=out_in(get("attention.dense.weight")),
+        attn_out_bias=get("attention.dense.bias") if owns_bias else None,
+        ln2_weight=get("post_attention_layernorm.weight"), ln2_bias=get("post_attention_layernorm.bias"),
+        fc1_weight=out_in(get("mlp.dense_h_to_4h.weight")), fc1_bias=get("mlp.dense_h_to_4h.bias"),
+        fc2_weight=out_in(get("mlp.dense_4h_to_h.weight")),
+        fc2_bias=get("mlp.dense_4h_to_h.bias") if owns_bias else None,
+    )
+
+
+def device_weights(config: GPTConfig, ft: dict[str, torch.Tensor], *, dtype: torch.dtype, device,
+                   tp_rank: int = 0, tp_size: int = 1, is_shard: bool = False, layers: range | None = None,
+                   first_stage: bool = True, last_stage: bool = True) -> GPTWeights:
+    """Cast and lay out FT-layout tensors for this rank/stage. `ft` holds full tensors (is_shard False: split here)
+    or rank `tp_rank`'s shards of files split for tp_size (is_shard True)."""
+    layers = range(config.num_layer) if layers is None else layers
+    blocks = [_device_block(ft, i, dtype=dtype, device=device, rank=tp_rank, tp=tp_size, is_shard=is_shard,
+                            config=config) for i in layers]
+    weights = GPTWeights(blocks=blocks, first_layer=layers.start)
+
+    def get(name):
+        return ft[name].to(device=device, dtype=dtype).contiguous()
+
+    if first_stage or (last_stage and LM_HEAD not in ft):
+        weights.wte = get("model.wte")
+    if first_stage:
+        weights.wpe = get("model.wpe")
+    if last_stage:
+        weights.lnf_weight = get("model.final_layernorm.weight")
+        weights.lnf_bias = get("model.final_layernorm.bias")
+        weights.lm_head = get(LM_HEAD) if LM_HEAD in ft else weights.wte
+    return weights
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class GPT:
+    """A GPT decoder on the device. Holds no per-request state: the KV cache belongs to each generate() call."""
+
+    def __init__(self, config: GPTConfig, weights: GPTWeights, *, tp_size: int = 1, tp_rank: int = 0,
+                 all_reduce: Callable[[torch.Tensor], None] | None = None):
+        if config.head_num % tp_size:
+            raise ValueError(f"head_num={config.head_num} is not divisible by tensor_para_size={tp_size}")
+        self.config = config
+        self.weights = weights
+        self.tp_size, self.tp_rank = tp_size, tp_rank
+        self.all_reduce = all_reduce  # in-place sum over the tensor-parallel group; None when tp_size == 1
+        self.local_heads = config.head_num // tp_size
+        some = weights.blocks[0].qkv_weight if weights.blocks else (weights.wte if weights.wte is not None
+                                                                      else weights.lm_head)
+        self.dtype, self.device = some.dtype, some.device
+
+    # --- construction -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_ft_tensors(cls, config: GPTConfig, ft: dict[str, torch.Tensor], *, dtype="fp32", device=None) -> "GPT":
+        """Single-process model from full FT-layout tensors (a joined c-model, or a converter's output)."""
+        device = torch.device(device) if device is not None else default_device()
+        weights = device_weights(config, ft, dtype=compute_dtype(dtype), device=device)
+        return cls(config, weights)
+
+    @classmethod
+    def from_cmodel(cls, model_dir: str | Path, *, dtype="fp16", device=None) -> "GPT":
+        """Load a c-model directory in one process (all tensor-parallel shards joined)."""
+        config, ft = load_cmodel(model_dir)
+        return cls.from_ft_tensors(config, ft, dtype=dtype, device=device)
+
+    @property
+    def num_local_layers(self) -> int:
+        return len(self.weights.blocks)
+
+    def new_kv_cache(self, batch_size: int, capacity: int) -> KVCache:
+        shape = (self.num_local_layers, batch_size, self.local_heads, capacity, self.config.size_per_head)
+        return KVCache(torch.empty(shape, dtype=self.dtype, device=self.device),
+                       torch.empty(shape, dtype=self.dtype, device=self.device))
+
+    # --- stage pieces -------------------------------------------------------------------------------------------
+    def embed(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(T,) token ids and positions -> (T, H) residual stream."""
+        return embedding(token_ids, positions, self.weights.wte, self.weights.wpe, out_dtype=self.dtype)
+
+    def _row_parallel(self, x_local: torch.Tensor, weight, bias, residual: torch.Tensor) -> torch.Tensor:
+        if self.all_reduce is None:
+            return linear(x_local, weight, bias, residual=residual)
+        lead = self.tp_rank == 0  # the lead rank adds bias + residual once; the others contribute partial sums
+        out = linear(x_local, weight, bias if lead else None, residual=residual if lead else None)
+        self.all_reduce(out)
+        return out
+
+    def _block(self, block: BlockWeights, x: torch.Tensor, attend: Callable) -> torch.Tensor:
+        eps = self.config.layernorm_eps
+        T = x.shape[0]
+        qkv = linear(x, block.qkv_weight, block.qkv_bias, ln_weight=block.ln1_weight, ln_bias=block.ln1_bias,
+                     ln_eps=eps)  # (T, 3*nh*hs)
+        attn = attend(qkv.view(T, 3, self.local_heads, self.config.size_per_head))  # (T, nh, hs)
+        x = self._row_parallel(attn.view(T, -1), block.attn_out_weight, block.attn_out_bias, x)
+        h = linear(x, block.fc1_weight, block.fc1_bias, activation="gelu", ln_weight=block.ln2_weight,
+                   ln_bias=block.ln2_bias, ln_eps=eps)  # (T, I_local)
+        return self._row_parallel(h, block.fc2_weight, block.fc2_bias, x)
+
+    def run_blocks_prefill(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                           cache: KVCache) -> torch.Tensor:
+        """Packed prompts (T, H) through this stage's blocks, filling cache rows 0..len-1 of each sequence."""
+        for i, block in enumerate(self.weights.blocks):
+            def attend(qkv, i=i):
+                return context_attention(qkv, cu_seqlens, max_seqlen, k_cache=cache.k[i], v_cache=cache.v[i])
+            x = self._block(block, x, attend)
+        return x
+
+    def run_blocks_decode(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per sequence (B, H) at `positions` (B,) through this stage's blocks."""
+        for i, block in enumerate(self.weights.blocks):
+            def attend(qkv, i=i):
+                return decode_attention(qkv, cache.k[i], cache.v[i], positions)
+            x = self._block(block, x, attend)
+        return x
+
+    def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, H) last hidden states -> (M, V) logits: final LayerNorm folded into the LM-head GEMM."""
+        w = self.weights
+        return linear(x, w.lm_head, None, ln_weight=w.lnf_weight, ln_bias=w.lnf_bias, ln_eps=self.config.layernorm_eps)
+
+    # --- whole model (single stage) -----------------------------------------------------------------------------
+    def prefill(self, token_ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                cache: KVCache, *, all_logits: bool = False) -> torch.Tensor:
+        """Context phase over packed prompts. Returns the logits of each sequence's last token (B, V), or of every
+        token (T, V) with all_logits."""
+        x = self.run_blocks_prefill(self.embed(token_ids, positions), cu_seqlens, max_seqlen, cache)
+        if not all_logits:
+            x = x[cu_seqlens[1:].long() - 1]  # (B, H)
+        return self.lm_logits(x)
+
+    def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decode step: (B,) new tokens at (B,) positions -> (B, V) logits; appends to the cache."""
+        return self.lm_logits(self.run_blocks_decode(self.embed(token_ids, positions), positions, cache))
+
+    @torch.no_grad()
+    def logits(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """Logits of every position of each sequence (for checks against other implementations, perplexity)."""
+        batch = pack_prompts(sequences, self.device)
+        cache = self.new_kv_cache(len(sequences), batch.max_seqlen)
+        out = self.prefill(batch.token_ids, batch.positions, batch.cu_seqlens, batch.max_seqlen, cache,
+                           all_logits=True)
+        return list(out.split(batch.lengths))
+
+
+@dataclass
+class PackedPrompts:
+    token_ids: torch.Tensor  # (T,) all prompts back to back
+    positions: torch.Tensor  # (T,) 0..len_b-1 within each prompt
+    cu_seqlens: torch.Tensor  # (B+1,) int32 prompt boundaries
+    lengths: list[int]
+    max_seqlen: int
+
+
+def pack_prompts(prompts: list[list[int]], device) -> PackedPrompts:
+    lengths = [len(p) for p in prompts]
+    flat = [t for p in prompts for t in p]
+    positions = [i for n in lengths for i in range(n)]
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return PackedPrompts(
+        token_ids=torch.tensor(flat, dtype=torch.int64, device=device),
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
+        lengths=lengths, max_seqlen=max(lengths))

@@ -1,0 +1,277 @@
+"""Causal context (prefill) attention over ragged, packed prompts, with the KV-cache write fused in.
+
+Layout: qkv (T, 3, nh, d) holds T tokens of B prompts packed back to back; prompt b owns rows
+cu_seqlens[b]:cu_seqlens[b+1]. Each program owns one block of BLOCK_M queries of one (prompt, head) and runs a
+flash-attention loop over key tiles of BLOCK_N keys: online softmax in fp32 (base 2, the scale folded with
+log2(e)), fp32 accumulator, so memory stays bounded for prompts of thousands of tokens. Key tiles entirely above
+the diagonal are never visited. When a KV cache is given, the same program copies its block's k/v rows into
+k_cache/v_cache[b, h, 0:len_b] (cache layout (B, nh, S_max, d), last dim contiguous, other dims by stride).
+"""
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # fp32 inputs must not be rounded to TF32 (tests hold fp32 to 1e-5); fp16/bf16 use the default tensor-core path
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _online_softmax_step(acc, m_i, l_i, q, k, v, qk_scale, valid, APPLY_MASK: tl.constexpr, IEEE: tl.constexpr):
+    # q (BLOCK_M, BLOCK_D), k/v (BLOCK_N, BLOCK_D); scores in log2 units so exp2 can be used
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale  # (BLOCK_M, BLOCK_N)
+    if APPLY_MASK:
+        s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _context_attention_kernel(
+    qkv_ptr, cu_seqlens_ptr, out_ptr, k_cache_ptr, v_cache_ptr,
+    qk_scale,  # softmax scale * log2(e)
+    stride_qkv_t, stride_qkv_part, stride_qkv_h,
+    stride_out_t, stride_out_h,
+    stride_kc_b, stride_kc_h, stride_kc_s,
+    stride_vc_b, stride_vc_h, stride_vc_s,
+    head_dim, num_m_blocks,
+    WRITE_CACHE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # the last query blocks see the most keys: launch them first so the tail of the grid is short work
+    block_m = num_m_blocks - 1 - tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    seq_start = tl.load(cu_seqlens_ptr + seq)
+    seq_len = tl.load(cu_seqlens_ptr + seq + 1) - seq_start
+    q_lo = block_m * BLOCK_M
+    if q_lo >= seq_len:  # the grid is sized for the longest prompt
+        return
+
+    offs_m = q_lo + tl.arange(0, BLOCK_M)  # query positions within the prompt
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    m_mask = offs_m < seq_len
+    row_mask = m_mask[:, None] & d_mask[None, :]
+
+    q_base = qkv_ptr + seq_start.to(tl.int64) * stride_qkv_t + head * stride_qkv_h
+    k_base = q_base + stride_qkv_part
+    v_base = q_base + 2 * stride_qkv_part
+    row_offs = offs_m[:, None] * stride_qkv_t + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
+    q = tl.load(q_base + row_offs, mask=row_mask, other=0.0)
+
+    if WRITE_CACHE:
+        k_rows = tl.load(k_base + row_offs, mask=row_mask, other=0.0)
+        v_rows = tl.load(v_base + row_offs, mask=row_mask, other=0.0)
+        kc = k_cache_ptr + seq.to(tl.int64) * stride_kc_b + head * stride_kc_h
+        vc = v_cache_ptr + seq.to(tl.int64) * stride_vc_b + head * stride_vc_h
+        tl.store(kc + offs_m[:, None] * stride_kc_s + offs_d[None, :], k_rows, mask=row_mask)
+        tl.store(vc + offs_m[:, None] * stride_vc_s + offs_d[None, :], v_rows, mask=row_mask)
+
+    # key 0 is visible to every row (padded rows included), so m_i is finite after the first tile: no NaN from -inf
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # keys [0, q_lo): below the diagonal for every query of the block, so only the head-dim padding is masked
+    for kv_lo in range(0, q_lo, BLOCK_N):
+        kv_offs = (kv_lo + offs_n)[:, None] * stride_qkv_t + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
+        k = tl.load(k_base + kv_offs, mask=d_mask[None, :], other=0.0)
+        v = tl.load(v_base + kv_offs, mask=d_mask[None, :], other=0.0)
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, qk_scale, True, False, IEEE)
+
+    # keys [q_lo, min(q_lo + BLOCK_M, len)): the diagonal band, causal and length masks
+    kv_hi = tl.minimum(q_lo + BLOCK_M, seq_len)
+    for kv_lo in range(q_lo, kv_hi, BLOCK_N):
+        offs_kv = kv_lo + offs_n
+        kv_mask = offs_kv < seq_len
+        kv_offs = offs_kv[:, None] * stride_qkv_t + offs_d[None, :]
+        k = tl.load(k_base + kv_offs, mask=kv_mask[:, None] & d_mask[None, :], other=0.0)
+        v = tl.load(v_base + kv_offs, mask=kv_mask[:, None] & d_mask[None, :], other=0.0)
+        visible = (offs_kv[None, :] <= offs_m[:, None]) & kv_mask[None, :]
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, qk_scale, visible, True, IEEE)
+
+    out = acc / l_i[:, None]
+    out_ptrs = (out_ptr + seq_start.to(tl.int64) * stride_out_t + head * stride_out_h
+                + offs_m[:, None] * stride_out_t + offs_d[None, :])
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+@dataclass(frozen=True)
+class ContextBlocks:
+    block_m: int  # queries per program
+    block_n: int  # keys per inner tile; block_m must be a multiple of it
+    num_warps: int
+    num_stages: int
+
+
+def pick_context_blocks(batch: int, num_heads: int, max_seqlen: int, head_dim: int,
+                        dtype: torch.dtype) -> ContextBlocks:
+    """Tile sizes from the shapes (no autotuning, so it also runs in the interpreter).
+
+    128x64 tiles (the usual flash-attention choice for d <= 128 on Hopper-class GPUs) when that still gives at least
+    two waves of programs on ~132 SMs; otherwise 64-query blocks to spread short or single prompts over more SMs.
+    d = 128 uses 8 warps to hold the (128, 128) fp32 accumulator. fp32 goes through the ieee FMA path with no tensor
+    cores, so it keeps smaller tiles to bound registers.
+    """
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if dtype == torch.float32:
+        return ContextBlocks(64, 32, 4, 2)
+    programs_at_128 = batch * num_heads * triton.cdiv(max_seqlen, 128)
+    block_m = 128 if programs_at_128 >= 2 * 132 else 64
+    num_warps = 8 if (block_m == 128 and block_d >= 128) else 4
+    num_stages = 3 if block_d <= 64 else 2
+    return ContextBlocks(block_m, 64, num_warps, num_stages)
+
+
+def _check_cache(name: str, cache: torch.Tensor, qkv: torch.Tensor, batch: int, max_seqlen: int) -> None:
+    num_heads, head_dim = qkv.shape[2], qkv.shape[3]
+    if cache.dim() != 4 or cache.shape[0] != batch or cache.shape[1] != num_heads or cache.shape[3] != head_dim:
+        raise ValueError(f"{name} must be (B={batch} = len(cu_seqlens) - 1, nh={num_heads}, S_max, d={head_dim}), "
+                         f"got {tuple(cache.shape)}")
+    if cache.dtype != qkv.dtype:
+        raise ValueError(f"{name} dtype {cache.dtype} != qkv dtype {qkv.dtype}")
+    if cache.device != qkv.device:
+        raise ValueError(f"{name} is on {cache.device}, qkv on {qkv.device}")
+    if cache.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim, strides {cache.stride()}")
+    if cache.shape[2] < max_seqlen:
+        raise ValueError(f"{name} capacity S_max={cache.shape[2]} is smaller than max_seqlen={max_seqlen}")
+
+
+def context_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: Optional[float] = None,
+                      k_cache: Optional[torch.Tensor] = None, v_cache: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal self-attention within each packed prompt; returns out (T, nh, d) in qkv's dtype.
+
+    qkv (T, 3, nh, d); cu_seqlens int32 (B+1,) on qkv's device, cu_seqlens[-1] == T; max_seqlen >= every prompt
+    length (host-side int; longer prompts would be truncated silently, it cannot be checked without a sync).
+    If k_cache/v_cache (B, nh, S_max, d) are given, token t of prompt b is written to cache[b, :, t - cu_seqlens[b]].
+    """
+    if qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"qkv must be (T, 3, nh, d), got {tuple(qkv.shape)}")
+    if qkv.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"qkv dtype must be float32/float16/bfloat16, got {qkv.dtype}")
+    if qkv.stride(-1) != 1:
+        raise ValueError(f"qkv must be contiguous in its last dim, strides {qkv.stride()}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D (B+1,) with B >= 1, got {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.device != qkv.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, qkv on {qkv.device}")
+    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 1:
+        raise ValueError(f"max_seqlen must be a positive Python int, got {max_seqlen!r}")
+    if (k_cache is None) != (v_cache is None):
+        raise ValueError("k_cache and v_cache must be given together")
+    total_tokens, _, num_heads, head_dim = qkv.shape
+    batch = cu_seqlens.numel() - 1
+    if k_cache is not None:
+        _check_cache("k_cache", k_cache, qkv, batch, max_seqlen)
+        _check_cache("v_cache", v_cache, qkv, batch, max_seqlen)
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+
+    out = torch.empty((total_tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    if total_tokens == 0:
+        return out
+    blocks = pick_context_blocks(batch, num_heads, max_seqlen, head_dim, qkv.dtype)
+    write_cache = k_cache is not None
+    kc = k_cache if write_cache else qkv  # unused pointer when not writing
+    vc = v_cache if write_cache else qkv
+    kc_strides = k_cache.stride()[:3] if write_cache else (0, 0, 0)
+    vc_strides = v_cache.stride()[:3] if write_cache else (0, 0, 0)
+    num_m_blocks = triton.cdiv(max_seqlen, blocks.block_m)
+    grid = (num_m_blocks, num_heads, batch)
+    _context_attention_kernel[grid](
+        qkv, cu_seqlens, out, kc, vc,
+        float(scale) * LOG2E,
+        qkv.stride(0), qkv.stride(1), qkv.stride(2),
+        out.stride(0), out.stride(1),
+        *kc_strides, *vc_strides,
+        head_dim, num_m_blocks,
+        WRITE_CACHE=write_cache, IEEE=qkv.dtype == torch.float32,
+        BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )
+    return out
+
+
+def context_attention_reference(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                                scale: Optional[float] = None, k_cache: Optional[torch.Tensor] = None,
+                                v_cache: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Plain torch, one prompt at a time, softmax in fp32 (fp64 if qkv is fp64). Writes the caches when given."""
+    head_dim = qkv.shape[-1]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    compute_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    out = torch.empty(qkv.shape[0], qkv.shape[2], head_dim, dtype=qkv.dtype, device=qkv.device)
+    bounds = cu_seqlens.tolist()
+    for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        q, k, v = (qkv[lo:hi, i].transpose(0, 1).to(compute_dtype) for i in range(3))  # (nh, L, d)
+        length = hi - lo
+        scores = (q @ k.transpose(1, 2)) * scale  # (nh, L, L)
+        causal = torch.ones(length, length, dtype=torch.bool, device=qkv.device).tril()
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        out[lo:hi] = (probs @ v).transpose(0, 1).to(qkv.dtype)
+        if k_cache is not None:
+            k_cache[b, :, :length] = qkv[lo:hi, 1].transpose(0, 1).to(k_cache.dtype)
+            v_cache[b, :, :length] = qkv[lo:hi, 2].transpose(0, 1).to(v_cache.dtype)
+    return out
+
+
+def _benchmark() -> None:
+    import csv
+
+    from triton.testing import do_bench
+
+    if not torch.cuda.is_available():
+        print("the benchmark needs a CUDA device")
+        return
+    dtype, device = torch.float16, "cuda"
+    rows = []
+    header = f"{'nh':>3} {'d':>4} {'B':>3} {'L':>5} | {'triton ms':>9} {'TFLOP/s':>8} | {'sdpa ms':>8} {'TFLOP/s':>8} | speedup"
+    print(header)
+    print("-" * len(header))
+    for num_heads, head_dim in ((16, 64), (32, 128)):
+        for batch, length in ((1, 128), (1, 512), (8, 512), (64, 512), (1, 2048)):
+            qkv = torch.randn(batch * length, 3, num_heads, head_dim, dtype=dtype, device=device)
+            cu_seqlens = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * length
+            q, k, v = (qkv[:, i].view(batch, length, num_heads, head_dim).transpose(1, 2).contiguous() for i in range(3))
+            ms_triton = do_bench(lambda: context_attention(qkv, cu_seqlens, length))
+            ms_sdpa = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+            # causal: half of the 2 matmuls of 2*L*L*d flops each
+            flops = 2.0 * batch * num_heads * length * length * head_dim
+            tf_triton, tf_sdpa = flops / ms_triton * 1e-9, flops / ms_sdpa * 1e-9
+            print(f"{num_heads:>3} {head_dim:>4} {batch:>3} {length:>5} | {ms_triton:>9.4f} {tf_triton:>8.1f} | "
+                  f"{ms_sdpa:>8.4f} {tf_sdpa:>8.1f} | {ms_sdpa / ms_triton:.2f}x")
+            rows.append(dict(num_heads=num_heads, head_dim=head_dim, batch=batch, prompt_len=length,
+                             triton_ms=ms_triton, sdpa_ms=ms_sdpa, triton_tflops=tf_triton, sdpa_tflops=tf_sdpa))
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        path = os.path.join(out_dir, "context_attention_bench.csv")
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    _benchmark()

@@ -1,0 +1,313 @@
+"""Decode attention: one new token per sequence attends over its KV cache, with the KV append fused in.
+
+Flash-decoding in two launches whose grids depend only on shapes (B, nh, S_max), so the step can be captured in a
+CUDA graph while positions change between replays:
+  1. partition kernel, grid (num_partitions, nh, B): program j covers cache slots [j*P, (j+1)*P) in tiles of BLOCK_S
+     keys and writes a partial (max, sum, unnormalised acc) to a workspace. Programs whose partition starts after
+     positions[b] exit at once. Cached keys are read strictly below positions[b]; the new key/value are taken from
+     qkv in registers by the one program whose partition holds positions[b], and that program alone writes them to
+     the cache slot, so no program ever reads the slot being written in the same launch.
+  2. reduction kernel, grid (nh, B): rescales and sums the valid partitions into out.
+Scores are kept in log2 units (scale folded with log2(e)) so exp2 can be used; everything accumulates in fp32.
+"""
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import LOG2E
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _decode_partition_kernel(
+    qkv_ptr, k_cache_ptr, v_cache_ptr, positions_ptr,
+    part_max_ptr, part_sum_ptr, part_acc_ptr,  # workspace (B, nh, NP) and (B, nh, NP, d), fp32
+    qk_scale,  # softmax scale * log2(e)
+    stride_qkv_b, stride_qkv_part, stride_qkv_h,
+    stride_kc_b, stride_kc_h, stride_kc_s,
+    stride_vc_b, stride_vc_h, stride_vc_s,
+    stride_ws_b, stride_ws_h,  # of part_max/part_sum; part_acc adds a factor head_dim
+    head_dim, s_max,
+    BLOCK_S: tl.constexpr, TILES_PER_PART: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    part = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    pos = tl.load(positions_ptr + seq)
+    part_lo = part * (BLOCK_S * TILES_PER_PART)
+    if part_lo > pos:  # beyond this sequence's keys: the reduction never reads this partition
+        return
+    part_hi = part_lo + BLOCK_S * TILES_PER_PART
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    offs_s = tl.arange(0, BLOCK_S)
+    qkv_base = qkv_ptr + seq.to(tl.int64) * stride_qkv_b + head * stride_qkv_h + offs_d
+    q = tl.load(qkv_base, mask=d_mask, other=0.0).to(tl.float32) * qk_scale  # (BLOCK_D,)
+    k_new = tl.load(qkv_base + stride_qkv_part, mask=d_mask, other=0.0)
+    v_new = tl.load(qkv_base + 2 * stride_qkv_part, mask=d_mask, other=0.0)
+
+    kc = k_cache_ptr + seq.to(tl.int64) * stride_kc_b + head * stride_kc_h
+    vc = v_cache_ptr + seq.to(tl.int64) * stride_vc_b + head * stride_vc_h
+    # a position past the cache is dropped rather than written out of bounds; the mask is built per lane because the
+    # interpreter rejects a vector & scalar mask
+    owns_new = (pos < part_hi) & (pos < s_max)
+    new_mask = d_mask & (offs_d * 0 + pos < tl.minimum(part_hi, s_max))
+    tl.store(kc + pos * stride_kc_s + offs_d, k_new, mask=new_mask)
+    tl.store(vc + pos * stride_vc_s + offs_d, v_new, mask=new_mask)
+
+    # cached keys [part_lo, min(part_hi, pos)): every tile visited holds >= 1 valid key, so m_i turns finite at once
+    m_i = float("-inf")
+    l_i = 0.0
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    kv_hi = tl.minimum(tl.minimum(part_hi, pos), s_max)
+    for kv_lo in range(part_lo, kv_hi, BLOCK_S):
+        offs_kv = kv_lo + offs_s
+        kv_mask = offs_kv < kv_hi
+        tile_mask = kv_mask[:, None] & d_mask[None, :]
+        k = tl.load(kc + offs_kv[:, None] * stride_kc_s + offs_d[None, :], mask=tile_mask, other=0.0)
+        s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # (BLOCK_S,)
+        s = tl.where(kv_mask, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new)
+        v = tl.load(vc + offs_kv[:, None] * stride_vc_s + offs_d[None, :], mask=tile_mask, other=0.0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        m_i = m_new
+
+    # the new key, from registers; -inf (weight 0) in partitions that do not own it. Either this partition owns it
+    # or it had cached keys, so m_new is finite here.
+    s_new = tl.sum(k_new.to(tl.float32) * q, axis=0)
+    s_new = tl.where(owns_new, s_new, float("-inf"))
+    m_new = tl.maximum(m_i, s_new)
+    alpha = tl.exp2(m_i - m_new)
+    p_new = tl.exp2(s_new - m_new)
+    l_i = l_i * alpha + p_new
+    acc = acc * alpha + p_new * v_new.to(tl.float32)
+
+    ws = seq.to(tl.int64) * stride_ws_b + head * stride_ws_h + part
+    tl.store(part_max_ptr + ws, m_new)
+    tl.store(part_sum_ptr + ws, l_i)
+    tl.store(part_acc_ptr + ws * head_dim + offs_d, acc, mask=d_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    positions_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr,
+    stride_ws_b, stride_ws_h, stride_out_b, stride_out_h,
+    head_dim, num_parts,
+    PART_SIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    head = tl.program_id(0)
+    seq = tl.program_id(1)
+    pos = tl.load(positions_ptr + seq)
+    n_valid = tl.minimum(pos // PART_SIZE + 1, num_parts)  # exactly the partitions that did not exit early
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    ws = seq.to(tl.int64) * stride_ws_b + head * stride_ws_h
+
+    run_max = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
+    for p_lo in range(0, n_valid, BLOCK_P):
+        p_mask = p_lo + offs_p < n_valid
+        run_max = tl.maximum(run_max, tl.load(part_max_ptr + ws + p_lo + offs_p, mask=p_mask, other=float("-inf")))
+    g_max = tl.max(run_max, axis=0)
+
+    run_sum = tl.zeros([BLOCK_P], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for p_lo in range(0, n_valid, BLOCK_P):
+        p_idx = p_lo + offs_p
+        p_mask = p_idx < n_valid
+        weight = tl.exp2(tl.load(part_max_ptr + ws + p_idx, mask=p_mask, other=float("-inf")) - g_max)
+        run_sum += weight * tl.load(part_sum_ptr + ws + p_idx, mask=p_mask, other=0.0)
+        acc_ptrs = part_acc_ptr + (ws + p_idx)[:, None] * head_dim + offs_d[None, :]
+        part_acc = tl.load(acc_ptrs, mask=p_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_P, BLOCK_D)
+        acc += tl.sum(weight[:, None] * part_acc, axis=0)
+
+    out = acc / tl.sum(run_sum, axis=0)
+    out_ptrs = out_ptr + seq.to(tl.int64) * stride_out_b + head * stride_out_h + offs_d
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+@dataclass(frozen=True)
+class DecodeBlocks:
+    block_s: int  # keys per tile (one iteration of a program's loop)
+    tiles_per_part: int  # tiles per partition: a partition covers block_s * tiles_per_part cache slots
+    num_warps: int
+
+    @property
+    def part_size(self) -> int:
+        return self.block_s * self.tiles_per_part
+
+
+@lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def pick_decode_blocks(batch: int, num_heads: int, s_max: int, head_dim: int, num_sms: int = 132) -> DecodeBlocks:
+    """Tile and partition sizes from the shapes only (the grid must not depend on positions).
+
+    A (BLOCK_S, BLOCK_D) tile is kept to ~8K elements (64 fp32 values per thread at 4 warps): 128 keys for d <= 64,
+    64 keys for d = 128. Tiles shrink (down to 32 keys) while there are fewer than two programs per SM, so small
+    batches still spread over the GPU; partitions then grow to up to 8 tiles while at least four programs per SM
+    remain, which amortises the partial-result traffic and the per-program setup for large batches.
+    """
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_s = max(16, min(128, 8192 // block_d))
+    heads = batch * num_heads
+    while block_s > 32 and heads * triton.cdiv(s_max, block_s) < 2 * num_sms:
+        block_s //= 2
+    tiles = 1
+    while tiles < 8 and heads * triton.cdiv(s_max, block_s * tiles * 2) >= 4 * num_sms:
+        tiles *= 2
+    return DecodeBlocks(block_s, tiles, 4)
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                     scale: Optional[float] = None) -> torch.Tensor:
+    """Append each sequence's new k/v at cache[b, :, positions[b]] and attend over slots 0..positions[b] inclusive.
+
+    qkv (B, 3, nh, d) for the new token; k_cache/v_cache (B, nh, S_max, d), last dim contiguous, written in place;
+    positions int32 (B,) on qkv's device with 0 <= positions[b] < S_max (not checked: that would need a host sync).
+    Returns out (B, nh, d) in qkv's dtype. No host synchronisation; safe to capture in a CUDA graph.
+    """
+    _check(qkv.dim() == 4 and qkv.shape[1] == 3, f"qkv must be (B, 3, nh, d), got {tuple(qkv.shape)}")
+    _check(qkv.dtype in _SUPPORTED_DTYPES, f"qkv dtype must be float32/float16/bfloat16, got {qkv.dtype}")
+    _check(qkv.stride(-1) == 1, f"qkv must be contiguous in its last dim, strides {qkv.stride()}")
+    batch, _, num_heads, head_dim = qkv.shape
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check(cache.dim() == 4 and cache.shape[0] == batch and cache.shape[1] == num_heads
+               and cache.shape[3] == head_dim,
+               f"{name} must be (B={batch}, nh={num_heads}, S_max, d={head_dim}), got {tuple(cache.shape)}")
+        _check(cache.dtype == qkv.dtype, f"{name} dtype {cache.dtype} != qkv dtype {qkv.dtype}")
+        _check(cache.device == qkv.device, f"{name} is on {cache.device}, qkv on {qkv.device}")
+        _check(cache.stride(-1) == 1, f"{name} must be contiguous in its last dim, strides {cache.stride()}")
+    _check(k_cache.shape[2] == v_cache.shape[2],
+           f"k_cache S_max={k_cache.shape[2]} != v_cache S_max={v_cache.shape[2]}")
+    _check(positions.dim() == 1 and positions.shape[0] == batch,
+           f"positions must be (B={batch},), got {tuple(positions.shape)}")
+    _check(positions.dtype == torch.int32, f"positions must be int32, got {positions.dtype}")
+    _check(positions.device == qkv.device, f"positions is on {positions.device}, qkv on {qkv.device}")
+    s_max = k_cache.shape[2]
+    _check(s_max >= 1, "k_cache has no slots (S_max = 0)")
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+
+    out = torch.empty((batch, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    if batch == 0:
+        return out
+    num_sms = _num_sms(qkv.device.index or 0) if qkv.is_cuda else 132
+    blocks = pick_decode_blocks(batch, num_heads, s_max, head_dim, num_sms)
+    num_parts = triton.cdiv(s_max, blocks.part_size)
+    part_max = torch.empty((batch, num_heads, num_parts), dtype=torch.float32, device=qkv.device)
+    part_sum = torch.empty_like(part_max)
+    part_acc = torch.empty((batch, num_heads, num_parts, head_dim), dtype=torch.float32, device=qkv.device)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+
+    _decode_partition_kernel[(num_parts, num_heads, batch)](
+        qkv, k_cache, v_cache, positions,
+        part_max, part_sum, part_acc,
+        float(scale) * LOG2E,
+        qkv.stride(0), qkv.stride(1), qkv.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        part_max.stride(0), part_max.stride(1),
+        head_dim, s_max,
+        BLOCK_S=blocks.block_s, TILES_PER_PART=blocks.tiles_per_part, BLOCK_D=block_d,
+        num_warps=blocks.num_warps,
+    )
+    _decode_reduce_kernel[(num_heads, batch)](
+        positions, part_max, part_sum, part_acc, out,
+        part_max.stride(0), part_max.stride(1), out.stride(0), out.stride(1),
+        head_dim, num_parts,
+        PART_SIZE=blocks.part_size, BLOCK_P=max(4, min(32, triton.next_power_of_2(num_parts))), BLOCK_D=block_d,
+        num_warps=4,
+    )
+    return out
+
+
+def decode_attention_reference(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               positions: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """Plain torch: write the new k/v into the caches, then softmax (fp32, fp64 for fp64 input) over slots 0..pos."""
+    batch, _, num_heads, head_dim = qkv.shape
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    compute_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    out = torch.empty(batch, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    for b, pos in enumerate(positions.tolist()):
+        k_cache[b, :, pos] = qkv[b, 1].to(k_cache.dtype)
+        v_cache[b, :, pos] = qkv[b, 2].to(v_cache.dtype)
+        q = qkv[b, 0].to(compute_dtype)  # (nh, d)
+        k = k_cache[b, :, : pos + 1].to(compute_dtype)  # (nh, pos+1, d)
+        v = v_cache[b, :, : pos + 1].to(compute_dtype)
+        probs = (torch.einsum("hd,hsd->hs", q, k) * scale).softmax(dim=-1)
+        out[b] = torch.einsum("hs,hsd->hd", probs, v).to(qkv.dtype)
+    return out
+
+
+def _benchmark() -> None:
+    import csv
+
+    from triton.testing import do_bench
+
+    if not torch.cuda.is_available():
+        print("the benchmark needs a CUDA device")
+        return
+    dtype, device = torch.float16, "cuda"
+    elem = torch.finfo(dtype).bits // 8
+    rows = []
+    header = (f"{'nh':>3} {'d':>4} {'B':>3} {'ctx':>5} | {'triton us':>9} {'GB/s':>7} | "
+              f"{'torch us':>9} {'GB/s':>7} | speedup")
+    print(header)
+    print("-" * len(header))
+    for num_heads, head_dim in ((16, 64), (32, 128)):
+        for batch in (1, 8, 64):
+            for context in (128, 512, 2048):
+                s_max = context + 64
+                qkv = torch.randn(batch, 3, num_heads, head_dim, dtype=dtype, device=device)
+                k_cache = torch.randn(batch, num_heads, s_max, head_dim, dtype=dtype, device=device)
+                v_cache = torch.randn_like(k_cache)
+                positions = torch.full((batch,), context, dtype=torch.int32, device=device)
+                batch_idx = torch.arange(batch, device=device)
+                slots = torch.arange(s_max, device=device)
+
+                def torch_step():
+                    k_cache[batch_idx, :, positions.long()] = qkv[:, 1]
+                    v_cache[batch_idx, :, positions.long()] = qkv[:, 2]
+                    mask = (slots[None, :] <= positions[:, None]).view(batch, 1, 1, s_max)
+                    return torch.nn.functional.scaled_dot_product_attention(
+                        qkv[:, 0].unsqueeze(2), k_cache, v_cache, attn_mask=mask)
+
+                us_triton = do_bench(lambda: decode_attention(qkv, k_cache, v_cache, positions)) * 1e3
+                us_torch = do_bench(torch_step) * 1e3
+                kv_bytes = 2 * batch * num_heads * (context + 1) * head_dim * elem  # keys and values actually needed
+                gbs_triton, gbs_torch = kv_bytes / us_triton * 1e-3, kv_bytes / us_torch * 1e-3
+                print(f"{num_heads:>3} {head_dim:>4} {batch:>3} {context:>5} | {us_triton:>9.1f} {gbs_triton:>7.0f} | "
+                      f"{us_torch:>9.1f} {gbs_torch:>7.0f} | {us_torch / us_triton:.2f}x")
+                rows.append(dict(num_heads=num_heads, head_dim=head_dim, batch=batch, context=context, s_max=s_max,
+                                 triton_us=us_triton, torch_us=us_torch, triton_gbs=gbs_triton, torch_gbs=gbs_torch))
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        path = os.path.join(out_dir, "decode_attention_bench.csv")
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    _benchmark()
