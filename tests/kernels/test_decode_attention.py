@@ -1,0 +1,186 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ftlab.kernels import decode_attention as decode_module
+from ftlab.kernels.attention import context_attention
+from ftlab.kernels.decode_attention import DecodeBlocks, decode_attention, decode_attention_reference
+from tests.util import DTYPES, assert_rel_close, skip_if_interpreter_bf16
+
+
+def _cache_with_history(positions, num_heads, s_max, head_dim, dtype, device):
+    """Caches whose slots [0, positions[b]) hold random keys/values and everything else is NaN."""
+    batch = len(positions)
+    k_cache = torch.full((batch, num_heads, s_max, head_dim), float("nan"), dtype=dtype, device=device)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    for b, pos in enumerate(positions):
+        k_cache[b, :, :pos] = torch.randn(num_heads, pos, head_dim).to(dtype=dtype, device=device)
+        v_cache[b, :, :pos] = torch.randn(num_heads, pos, head_dim).to(dtype=dtype, device=device)
+    return k_cache, v_cache
+
+
+def _assert_cache_equal(cache, ref_cache, what):
+    # the new slot must hold an exact copy; NaN must remain everywhere else beyond the history
+    torch.testing.assert_close(cache.double(), ref_cache.double(), rtol=0, atol=0, equal_nan=True, msg=what)
+
+
+def _check_against_reference(positions, num_heads, head_dim, s_max, dtype, device, scale=None):
+    batch = len(positions)
+    qkv = torch.randn(batch, 3, num_heads, head_dim).to(dtype=dtype, device=device)
+    k_cache, v_cache = _cache_with_history(positions, num_heads, s_max, head_dim, dtype, device)
+    ref_k, ref_v = k_cache.double(), v_cache.double()
+    positions_t = torch.tensor(positions, dtype=torch.int32, device=device)
+
+    out = decode_attention(qkv, k_cache, v_cache, positions_t, scale=scale)
+    ref = decode_attention_reference(qkv.double(), ref_k, ref_v, positions_t, scale=scale)
+
+    assert out.dtype == dtype
+    assert_rel_close(out, ref, dtype=dtype)
+    _assert_cache_equal(k_cache, ref_k, "k_cache")
+    _assert_cache_equal(v_cache, ref_v, "v_cache")
+
+
+# (positions, heads, head dim, S_max): first tokens (position 0), the last slot, S_max not a multiple of any tile
+CASES = [
+    ([0], 1, 16, 5),
+    ([0, 17, 40], 2, 24, 41),
+    ([31, 69, 32], 5, 64, 70),
+    ([15, 0, 16], 2, 16, 37),
+]
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("positions,num_heads,head_dim,s_max", CASES)
+def test_decode_attention_matches_reference_and_appends(positions, num_heads, head_dim, s_max, dtype_name, device):
+    dtype = DTYPES[dtype_name]
+    skip_if_interpreter_bf16(dtype, device)
+    _check_against_reference(positions, num_heads, head_dim, s_max, dtype, device)
+
+
+@pytest.mark.parametrize("blocks,positions,s_max", [
+    # 32-slot partitions of two 16-key tiles: new key on a partition's first slot, last slot, a tile boundary
+    (DecodeBlocks(16, 2, 4), [32, 15, 47], 50),
+    (DecodeBlocks(16, 2, 4), [16, 31, 49], 50),
+    # 38 partitions: more than the reduction handles in one chunk
+    (DecodeBlocks(16, 1, 4), [599, 0, 300], 600),
+])
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
+def test_decode_attention_partition_boundaries(blocks, positions, s_max, dtype_name, device, monkeypatch):
+    dtype = DTYPES[dtype_name]
+    skip_if_interpreter_bf16(dtype, device)
+    monkeypatch.setattr(decode_module, "pick_decode_blocks", lambda *args, **kwargs: blocks)
+    _check_against_reference(positions, 2, 24, s_max, dtype, device)
+
+
+def test_decode_attention_custom_scale(device):
+    _check_against_reference([3, 9], 2, 16, 12, torch.float32, device, scale=0.7)
+
+
+def test_decode_attention_strided_views(device):
+    # qkv as a slice of a wider tensor, caches as one layer of a (L, B, nh, S_max, d) buffer
+    positions, num_heads, head_dim, s_max = [6, 0, 13], 2, 16, 14
+    qkv = torch.randn(3, 3, num_heads + 2, head_dim, device=device)[:, :, 1:-1]
+    assert not qkv.is_contiguous()
+    k_all = torch.full((2, 3, num_heads, s_max, head_dim), float("nan"), device=device)
+    v_all = torch.full_like(k_all, float("nan"))
+    k_all[1], v_all[1] = _cache_with_history(positions, num_heads, s_max, head_dim, torch.float32, device)
+    ref_k, ref_v = k_all[1].double(), v_all[1].double()
+    positions_t = torch.tensor(positions, dtype=torch.int32, device=device)
+
+    out = decode_attention(qkv, k_all[1], v_all[1], positions_t)
+    ref = decode_attention_reference(qkv.double(), ref_k, ref_v, positions_t)
+
+    assert_rel_close(out, ref, dtype=torch.float32)
+    _assert_cache_equal(k_all[1], ref_k, "k_cache layer 1")
+    _assert_cache_equal(v_all[1], ref_v, "v_cache layer 1")
+    assert torch.isnan(k_all[0]).all() and torch.isnan(v_all[0]).all(), "layer 0 was written"
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
+def test_prefill_then_decode_reproduces_causal_attention(dtype_name, device):
+    # context_attention fills the cache for a prompt, decode steps extend it; every output row must equal causal
+    # attention over the whole sequence (torch SDPA as an independent oracle), so both kernels agree on the layout
+    dtype = DTYPES[dtype_name]
+    prompt_lens, steps, num_heads, head_dim, s_max = [5, 9], 4, 2, 24, 15
+    total = [n + steps for n in prompt_lens]
+    seqs = [torch.randn(n, 3, num_heads, head_dim).to(dtype=dtype, device=device) for n in total]
+    k_cache = torch.full((2, num_heads, s_max, head_dim), float("nan"), dtype=dtype, device=device)
+    v_cache = torch.full_like(k_cache, float("nan"))
+
+    cu_seqlens = torch.tensor([0, prompt_lens[0], sum(prompt_lens)], dtype=torch.int32, device=device)
+    prompt_qkv = torch.cat([seq[:n] for seq, n in zip(seqs, prompt_lens)])
+    prefill_out = context_attention(prompt_qkv, cu_seqlens, max(prompt_lens), k_cache=k_cache, v_cache=v_cache)
+    outs = [[prefill_out[:prompt_lens[0]]], [prefill_out[prompt_lens[0]:]]]
+    for step in range(steps):
+        positions = torch.tensor([n + step for n in prompt_lens], dtype=torch.int32, device=device)
+        step_qkv = torch.stack([seq[n + step] for seq, n in zip(seqs, prompt_lens)])
+        step_out = decode_attention(step_qkv, k_cache, v_cache, positions)
+        for b in range(2):
+            outs[b].append(step_out[b:b + 1])
+
+    for b, seq in enumerate(seqs):
+        q, k, v = (seq[:, i].transpose(0, 1).double() for i in range(3))  # (nh, L, d)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1)
+        assert_rel_close(torch.cat(outs[b]), ref, dtype=dtype, what=f"sequence {b}")
+        torch.testing.assert_close(k_cache[b, :, :total[b]], seq[:, 1].transpose(0, 1), rtol=0, atol=0)
+        torch.testing.assert_close(v_cache[b, :, :total[b]], seq[:, 2].transpose(0, 1), rtol=0, atol=0)
+        assert torch.isnan(k_cache[b, :, total[b]:]).all() and torch.isnan(v_cache[b, :, total[b]:]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name", ["fp16", "bf16"])
+def test_decode_attention_replays_in_cuda_graph(dtype_name):
+    # captured once, replayed with new positions and tokens: the launcher must not depend on positions' values
+    dtype, device = DTYPES[dtype_name], "cuda"
+    batch, num_heads, head_dim, s_max = 3, 4, 64, 300
+    history = [[0, 100, 250], [1, 260, 299]]
+    k_cache, v_cache = _cache_with_history([s_max] * batch, num_heads, s_max, head_dim, dtype, device)
+    qkv = torch.randn(batch, 3, num_heads, head_dim, dtype=dtype, device=device)
+    positions = torch.tensor(history[0], dtype=torch.int32, device=device)
+    decode_attention(qkv, k_cache, v_cache, positions)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(qkv, k_cache, v_cache, positions)
+    for pos in history:
+        qkv.copy_(torch.randn_like(qkv))
+        positions.copy_(torch.tensor(pos, dtype=torch.int32))
+        ref_k, ref_v = k_cache.double(), v_cache.double()
+        ref = decode_attention_reference(qkv.double(), ref_k, ref_v, positions)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_rel_close(out, ref, dtype=dtype, what=f"positions {pos}")
+        _assert_cache_equal(k_cache, ref_k, "k_cache")
+        _assert_cache_equal(v_cache, ref_v, "v_cache")
+
+
+def _good_args(device):
+    qkv = torch.randn(2, 3, 2, 16, device=device)
+    k_cache = torch.zeros(2, 2, 8, 16, device=device)
+    positions = torch.tensor([0, 5], dtype=torch.int32, device=device)
+    return dict(qkv=qkv, k_cache=k_cache, v_cache=k_cache.clone(), positions=positions)
+
+
+BAD_INPUTS = [
+    ("qkv 3-D", lambda a: a.update(qkv=a["qkv"][:, 0]), "qkv"),
+    ("qkv not 3 parts", lambda a: a.update(qkv=a["qkv"][:, :2]), "qkv"),
+    ("qkv integer", lambda a: a.update(qkv=a["qkv"].to(torch.int32)), "qkv dtype"),
+    ("qkv strided head dim", lambda a: a.update(qkv=a["qkv"].repeat_interleave(2, dim=3)[..., ::2]), "qkv"),
+    ("k_cache batch", lambda a: a.update(k_cache=a["k_cache"][:1]), "k_cache"),
+    ("v_cache heads", lambda a: a.update(v_cache=a["v_cache"][:, :1]), "v_cache"),
+    ("k_cache head dim", lambda a: a.update(k_cache=a["k_cache"][..., :8]), "k_cache"),
+    ("v_cache dtype", lambda a: a.update(v_cache=a["v_cache"].half()), "v_cache dtype"),
+    ("cache lengths differ", lambda a: a.update(v_cache=a["v_cache"][:, :, :7]), "S_max"),
+    ("cache empty", lambda a: a.update(k_cache=a["k_cache"][:, :, :0], v_cache=a["v_cache"][:, :, :0]), "S_max"),
+    ("positions int64", lambda a: a.update(positions=a["positions"].long()), "positions"),
+    ("positions length", lambda a: a.update(positions=a["positions"][:1]), "positions"),
+]
+
+
+@pytest.mark.parametrize("what,mutate,match", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_decode_attention_rejects_bad_inputs(what, mutate, match, device):
+    args = _good_args(device)
+    decode_attention(**args)  # the unmodified arguments are accepted
+    mutate(args)
+    with pytest.raises(ValueError, match=match):
+        decode_attention(**args)
