@@ -246,17 +246,20 @@ def _benchmark() -> None:
         return
     dtype, device = torch.float16, "cuda"
     rows = []
-    header = f"{'nh':>3} {'d':>4} {'B':>3} {'L':>5} | {'triton ms':>9} {'TFLOP/s':>8} | {'sdpa ms':>8} {'TFLOP/s':>8} | speedup"
+    header = (f"{'nh':>3} {'d':>4} {'B':>3} {'L':>5} | {'triton ms':>9} {'TFLOP/s':>8} | "
+              f"{'sdpa ms':>8} {'TFLOP/s':>8} | speedup")
     print(header)
     print("-" * len(header))
     for num_heads, head_dim in ((16, 64), (32, 128)):
         for batch, length in ((1, 128), (1, 512), (8, 512), (64, 512), (1, 2048)):
             qkv = torch.randn(batch * length, 3, num_heads, head_dim, dtype=dtype, device=device)
             cu_seqlens = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * length
-            q, k, v = (qkv[:, i].view(batch, length, num_heads, head_dim).transpose(1, 2).contiguous() for i in range(3))
+            # SDPA gets padded (B, nh, L, d) tensors, prepared outside the timed region
+            q, k, v = (qkv[:, i].view(batch, length, num_heads, head_dim).transpose(1, 2).contiguous()
+                       for i in range(3))
             ms_triton = do_bench(lambda: context_attention(qkv, cu_seqlens, length))
             ms_sdpa = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
-            # causal: half of the 2 matmuls of 2*L*L*d flops each
+            # causal: half of the two (L x L x d) matmuls, 2 flops per multiply-add
             flops = 2.0 * batch * num_heads * length * length * head_dim
             tf_triton, tf_sdpa = flops / ms_triton * 1e-9, flops / ms_sdpa * 1e-9
             print(f"{num_heads:>3} {head_dim:>4} {batch:>3} {length:>5} | {ms_triton:>9.4f} {tf_triton:>8.1f} | "

@@ -1,0 +1,707 @@
+"""The GEMM family: y = act(LN?(x) @ weight.T + bias) + residual, fused into one launch.
+
+(Split-K adds a small reduce launch; the gemm path with the LN prologue adds a row-statistics pre-pass.)
+
+x (M, K), weight (N, K) in nn.Linear layout (out, in), bias (N,), residual (M, N); fp32 accumulation, output in
+x.dtype. activation None or "gelu" (tanh approximation). With ln_weight/ln_bias (K,) the GEMM reads LN(x) instead
+of x (row statistics over K in fp32): the LayerNorm that precedes QKV and FC1 in a GPT block costs no extra pass.
+
+Three implementations, picked by `linear_impl_for(M, N, K)` or forced with impl=:
+  "gemv"  M <= GEMV_MAX_M (decode). Streams the weight once: each program owns BLOCK_N output features (rows of
+          weight, contiguous along K) for BLOCK_M rows of x and walks K in chunks of one 16-byte vector per thread
+          and weight row (1024 fp16 per chunk at 4 warps), fp32 FMAs on CUDA cores (at a few rows the GEMM is
+          purely bandwidth bound) into per-thread partial sums; the loop has no barriers or shuffles (4-D tiles,
+          see _gemv_kernel) and the reduction across threads happens once at the end. The LN statistics of its
+          rows are computed inside the program (x is tiny). When N / BLOCK_N programs cannot fill the GPU, K is
+          split over SPLIT_K programs that write fp32 partial sums to a workspace; a second small kernel adds the
+          partials in a fixed order and applies the epilogue, so results are deterministic and never depend on
+          other rows of the batch.
+  "gemm"  larger M (prefill): BLOCK_M x BLOCK_N x BLOCK_K tiles on tensor cores (tl.dot), grouped program order
+          so row-blocks that run together share weight tiles in L2, the same epilogue, the LN prologue applied to
+          each loaded x tile (per-row mean/rstd come from a cheap pre-pass kernel), and split-K when the tiles
+          cannot fill the GPU.
+  "torch" F.layer_norm + F.linear (cuBLAS) + the epilogue in torch: the baseline, and the default for
+          M >= TORCH_MIN_M when that is set (from the benchmark numbers).
+Block sizes come from small heuristics of the shapes (no autotuning, so everything also runs in the interpreter);
+`python -m ftlab.kernels.linear` times all three paths (--sweep also tries other block sizes).
+"""
+import functools
+import math
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ACTIVATIONS = (None, "gelu")
+_IMPLS = (None, "gemv", "gemm", "torch")
+
+# Default dispatch (tune from the benchmark): M <= GEMV_MAX_M -> "gemv"; M >= TORCH_MIN_M -> "torch" when set;
+# otherwise "gemm". The gemv kernel spends about one fp32 FMA per weight element and row, so somewhere beyond a
+# handful of rows it turns compute bound while the tensor-core gemm (16-row tiles, split-K) does not; 8 is a
+# first guess to be replaced by the crossover measured with `python -m ftlab.kernels.linear`.
+GEMV_MAX_M = 8
+TORCH_MIN_M: Optional[int] = None
+# Split-K aims for at least this many programs per SM before it splits (gemv) / fills one wave (gemm).
+_GEMV_PROGRAMS_PER_SM = 2
+_DEFAULT_SM_COUNT = 132  # H200; used where no CUDA device is visible (interpreter)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _DEFAULT_SM_COUNT
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count(index)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared device helpers
+
+
+@triton.jit
+def _gelu_tanh(v):
+    # 0.5 * v * (1 + tanh(u)) == v * sigmoid(2u): no tanh needed, and saturates cleanly for large |v|
+    u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+    return v / (1.0 + tl.exp(-2.0 * u))
+
+
+@triton.jit
+def _ln_row_stats(x_rows, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """mean and rstd over K of BLOCK_M rows; x_rows (BLOCK_M, 1) points at each row's start (all rows valid).
+
+    One pass over the rows: each chunk's mean and sum of squared deviations are merged into the running ones with
+    Chan's formula, which avoids the cancellation of a plain sum-of-squares."""
+    cols = tl.arange(0, BLOCK_K)
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + cols) < K
+        v = tl.load(x_rows + k0 + cols[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)  # (BM, BK)
+        count = k0 * 1.0  # every chunk before this one is full
+        chunk_count = tl.sum(k_ok.to(tl.float32), axis=0)
+        chunk_mean = tl.sum(v, axis=1) / chunk_count
+        dev = tl.where(k_ok[None, :], v - chunk_mean[:, None], 0.0)
+        total = count + chunk_count
+        delta = chunk_mean - mean
+        mean = mean + delta * (chunk_count / total)
+        m2 = m2 + tl.sum(dev * dev, axis=1) + delta * delta * (count * chunk_count / total)
+    rstd = 1.0 / tl.sqrt(m2 / K + eps)
+    return mean, rstd
+
+
+@triton.jit
+def _epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr,
+                    HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr):
+    # acc (BM, BN) fp32 = x @ W^T for rows offs_m, features offs_n
+    n_ok = offs_n < N
+    mask = (offs_m < M)[:, None] & n_ok[None, :]
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if ACT_GELU:
+        acc = _gelu_tanh(acc)
+    offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    if HAS_RES:
+        acc = acc + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_partial(acc, offs_m, offs_n, M, N, part_ptr, split):
+    # split-K: fp32 partial sums go to workspace[split] (SPLIT_K, M, N); the reduce kernel finishes them
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    offs = split.to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(part_ptr + offs, acc, mask=mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    part_ptr, bias_ptr, res_ptr, out_ptr,
+    M, N, split_k,
+    HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ptrs = part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    plane = M * N  # int32 is enough for one plane: the launcher only splits when M * N is small
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, split_k):  # fixed order: deterministic
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += plane
+    _epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr, HAS_BIAS, ACT_GELU, HAS_RES)
+
+
+@triton.jit
+def _ln_stats_kernel(x_ptr, mean_ptr, rstd_ptr, M, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    # pre-pass of the gemm LN prologue: per-row mean and rstd in fp32
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * K
+    mean, rstd = _ln_row_stats(x_rows, K, eps, BLOCK_M, BLOCK_K)
+    tl.store(mean_ptr + offs_m, mean, mask=offs_m < M)
+    tl.store(rstd_ptr + offs_m, rstd, mask=offs_m < M)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (a) skinny GEMV
+
+
+@triton.jit
+def _load_weight_chunk(w_tile, k, k_hi, chunk4):
+    # chunk [k, k + BLOCK_K) of the program's weight rows, nothing at or beyond the split's end k_hi (k_hi is a
+    # chunk boundary or K, so this one compare also masks the K tail)
+    return tl.load(w_tile + k, mask=(k + chunk4) < k_hi, other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, ln_w_ptr, ln_b_ptr, out_ptr, part_ptr,
+    M, N, K, k_per_split, ln_eps,
+    HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_LN: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # = LANES * VEC
+):
+    # A K chunk is LANES vectors of VEC contiguous elements (16 bytes each), so tiles are 4-D:
+    # x (BM, 1, LANES, VEC), weight (1, BN, LANES, VEC). With LANES >= the program's thread count, Triton gives
+    # both loads the same layout (each thread owns whole vectors, all threads spread along LANES): the broadcast
+    # product needs no shared-memory layout conversion, and summing over VEC is register-local. The loop thus
+    # has no barriers and no shuffles; the cross-thread reduction over LANES happens once, after it.
+    # N-blocks on grid axis 0 (up to 2**31 programs; axes 1 and 2 are limited to 65535)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(2)
+    # tail rows/features are clamped onto the last valid one instead of masked: the loads in the loop carry no
+    # row predicate, and the duplicated results are dropped by the masked store
+    x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64) * K  # (BM,)
+    w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * K  # (BN,)
+    chunk = tl.arange(0, LANES)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # (LANES, VEC) offsets in a chunk
+    chunk4 = chunk[None, None, :, :]
+    x_tile = x_rows[:, None, None, None] + chunk4  # (BM, 1, LANES, VEC)
+    w_tile = w_rows[None, :, None, None] + chunk4  # (1, BN, LANES, VEC)
+    # k_per_split is a multiple of BLOCK_K: saying so keeps the K-chunk loads provably aligned (vectorised)
+    # even when the launch did not specialise it
+    k_lo = tl.multiple_of(split * k_per_split, BLOCK_K)
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    # software pipelining in registers: each iteration issues the next chunk's weight load before it consumes the
+    # current one (two chunks in flight per program), and the first load goes out before the LN statistics
+    w_next = _load_weight_chunk(w_tile, k_lo, k_hi, chunk4)
+    if HAS_LN:
+        mean, rstd = _ln_row_stats(x_rows[:, None], K, ln_eps, BLOCK_M, BLOCK_K)
+        mean4 = mean[:, None, None, None]
+        rstd4 = rstd[:, None, None, None]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N, LANES), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        w = w_next
+        w_next = _load_weight_chunk(w_tile, k0 + BLOCK_K, k_hi, chunk4)
+        if EVEN_K:
+            xk = tl.load(x_tile + k0).to(tl.float32)
+        else:
+            k_ok = (k0 + chunk4) < K
+            xk = tl.load(x_tile + k0, mask=k_ok, other=0.0).to(tl.float32)
+        if HAS_LN:
+            if EVEN_K:
+                g = tl.load(ln_w_ptr + k0 + chunk4).to(tl.float32)
+                b = tl.load(ln_b_ptr + k0 + chunk4).to(tl.float32)
+            else:  # g = b = 0 beyond K, so the padded columns stay exactly 0
+                g = tl.load(ln_w_ptr + k0 + chunk4, mask=k_ok, other=0.0).to(tl.float32)
+                b = tl.load(ln_b_ptr + k0 + chunk4, mask=k_ok, other=0.0).to(tl.float32)
+            xk = (xk - mean4) * rstd4 * g + b
+        acc += tl.sum(xk * w.to(tl.float32), axis=3)  # (BM, BN, LANES)
+    out = tl.sum(acc, axis=2)  # (BM, BN)
+
+    if WRITE_PARTIAL:
+        _store_partial(out, offs_m, offs_n, M, N, part_ptr, split)
+    else:
+        _epilogue_store(out, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr, HAS_BIAS, ACT_GELU, HAS_RES)
+
+
+class GemvConfig(NamedTuple):
+    block_m: int  # rows of x per program (all rows share each weight load)
+    block_n: int  # output features (weight rows) per program
+    lanes: int  # 16-byte vectors per K chunk; >= 32 * num_warps so no layout conversion is needed (see kernel)
+    vec: int  # elements per vector (16 bytes: 8 for fp16/bf16, 4 for fp32)
+    num_warps: int
+    split_k: int
+
+    @property
+    def block_k(self) -> int:
+        return self.lanes * self.vec
+
+
+def pick_gemv_config(M: int, N: int, K: int, dtype: torch.dtype, num_sms: int = _DEFAULT_SM_COUNT) -> GemvConfig:
+    """Heuristic blocks for the skinny kernel.
+
+    4 warps, each thread streaming one 16-byte vector per weight row per iteration: a K chunk of 1024 fp16 (512
+    fp32) elements, BLOCK_N = 4 weight rows -> 8 KiB per program per iteration (the next chunk's load is issued
+    before the current one is used) at ~50 registers, so many programs fit on an SM. Up to 8 rows of x share each
+    weight load (BLOCK_N drops to 2 at 8 rows to bound registers).
+    Short rows (K below one chunk, tests/tiny models) use fewer lanes and warps. Split-K only when the N-blocks give
+    fewer than _GEMV_PROGRAMS_PER_SM programs per SM and every split still gets >= 2 chunks (N=1024, K=4096 -> 2).
+    """
+    vec = 16 // (torch.finfo(dtype).bits // 8)
+    lanes = 32 * 4
+    while lanes > 4 and lanes * vec > triton.next_power_of_2(K):
+        lanes //= 2
+    num_warps = max(1, lanes // 32)
+    block_m = min(triton.next_power_of_2(M), 8)
+    block_n = min(2 if block_m >= 8 else 4, triton.next_power_of_2(N))
+    programs = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
+    chunks = triton.cdiv(K, lanes * vec)
+    split_k = min(triton.cdiv(_GEMV_PROGRAMS_PER_SM * num_sms, programs), chunks // 2)
+    split_k = _pow2_floor(max(1, split_k))
+    return GemvConfig(block_m, block_n, lanes, vec, num_warps, split_k)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (b) tiled GEMM
+
+
+@triton.jit
+def _gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, ln_w_ptr, ln_b_ptr, mean_ptr, rstd_ptr, out_ptr, part_ptr,
+    M, N, K, k_per_split,
+    HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_LN: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    # grouped order: GROUP_M row-blocks walk the column-blocks together, so a weight tile fetched for one of
+    # them is still in L2 for the others
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_m = (pid // pids_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_K)
+    rows_m = tl.minimum(offs_m, M - 1)  # clamped, see _gemv_kernel
+    rows_n = tl.minimum(offs_n, N - 1)
+    x_ptrs = x_ptr + rows_m.to(tl.int64)[:, None] * K + cols[None, :]  # (BM, BK)
+    w_ptrs = w_ptr + rows_n.to(tl.int64)[None, :] * K + cols[:, None]  # (BK, BN): a tile of W^T
+    if HAS_LN:
+        mean = tl.load(mean_ptr + rows_m)
+        rstd = tl.load(rstd_ptr + rows_m)
+
+    # k_per_split is a multiple of BLOCK_K: saying so keeps the K-chunk loads provably aligned (vectorised, and
+    # in the gemm pipelined through shared memory) even when the launch did not specialise it
+    k_lo = tl.multiple_of(split * k_per_split, BLOCK_K)
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_ptrs + k0)
+            wt = tl.load(w_ptrs + k0)
+        else:
+            k_ok = (k0 + cols) < K
+            xt = tl.load(x_ptrs + k0, mask=k_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs + k0, mask=k_ok[:, None], other=0.0)
+        if HAS_LN:
+            if EVEN_K:
+                g = tl.load(ln_w_ptr + k0 + cols).to(tl.float32)
+                b = tl.load(ln_b_ptr + k0 + cols).to(tl.float32)
+            else:
+                g = tl.load(ln_w_ptr + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)
+                b = tl.load(ln_b_ptr + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)
+            xn = (xt.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]
+            xt = xn.to(wt.dtype)  # tensor cores take both operands in the weight's dtype
+        if IEEE:  # fp32: no TF32 rounding (fp32 results are held to 1e-5)
+            acc = tl.dot(xt, wt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, wt, acc)
+
+    if WRITE_PARTIAL:
+        _store_partial(acc, offs_m, offs_n, M, N, part_ptr, split)
+    else:
+        _epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr, HAS_BIAS, ACT_GELU, HAS_RES)
+
+
+class GemmConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+def pick_gemm_config(M: int, N: int, K: int, dtype: torch.dtype, num_sms: int = _DEFAULT_SM_COUNT) -> GemmConfig:
+    """Heuristic tiles for the tensor-core kernel (tl.dot needs every tile dim >= 16).
+
+    fp16/bf16: 128x128x64, 8 warps, 4 stages (128 KiB of shared memory) for M > 64; 64-row tiles up to M = 64
+    and 16-row tiles below (decode batches forced onto this path). fp32 (ieee dot, FMA units) keeps 64x64x32.
+    Split-K when the tiles do not fill one wave, bounded so every split gets >= 2 K chunks and the fp32 partial
+    traffic (write + read) stays under half the weight bytes.
+    """
+    elem = torch.finfo(dtype).bits // 8
+    if dtype == torch.float32:
+        block_m, block_n, block_k, warps, stages = 64, 64, 32, 4, 3
+    elif M > 64:
+        block_m, block_n, block_k, warps, stages = 128, 128, 64, 8, 4
+    elif M > 16:
+        block_m, block_n, block_k, warps, stages = 64, 128, 64, 4, 4
+    else:
+        block_m, block_n, block_k, warps, stages = 16, 64, 128, 4, 4
+    block_m = max(16, min(block_m, triton.next_power_of_2(M)))
+    block_n = max(16, min(block_n, triton.next_power_of_2(N)))
+    block_k = max(16, min(block_k, triton.next_power_of_2(K)))
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    split_k = 1
+    if tiles < num_sms:
+        chunks = triton.cdiv(K, block_k)
+        by_traffic = (K * elem) // (16 * M)
+        split_k = _pow2_floor(max(1, min(num_sms // tiles, chunks // 2, by_traffic)))
+    return GemmConfig(block_m, block_n, block_k, 8, split_k, warps, stages)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launchers
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def _split_bounds(K: int, block_k: int, split_k: int):
+    # each split covers a whole number of K chunks; returns (k_per_split, number of non-empty splits)
+    k_per_split = triton.cdiv(triton.cdiv(K, block_k), split_k) * block_k
+    return k_per_split, triton.cdiv(K, k_per_split)
+
+
+def _workspace_or_out(out, split_k, M, N):
+    if split_k == 1:
+        return out
+    return torch.empty((split_k, M, N), dtype=torch.float32, device=out.device)
+
+
+def _finish_split(part, out, bias, residual, act_gelu, split_k):
+    M, N = out.shape
+    block_m = min(16, triton.next_power_of_2(M))
+    block_n = 256
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+    _splitk_reduce_kernel[grid](
+        part, bias if bias is not None else out, residual if residual is not None else out, out,
+        M, N, split_k,
+        HAS_BIAS=bias is not None, ACT_GELU=act_gelu, HAS_RES=residual is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )
+
+
+def _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg: GemvConfig):
+    M, K = x.shape
+    N = weight.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    k_per_split, split_k = _split_bounds(K, cfg.block_k, cfg.split_k)
+    part = _workspace_or_out(out, split_k, M, N)
+    has_ln = ln_weight is not None
+    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), split_k)
+    _gemv_kernel[grid](
+        x, weight, bias if bias is not None else out, residual if residual is not None else out,
+        ln_weight if has_ln else out, ln_bias if has_ln else out, out, part,
+        M, N, K, k_per_split, float(ln_eps),
+        HAS_BIAS=bias is not None, ACT_GELU=act_gelu, HAS_RES=residual is not None, HAS_LN=has_ln,
+        WRITE_PARTIAL=split_k > 1, EVEN_K=K % cfg.block_k == 0,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, LANES=cfg.lanes, VEC=cfg.vec, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps,
+    )
+    if split_k > 1:
+        _finish_split(part, out, bias, residual, act_gelu, split_k)
+    return out
+
+
+def _ln_stats(x, eps):
+    M, K = x.shape
+    mean = torch.empty(M, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    block_k = min(1024, triton.next_power_of_2(K))
+    block_m = max(1, min(16, 4096 // block_k))
+    _ln_stats_kernel[(triton.cdiv(M, block_m),)](x, mean, rstd, M, K, float(eps),
+                                                  BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4)
+    return mean, rstd
+
+
+def _run_gemm(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg: GemmConfig):
+    M, K = x.shape
+    N = weight.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    k_per_split, split_k = _split_bounds(K, cfg.block_k, cfg.split_k)
+    part = _workspace_or_out(out, split_k, M, N)
+    has_ln = ln_weight is not None
+    mean, rstd = _ln_stats(x, ln_eps) if has_ln else (out, out)
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split_k)
+    _gemm_kernel[grid](
+        x, weight, bias if bias is not None else out, residual if residual is not None else out,
+        ln_weight if has_ln else out, ln_bias if has_ln else out, mean, rstd, out, part,
+        M, N, K, k_per_split,
+        HAS_BIAS=bias is not None, ACT_GELU=act_gelu, HAS_RES=residual is not None, HAS_LN=has_ln,
+        WRITE_PARTIAL=split_k > 1, EVEN_K=K % cfg.block_k == 0, IEEE=x.dtype == torch.float32,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split_k > 1:
+        _finish_split(part, out, bias, residual, act_gelu, split_k)
+    return out
+
+
+def _run_torch(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu):
+    K = x.shape[1]
+    if ln_weight is not None:
+        x = F.layer_norm(x, (K,), ln_weight.to(x.dtype), ln_bias.to(x.dtype), ln_eps)
+    y = F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
+    if act_gelu:
+        y = F.gelu(y, approximate="tanh")
+    if residual is not None:
+        y = y + residual
+    return y
+
+
+def _check_tensor(name, t, shape, dtypes, device):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} dtype {t.dtype} must be one of {[str(d)[6:] for d in dtypes]}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, x on {device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (shape {tuple(t.shape)}, stride {t.stride()})")
+
+
+def _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps, impl):
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D tensor [M, K], got {getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"x dtype must be fp32/fp16/bf16, got {x.dtype}")
+    if not x.is_contiguous():
+        raise ValueError(f"x must be contiguous (shape {tuple(x.shape)}, stride {x.stride()})")
+    M, K = x.shape
+    if K < 1:
+        raise ValueError(f"x must have K >= 1 columns, got shape {tuple(x.shape)}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != K:
+        raise ValueError(f"weight must be [N, K={K}] (nn.Linear layout), got {getattr(weight, 'shape', None)}")
+    N = weight.shape[0]
+    _check_tensor("weight", weight, (N, K), (x.dtype,), x.device)
+    if bias is not None:
+        _check_tensor("bias", bias, (N,), (x.dtype, torch.float32), x.device)
+    if residual is not None:
+        _check_tensor("residual", residual, (M, N), (x.dtype,), x.device)
+    if (ln_weight is None) != (ln_bias is None):
+        raise ValueError("ln_weight and ln_bias must be given together")
+    if ln_weight is not None:
+        _check_tensor("ln_weight", ln_weight, (K,), (x.dtype, torch.float32), x.device)
+        _check_tensor("ln_bias", ln_bias, (K,), (x.dtype, torch.float32), x.device)
+        if not ln_eps >= 0:
+            raise ValueError(f"ln_eps must be >= 0, got {ln_eps}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+
+
+def linear_impl_for(M: int, N: int, K: int) -> str:
+    """The default dispatch: "gemv" for M <= GEMV_MAX_M, "torch" for M >= TORCH_MIN_M (if set), else "gemm"."""
+    if M <= GEMV_MAX_M:
+        return "gemv"
+    if TORCH_MIN_M is not None and M >= TORCH_MIN_M:
+        return "torch"
+    return "gemm"
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+           activation: Optional[str] = None, residual: Optional[torch.Tensor] = None,
+           ln_weight: Optional[torch.Tensor] = None, ln_bias: Optional[torch.Tensor] = None,
+           ln_eps: float = 1e-5, impl: Optional[str] = None) -> torch.Tensor:
+    """y = act(LN?(x) @ weight.T + bias) + residual -> (M, N) in x.dtype. See the module docstring."""
+    _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps, impl)
+    M, K = x.shape
+    N = weight.shape[0]
+    act_gelu = activation == "gelu"
+    impl = impl or linear_impl_for(M, N, K)
+    if M == 0 or N == 0:
+        return torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if impl == "torch":
+        return _run_torch(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu)
+    num_sms = _num_sms(x.device)
+    if impl == "gemv":
+        cfg = pick_gemv_config(M, N, K, x.dtype, num_sms)
+        return _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg)
+    cfg = pick_gemm_config(M, N, K, x.dtype, num_sms)
+    return _run_gemm(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg)
+
+
+def gelu_tanh_reference(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def linear_reference(x, weight, bias=None, *, activation=None, residual=None, ln_weight=None, ln_bias=None,
+                     ln_eps=1e-5, impl=None):
+    """Plain torch in fp32 (fp64 when x is fp64); returns x.dtype. `impl` is accepted and ignored."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = x.to(compute)
+    if ln_weight is not None:
+        mean = h.mean(dim=-1, keepdim=True)
+        var = (h - mean).pow(2).mean(dim=-1, keepdim=True)
+        h = (h - mean) * torch.rsqrt(var + ln_eps) * ln_weight.to(compute) + ln_bias.to(compute)
+    y = h @ weight.to(compute).t()
+    if bias is not None:
+        y = y + bias.to(compute)
+    if activation == "gelu":
+        y = gelu_tanh_reference(y)
+    if residual is not None:
+        y = y + residual.to(compute)
+    return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# micro-benchmark (GPU): python -m ftlab.kernels.linear [--sweep]
+
+_BENCH_SHAPES = ((1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024), (1024, 50257))  # (K, N), GPT-345M
+_BENCH_MS = (1, 8, 64, 512, 4096)
+_BENCH_VARIANTS = ("bias", "ln+bias+gelu", "bias+res")
+# Weights rotate over copies totalling more than the 50 MiB L2 of an H200, so each call streams its weight from
+# HBM as in a real decode step (24 layers of weights never stay in L2). Timings replay a CUDA graph: no host
+# launch overhead, which would otherwise swamp the few-microsecond decode GEMVs.
+_ROTATE_BYTES = 160 * 2 ** 20
+_BENCH_DEVICE = "cuda"
+
+
+def _bench_inputs(M, N, K, dtype, variant):
+    """(weight copies, kwargs for linear() without the weight)."""
+    dev = _BENCH_DEVICE
+    weight_bytes = N * K * torch.finfo(dtype).bits // 8
+    copies = max(1, min(64, -(-_ROTATE_BYTES // weight_bytes)))
+    weights = [torch.randn(N, K, device=dev, dtype=dtype) * 0.02 for _ in range(copies)]
+    kwargs = dict(x=torch.randn(M, K, device=dev, dtype=dtype), bias=torch.randn(N, device=dev, dtype=dtype))
+    if "ln" in variant:
+        kwargs.update(ln_weight=torch.randn(K, device=dev, dtype=dtype),
+                      ln_bias=torch.randn(K, device=dev, dtype=dtype))
+    if "gelu" in variant:
+        kwargs.update(activation="gelu")
+    if "res" in variant:
+        kwargs.update(residual=torch.randn(M, N, device=dev, dtype=dtype))
+    return weights, kwargs
+
+
+def _time_us(call, weights, rep=20):
+    """Median microseconds of call(weight), cycling through the weight copies (each captured call gets the next)."""
+    from triton.testing import do_bench_cudagraph
+
+    turn = [0]
+
+    def step():
+        turn[0] += 1
+        return call(weights[turn[0] % len(weights)])
+
+    try:
+        return do_bench_cudagraph(step, rep=rep, return_mode="median") * 1e3
+    except TypeError:  # a Triton whose do_bench_cudagraph has no return_mode
+        return do_bench_cudagraph(step, rep=rep, quantiles=[0.5])[0] * 1e3
+
+
+def _benchmark() -> None:
+    dtype = torch.float16
+    num_sms = _num_sms(torch.device(_BENCH_DEVICE))
+    rows = []
+    print(f"fp16, CUDA-graph timings, weights streamed from HBM; GEMV_MAX_M={GEMV_MAX_M} TORCH_MIN_M={TORCH_MIN_M}")
+    print(f"{'K':>5} {'N':>6} {'M':>5} {'variant':<13} {'pick':<5} {'gemv us':>8} {'gemm us':>8} {'torch us':>9} "
+          f"{'best':<5} {'pick GB/s':>9} {'pick TF/s':>9} {'torch/pick':>10}")
+    for K, N in _BENCH_SHAPES:
+        for M in _BENCH_MS:
+            for variant in _BENCH_VARIANTS:
+                weights, kwargs = _bench_inputs(M, N, K, dtype, variant)
+                times = {name: _time_us(lambda w, name=name: linear(weight=w, **kwargs, impl=name), weights)
+                         for name in ("torch", "gemm") + (("gemv",) if M <= 64 else ())}
+                times.setdefault("gemv", float("nan"))
+                pick = linear_impl_for(M, N, K)
+                best = min((t, name) for name, t in times.items() if not math.isnan(t))[1]
+                t_pick = times[pick]
+                gbps = N * K * 2 / (t_pick * 1e-6) / 1e9
+                tflops = 2 * M * N * K / (t_pick * 1e-6) / 1e12
+                print(f"{K:>5} {N:>6} {M:>5} {variant:<13} {pick:<5} {times['gemv']:>8.2f} {times['gemm']:>8.2f} "
+                      f"{times['torch']:>9.2f} {best:<5} {gbps:>9.0f} {tflops:>9.1f} {times['torch'] / t_pick:>10.2f}",
+                      flush=True)
+                rows.append(dict(K=K, N=N, M=M, variant=variant, pick=pick, gemv_us=times["gemv"],
+                                 gemm_us=times["gemm"], torch_us=times["torch"], best=best,
+                                 pick_gbps=gbps, pick_tflops=tflops,
+                                 gemv_cfg=str(tuple(pick_gemv_config(M, N, K, dtype, num_sms))),
+                                 gemm_cfg=str(tuple(pick_gemm_config(M, N, K, dtype, num_sms)))))
+                del weights, kwargs
+    _write_csv("linear_bench.csv", rows)
+
+
+def _sweep() -> None:
+    """Block sizes around the heuristics at decode sizes (bias-only epilogue, fp16); prints the best per shape."""
+    dtype = torch.float16
+    num_sms = _num_sms(torch.device(_BENCH_DEVICE))
+    rows = []
+    for K, N in _BENCH_SHAPES:
+        for M in (1, 8):
+            weights, kwargs = _bench_inputs(M, N, K, dtype, "bias")
+            x, b = kwargs["x"], kwargs["bias"]
+            block_m = min(triton.next_power_of_2(M), 8)
+            candidates = []
+            vec = 8
+            for block_n in (n for n in (1, 2, 4, 8) if n * block_m <= 32):  # larger spills registers
+                for num_warps, lanes in ((2, 64), (4, 128), (4, 256), (8, 256)):
+                    max_split = max(1, triton.cdiv(K, lanes * vec) // 2)
+                    for split_k in (s for s in (1, 2, 4) if s <= max_split):
+                        candidates.append(("gemv", GemvConfig(block_m, block_n, lanes, vec, num_warps, split_k)))
+            if M > 1:
+                for block_n, block_k in ((32, 256), (64, 128), (128, 64)):
+                    for split_k in (1, 2, 4, 8):
+                        candidates.append(("gemm", GemmConfig(16, block_n, block_k, 8, split_k, 4, 4)))
+            results = []
+            for kind, cfg in candidates:
+                run = _run_gemv if kind == "gemv" else _run_gemm
+                t = _time_us(lambda w, run=run, cfg=cfg: run(x, w, b, None, None, None, 1e-5, False, cfg), weights,
+                             rep=10)
+                results.append((t, kind, cfg))
+            results.sort(key=lambda r: r[0])
+            heur = pick_gemv_config(M, N, K, dtype, num_sms)
+            t_heur = _time_us(lambda w: _run_gemv(x, w, b, None, None, None, 1e-5, False, heur), weights)
+            t_torch = _time_us(lambda w: linear(x, w, b, impl="torch"), weights)
+            print(f"K={K} N={N} M={M}: torch {t_torch:.2f} us; gemv heuristic {t_heur:.2f} us "
+                  f"({N * K * 2 / (t_heur * 1e-6) / 1e9:.0f} GB/s) {tuple(heur)}", flush=True)
+            for t, kind, cfg in results[:5]:
+                print(f"    {t:8.2f} us {N * K * 2 / (t * 1e-6) / 1e9:6.0f} GB/s  {kind} {tuple(cfg)}")
+            for t, kind, cfg in results:
+                rows.append(dict(K=K, N=N, M=M, kind=kind, cfg=str(tuple(cfg)), us=t,
+                                 gbps=N * K * 2 / (t * 1e-6) / 1e9, torch_us=t_torch, heuristic_us=t_heur))
+            del weights, kwargs
+    _write_csv("linear_sweep.csv", rows)
+
+
+def _write_csv(name, rows):
+    import csv
+
+    out_dir = os.environ.get("OUT")
+    if out_dir and rows:
+        with open(os.path.join(out_dir, name), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--sweep" in sys.argv[1:]:
+        _sweep()
+    else:
+        _benchmark()

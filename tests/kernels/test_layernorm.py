@@ -1,0 +1,126 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ftlab.kernels import layernorm as layernorm_module
+from ftlab.kernels.layernorm import layernorm, layernorm_reference
+from tests.util import DTYPES, REL_TOL, assert_rel_close
+
+
+def _inputs(M, N, dtype, device, fp32_params=False, offset=0.5):
+    param_dtype = torch.float32 if fp32_params else dtype
+    x = (torch.randn(M, N) * 2 + offset).to(dtype=dtype, device=device)
+    weight = (1 + 0.5 * torch.randn(N)).to(dtype=param_dtype, device=device)
+    bias = (0.5 * torch.randn(N)).to(dtype=param_dtype, device=device)
+    return x, weight, bias
+
+
+def _assert_sum_equal(s, s_ref, device):
+    # the sum is one fp32 add rounded to x.dtype: bit-exact, except that the interpreter converts fp32 -> bf16 by
+    # truncation (the GPU rounds to nearest), so there it may differ by one bf16 ulp
+    if s.dtype == torch.bfloat16 and device == "cpu":
+        torch.testing.assert_close(s.float(), s_ref.float(), rtol=2 ** -7, atol=0)
+    else:
+        assert torch.equal(s, s_ref)
+
+
+def _ref64(x, weight, bias, eps, residual=None):
+    # statistics and affine in fp64; with a residual the LN input is the sum rounded to x.dtype, as documented
+    if residual is not None:
+        s = (x.float() + residual.float()).to(x.dtype)
+        return _ref64(s, weight, bias, eps), s
+    return layernorm_reference(x.double(), weight.double(), bias.double(), eps)
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("N", [1, 7, 100, 1000, 1024])
+@pytest.mark.parametrize("M", [1, 13])
+def test_layernorm_matches_reference(M, N, dtype_name, device):
+    dtype = DTYPES[dtype_name]
+    x, weight, bias = _inputs(M, N, dtype, device, fp32_params=dtype != torch.float32 and N % 2 == 0)
+    y = layernorm(x, weight, bias, 1e-5)
+    assert y.dtype == dtype and y.shape == (M, N)
+    assert_rel_close(y, _ref64(x, weight, bias, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("M,N", [(1, 7), (13, 100), (3, 1024)])
+def test_layernorm_with_residual(M, N, dtype_name, device):
+    dtype = DTYPES[dtype_name]
+    x, weight, bias = _inputs(M, N, dtype, device, fp32_params=dtype == torch.float16)
+    residual = torch.randn(M, N).to(dtype=dtype, device=device)
+    y, s = layernorm(x, weight, bias, 1e-5, residual=residual)
+    y_ref, s_ref = _ref64(x, weight, bias, 1e-5, residual)
+    assert s.dtype == dtype
+    _assert_sum_equal(s, s_ref, device)
+    assert_rel_close(y, y_ref, dtype)
+    # the public reference agrees with the fp64 one within the same tolerance
+    y_pub, s_pub = layernorm_reference(x, weight, bias, 1e-5, residual=residual)
+    assert torch.equal(s_pub, s_ref)
+    assert_rel_close(y_pub, y_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("M,N", [(5, 70), (2, 33)])
+def test_chunked_path_for_wide_rows(M, N, with_residual, dtype_name, device):
+    # rows wider than the register block (shrunk here to 16) take the two-pass chunked path, tail chunk included
+    dtype = DTYPES[dtype_name]
+    x, weight, bias = _inputs(M, N, dtype, device)
+    residual = torch.randn(M, N).to(dtype=dtype, device=device) if with_residual else None
+    out = layernorm_module._layernorm_launch(x, weight, bias, 1e-5, residual, 16)
+    ref = _ref64(x, weight, bias, 1e-5, residual)
+    if with_residual:
+        _assert_sum_equal(out[1], ref[1], device)
+        out, ref = out[0], ref[0]
+    assert_rel_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("max_block_n", [16384, 64])
+def test_large_mean_keeps_precision(max_block_n, device):
+    # |mean| >> std: E[x^2] - E[x]^2 in fp32 would be off by percents; an fp32 mean near 1000 itself is only
+    # good to its ulp (~6e-5), hence 1e-4 here instead of 1e-5
+    x, weight, bias = _inputs(4, 300, torch.float32, device, offset=1000.0)
+    y = layernorm_module._layernorm_launch(x, weight, bias, 1e-5, None, max_block_n)
+    assert_rel_close(y, _ref64(x, weight, bias, 1e-5), tol=1e-4)
+
+
+def test_matches_torch_layer_norm(device):
+    x, weight, bias = _inputs(6, 257, torch.float32, device)
+    torch.testing.assert_close(layernorm(x, weight, bias, 1e-5), F.layer_norm(x, (257,), weight, bias, 1e-5),
+                               rtol=REL_TOL[torch.float32], atol=1e-5)
+
+
+def test_eps_is_used(device):
+    # constant rows: variance 0, so the deviations are exactly 0 and y = bias (no 0/0)
+    x = torch.full((2, 9), 3.0, device=device) + torch.arange(2, device=device)[:, None]
+    weight, bias = torch.randn(9, device=device), torch.randn(9, device=device)
+    torch.testing.assert_close(layernorm(x, weight, bias, 1e-5), bias.expand(2, 9))
+    # a large eps visibly shrinks the normalised values (std ~2: rstd changes by ~6%)
+    x, weight, bias = _inputs(3, 16, torch.float32, device)
+    assert_rel_close(layernorm(x, weight, bias, 0.5), _ref64(x, weight, bias, 0.5), torch.float32)
+
+
+def test_empty_rows(device):
+    x, weight, bias = _inputs(0, 8, torch.float32, device)
+    assert layernorm(x, weight, bias, 1e-5).shape == (0, 8)
+
+
+def test_argument_errors(device):
+    x, weight, bias = _inputs(4, 8, torch.float32, device)
+    with pytest.raises(ValueError, match="weight"):
+        layernorm(x, torch.randn(7, device=device), bias, 1e-5)
+    with pytest.raises(ValueError, match="weight"):
+        layernorm(x, weight.half(), bias, 1e-5)  # fp16 params with fp32 x
+    with pytest.raises(ValueError, match="bias"):
+        layernorm(x, weight, torch.randn(8, 1, device=device), 1e-5)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        layernorm(torch.randn(8, 4, device=device).t(), weight, bias, 1e-5)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        layernorm(torch.randn(8, device=device), weight, bias, 1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        layernorm(x, weight, bias, 1e-5, residual=torch.randn(4, 9, device=device))
+    with pytest.raises(ValueError, match="residual"):
+        layernorm(x, weight, bias, 1e-5, residual=torch.randn(4, 8, device=device).half())
+    with pytest.raises(ValueError, match="eps"):
+        layernorm(x, weight, bias, -1.0)

@@ -1,0 +1,204 @@
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ftlab.kernels import linear as linear_module
+from ftlab.kernels.linear import (GemmConfig, GemvConfig, gelu_tanh_reference, linear, linear_impl_for,
+                                  linear_reference, pick_gemm_config, pick_gemv_config)
+from tests.util import DTYPES, REL_TOL, assert_rel_close, skip_if_interpreter_bf16
+
+# every combination of the optional parts: (bias, gelu, residual, LayerNorm prologue)
+FEATURE_COMBOS = list(itertools.product((False, True), repeat=4))
+# (M, N, K): single row/feature, odd sizes, tails in every dim, more rows than a gemv block
+SHAPES = [(1, 1, 7), (3, 5, 100), (13, 64, 64), (1, 257, 33), (70, 5, 64), (7, 31, 130), (16, 17, 16), (2, 40, 97)]
+
+
+def _make_inputs(M, N, K, dtype, device, bias=False, gelu=False, residual=False, ln=False, fp32_params=False):
+    """Fresh random inputs; weights scaled so outputs are O(1) whatever K. fp32_params: bias/LN params in fp32."""
+    param_dtype = torch.float32 if fp32_params else dtype
+    x = (torch.randn(M, K) * 2 + 0.5).to(dtype=dtype, device=device)
+    weight = (torch.randn(N, K) / K ** 0.5).to(dtype=dtype, device=device)
+    kwargs = {}
+    if bias:
+        kwargs["bias"] = torch.randn(N).to(dtype=param_dtype, device=device)
+    if gelu:
+        kwargs["activation"] = "gelu"
+    if residual:
+        kwargs["residual"] = torch.randn(M, N).to(dtype=dtype, device=device)
+    if ln:
+        kwargs["ln_weight"] = (1 + 0.5 * torch.randn(K)).to(dtype=param_dtype, device=device)
+        kwargs["ln_bias"] = (0.5 * torch.randn(K)).to(dtype=param_dtype, device=device)
+    return x, weight, kwargs
+
+
+def _reference64(x, weight, kwargs):
+    as64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    return linear_reference(x.double(), weight.double(), **as64)
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("impl", ["gemv", "gemm", None])
+@pytest.mark.parametrize("combo", range(len(FEATURE_COMBOS)))
+def test_linear_matches_reference(combo, impl, dtype_name, device):
+    dtype = DTYPES[dtype_name]
+    bias, gelu, residual, ln = FEATURE_COMBOS[combo]
+    M, N, K = SHAPES[combo % len(SHAPES)]
+    if (impl or linear_impl_for(M, N, K)) == "gemm":  # the gemv path has no tl.dot: bf16 runs in the interpreter
+        skip_if_interpreter_bf16(dtype, device)
+    x, weight, kwargs = _make_inputs(M, N, K, dtype, device, bias, gelu, residual, ln,
+                                     fp32_params=dtype != torch.float32 and combo % 2 == 1)
+    out = linear(x, weight, **kwargs, impl=impl)
+    assert out.dtype == dtype and out.shape == (M, N)
+    assert_rel_close(out, _reference64(x, weight, kwargs), dtype, what=f"impl={impl} M,N,K={M},{N},{K}")
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
+def test_torch_impl_matches_reference(dtype_name, device):
+    dtype = DTYPES[dtype_name]
+    x, weight, kwargs = _make_inputs(9, 33, 70, dtype, device, bias=True, gelu=True, residual=True, ln=True)
+    out = linear(x, weight, **kwargs, impl="torch")
+    assert_rel_close(out, _reference64(x, weight, kwargs), dtype, tol=2 * REL_TOL[dtype])
+
+
+# forced configs with split-K (the heuristics only split for shapes too large for the interpreter), uneven K so the
+# last split is short, and every optional part on
+SPLIT_CASES = [
+    ("gemv", GemvConfig(block_m=4, block_n=8, lanes=8, vec=4, num_warps=1, split_k=3), (5, 19, 200)),
+    ("gemv", GemvConfig(block_m=2, block_n=4, lanes=16, vec=4, num_warps=1, split_k=2), (3, 9, 256)),
+    ("gemm", GemmConfig(block_m=16, block_n=32, block_k=32, group_m=2, split_k=4, num_warps=4, num_stages=2),
+     (21, 40, 200)),
+    ("gemm", GemmConfig(block_m=16, block_n=16, block_k=64, group_m=8, split_k=2, num_warps=4, num_stages=2),
+     (4, 33, 128)),
+]
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", range(len(SPLIT_CASES)))
+def test_split_k_matches_reference(case, dtype_name, device):
+    dtype = DTYPES[dtype_name]
+    skip_if_interpreter_bf16(dtype, device)
+    kind, cfg, (M, N, K) = SPLIT_CASES[case]
+    run = linear_module._run_gemv if kind == "gemv" else linear_module._run_gemm
+    for ln, gelu in ((True, True), (False, False)):
+        x, weight, kwargs = _make_inputs(M, N, K, dtype, device, bias=True, gelu=gelu, residual=True, ln=ln)
+        out = run(x, weight, kwargs["bias"], kwargs["residual"], kwargs.get("ln_weight"), kwargs.get("ln_bias"),
+                  1e-5, gelu, cfg)
+        assert_rel_close(out, _reference64(x, weight, kwargs), dtype, what=f"{kind} split {cfg}")
+
+
+@pytest.mark.parametrize("impl", ["gemv", "gemm"])
+def test_rows_do_not_depend_on_other_rows(impl, device):
+    # row 0 must come out bit-identical when the other rows change, and repeated calls must agree bit for bit
+    dtype = torch.float16
+    M, N, K = 6, 24, 96
+    x, weight, kwargs = _make_inputs(M, N, K, dtype, device, bias=True, gelu=True, ln=True)
+    cfg = GemvConfig(4, 8, 8, 4, 1, 2) if impl == "gemv" else GemmConfig(16, 16, 32, 8, 2, 4, 2)
+    run = linear_module._run_gemv if impl == "gemv" else linear_module._run_gemm
+    args = (None, kwargs["ln_weight"], kwargs["ln_bias"], 1e-5, True, cfg)
+    first = run(x, weight, kwargs["bias"], *args)
+    again = run(x, weight, kwargs["bias"], *args)
+    other = x.clone()
+    other[1:] = (torch.randn(M - 1, K) * 10).to(dtype=dtype, device=device)
+    changed = run(other, weight, kwargs["bias"], *args)
+    assert torch.equal(first, again)
+    assert torch.equal(first[0], changed[0])
+    assert not torch.equal(first[1:], changed[1:])
+
+
+def test_ln_prologue_with_large_mean(device):
+    # rows with |mean| >> std: a one-pass sum-of-squares variance in fp32 would lose all precision here
+    M, N, K = 3, 16, 300
+    x = (1000.0 + torch.randn(M, K)).to(device)
+    weight = (torch.randn(N, K) / K ** 0.5).to(device)
+    ln_w, ln_b = torch.randn(K).to(device), torch.randn(K).to(device)
+    ref = linear_reference(x.double(), weight.double(), ln_weight=ln_w.double(), ln_bias=ln_b.double())
+    for impl in ("gemv", "gemm"):
+        out = linear(x, weight, ln_weight=ln_w, ln_bias=ln_b, impl=impl)
+        # an fp32 mean near 1000 is only good to ~6e-5 (its ulp), i.e. ~1e-4 of the unit std; the naive
+        # formula would be off by percents
+        assert_rel_close(out, ref, tol=1e-3, what=impl)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # interpreter (numpy): exp -> inf is intended
+def test_gelu_saturates_without_nan(device):
+    # outputs far out in both tails: gelu(v) -> v for v >> 0 and -> 0 for v << 0, never NaN/Inf
+    M, N, K = 2, 8, 16
+    x = torch.randn(M, K).to(device)
+    weight = (torch.randn(N, K) * 30).to(device)
+    ref = linear_reference(x.double(), weight.double(), activation="gelu")
+    for impl in ("gemv", "gemm"):
+        out = linear(x, weight, activation="gelu", impl=impl)
+        assert_rel_close(out, ref, torch.float32, what=impl)
+
+
+def test_gelu_reference_is_tanh_approximation():
+    v = torch.linspace(-8, 8, 101, dtype=torch.float64)
+    torch.testing.assert_close(gelu_tanh_reference(v), F.gelu(v, approximate="tanh"))
+
+
+def test_default_dispatch(monkeypatch):
+    limit = linear_module.GEMV_MAX_M
+    assert linear_impl_for(1, 1024, 1024) == "gemv"
+    assert linear_impl_for(limit, 1024, 1024) == "gemv"
+    assert linear_impl_for(limit + 1, 1024, 1024) == "gemm"
+    monkeypatch.setattr(linear_module, "TORCH_MIN_M", 512)
+    assert linear_impl_for(511, 1024, 1024) == "gemm"
+    assert linear_impl_for(512, 1024, 1024) == "torch"
+    assert linear_impl_for(1, 1024, 1024) == "gemv"
+
+
+def test_heuristic_configs():
+    # decode shape whose N-blocks cannot fill 132 SMs: split-K; wide N: no split
+    cfg = pick_gemv_config(1, 1024, 4096, torch.float16, 132)
+    assert cfg.split_k == 2 and cfg.block_m == 1 and cfg.block_k == 1024 and cfg.lanes >= 32 * cfg.num_warps
+    assert pick_gemv_config(1, 50257, 1024, torch.float16, 132).split_k == 1
+    assert pick_gemv_config(1, 1024, 1024, torch.float16, 132).split_k == 1  # one K chunk: nothing to split
+    for M, N, K in ((1, 1, 1), (5, 3, 7), (8, 50257, 1024), (4096, 50257, 1024), (64, 1024, 4096)):
+        for dtype in (torch.float32, torch.float16):
+            g = pick_gemm_config(M, N, K, dtype, 132)
+            assert min(g.block_m, g.block_n, g.block_k) >= 16  # tl.dot minimum
+            v = pick_gemv_config(M, N, K, dtype, 132)
+            assert v.split_k >= 1 and v.vec * (torch.finfo(dtype).bits // 8) == 16  # 16-byte vectors
+            if K >= 1024:  # model sizes: a whole vector per thread and lane (no layout conversion in the loop)
+                assert v.lanes >= 32 * v.num_warps
+    assert pick_gemm_config(64, 1024, 4096, torch.float16, 132).split_k > 1
+    assert pick_gemm_config(4096, 50257, 1024, torch.float16, 132).split_k == 1
+
+
+def test_empty_batch(device):
+    x = torch.randn(0, 32).to(device)
+    weight = torch.randn(8, 32).to(device)
+    assert linear(x, weight).shape == (0, 8)
+
+
+def test_argument_errors(device):
+    x = torch.randn(4, 32).to(device)
+    w = torch.randn(8, 32).to(device)
+    with pytest.raises(ValueError, match="weight"):
+        linear(x, torch.randn(8, 31).to(device))
+    with pytest.raises(ValueError, match="weight"):
+        linear(x, w.half())
+    with pytest.raises(ValueError, match="weight"):
+        linear(x, torch.randn(32, 8).to(device).t())  # right shape, not contiguous
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        linear(torch.randn(32, 4).to(device).t(), w)
+    with pytest.raises(ValueError, match="x"):
+        linear(torch.randn(4, 32, dtype=torch.float64).to(device), w.double())
+    with pytest.raises(ValueError, match="bias"):
+        linear(x, w, torch.randn(7).to(device))
+    with pytest.raises(ValueError, match="bias"):
+        linear(x.half(), w.half(), torch.randn(8, dtype=torch.float64).to(device))
+    with pytest.raises(ValueError, match="residual"):
+        linear(x, w, residual=torch.randn(4, 9).to(device))
+    with pytest.raises(ValueError, match="residual"):
+        linear(x, w, residual=torch.randn(4, 8).to(device).half())
+    with pytest.raises(ValueError, match="ln_weight and ln_bias"):
+        linear(x, w, ln_weight=torch.randn(32).to(device))
+    with pytest.raises(ValueError, match="ln_bias"):
+        linear(x, w, ln_weight=torch.randn(32).to(device), ln_bias=torch.randn(31).to(device))
+    with pytest.raises(ValueError, match="activation"):
+        linear(x, w, activation="relu")
+    with pytest.raises(ValueError, match="impl"):
+        linear(x, w, impl="cublas")
