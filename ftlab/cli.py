@@ -3,6 +3,7 @@
     ftlab generate [-m MODEL_DIR] (--prompt TEXT ... | --input-ids "1,2,3;4,5") [--max-new-tokens N] [--top-k K]
                    [--top-p P] [--temperature T] [--seed S] [--dtype fp32|fp16|bf16] [--json] [--stream]
     ftlab convert hf -i HF_DIR -o OUT_DIR -i_g N [--weight-data-type fp32|fp16] [--force]
+    ftlab convert megatron -i CKPT_DIR -o OUT_DIR [-t_g T] -i_g N [--head-num H] [--weight-data-type ..] [--force]
 """
 from __future__ import annotations
 
@@ -51,6 +52,10 @@ def _add_convert(sub) -> None:
     hf.add_argument("-i_g", "--infer-gpu-num", type=int, default=1, help="tensor_para_size to split for")
     hf.add_argument("--weight-data-type", choices=("fp32", "fp16"), default="fp32")
     hf.add_argument("--force", action="store_true", help="overwrite an existing <OUT_DIR>/<N>-gpu")
+    from .convert.megatron import add_megatron_arguments
+
+    add_megatron_arguments(conv.add_parser("megatron", help="a Megatron-LM GPT checkpoint (mp_rank_XX/*.pt), "
+                                                            "resharded from -t_g to -i_g tensor-parallel ranks"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +135,10 @@ def cmd_convert(args) -> int:
         out = convert_hf(args.input_dir, args.output_dir, infer_gpu_num=args.infer_gpu_num,
                          weight_data_type=args.weight_data_type, force=args.force)
         print(f"wrote {out}")
+    elif args.source == "megatron":
+        from .convert.megatron import run_megatron_cli
+
+        print(f"wrote {run_megatron_cli(args)}")
     return 0
 
 
