@@ -117,37 +117,66 @@ def validate_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, voca
     return out
 
 
+class LocalSession:
+    """One generate() call on a single-process model: owns the KV cache, positions and per-request RNG steps.
+
+    `first()` runs the context phase and samples the first token of every request; `next(tokens)` feeds each
+    request's last token and samples the following one. ftlab.parallel provides the same two methods across ranks.
+    """
+
+    def __init__(self, model: GPT, prompts: list[list[int]], max_new_tokens: int, params: RequestParams):
+        self.model, self.params = model, params
+        self.batch = pack_prompts(prompts, model.device)
+        self.cache = model.new_kv_cache(len(prompts), max(self.batch.lengths) + max_new_tokens)
+        self.positions = torch.tensor(self.batch.lengths, dtype=torch.int32, device=model.device)  # next slot
+        self.steps = torch.zeros(len(prompts), dtype=torch.int32, device=model.device)
+
+    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.params.tensors
+        out = sample(logits, t["top_k"], t["top_p"], t["temperature"], t["seeds"], self.steps, return_logprobs=True)
+        self.steps += 1
+        return out
+
+    def first(self) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.batch
+        return self._sample(self.model.prefill(b.token_ids, b.positions, b.cu_seqlens, b.max_seqlen, self.cache))
+
+    def next(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model.decode(tokens, self.positions, self.cache)
+        self.positions += 1
+        return self._sample(logits)
+
+
 @torch.no_grad()
-def stream(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, top_k=1, top_p=1.0,
+def stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, top_k=1, top_p=1.0,
            temperature=1.0, random_seed=0, end_id=None, return_log_probs: bool = False) -> Iterator[StepOutput]:
-    """Yield one StepOutput per generated position until every request has produced end_id or max_new_tokens."""
+    """Yield one StepOutput per generated position until every request has produced end_id or max_new_tokens.
+
+    `model` is a GPT, or any engine with `config`, `device` and `open_session(prompts, max_new_tokens, params)`
+    (ftlab.parallel's pipeline/tensor-parallel engine)."""
     cfg = model.config
     prompts = validate_prompts(prompts, max_new_tokens, cfg.vocab_size, cfg.max_pos_seq_len)
     B = len(prompts)
     params = RequestParams.build(B, cfg.vocab_size, model.device, top_k=top_k, top_p=top_p, temperature=temperature,
                                  random_seed=random_seed, end_id=cfg.end_id if end_id is None else end_id)
-    t = params.tensors
-    batch = pack_prompts(prompts, model.device)
-    cache = model.new_kv_cache(B, max(batch.lengths) + max_new_tokens)
-    logits = model.prefill(batch.token_ids, batch.positions, batch.cu_seqlens, batch.max_seqlen, cache)
-    positions = torch.tensor(batch.lengths, dtype=torch.int32, device=model.device)  # slot of the next token
-    steps = torch.zeros(B, dtype=torch.int32, device=model.device)
+    end = params.tensors["end_id"]
+    if hasattr(model, "open_session"):
+        session = model.open_session(prompts, max_new_tokens, params)
+    else:
+        session = LocalSession(model, prompts, max_new_tokens, params)
     finished = torch.zeros(B, dtype=torch.bool, device=model.device)
+    tokens, log_probs = session.first()
     for step in range(max_new_tokens):
-        tokens, log_probs = sample(logits, t["top_k"], t["top_p"], t["temperature"], t["seeds"], steps,
-                                   return_logprobs=True)
-        tokens = torch.where(finished, t["end_id"], tokens)
+        tokens = torch.where(finished, end, tokens)
         was_active = ~finished
-        finished = finished | (tokens == t["end_id"])
+        finished = finished | (tokens == end)
         out = StepOutput(step=step, token_ids=tokens.tolist(), finished=finished.tolist())
         if return_log_probs:
             out.log_probs = torch.where(was_active, log_probs, 0.0).tolist()
         yield out
         if all(out.finished) or step == max_new_tokens - 1:
             return
-        logits = model.decode(tokens, positions, cache)
-        positions += 1
-        steps += 1
+        tokens, log_probs = session.next(tokens)
 
 
 def generate(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, top_k=1, top_p=1.0,

@@ -1,0 +1,118 @@
+"""Generation API and `ftlab generate`: streaming, per-request parameters, JSON output, clear errors."""
+import json
+
+import pytest
+import torch
+
+from ftlab.checkpoint import random_ft_tensors, write_cmodel
+from ftlab.cli import main
+from ftlab.config import GPTConfig
+from ftlab.generate import GenerationError, generate, stream
+from ftlab.model import GPT
+
+CFG = GPTConfig(head_num=2, size_per_head=8, num_layer=2, vocab_size=61, max_pos_seq_len=24, start_id=0, end_id=60)
+
+
+@pytest.fixture(scope="module")
+def model():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return GPT.from_ft_tensors(CFG, random_ft_tensors(CFG, seed=3, std=0.3), dtype="fp32", device=device)
+
+
+def test_stream_yields_what_generate_returns(model):
+    prompts = [[1, 2, 3], [4]]
+    steps = list(stream(model, prompts, max_new_tokens=5, top_k=0, top_p=0.9, random_seed=[7, 8]))
+    result = generate(model, prompts, max_new_tokens=5, top_k=0, top_p=0.9, random_seed=[7, 8])
+    assert [s.step for s in steps] == list(range(len(steps)))
+    for b in range(2):
+        produced = []
+        for s in steps:
+            produced.append(s.token_ids[b])
+            if s.finished[b]:
+                break
+        assert result.generated_ids(b) == produced
+    assert result.input_length == [3, 1]
+
+
+def test_same_seed_reproduces_and_seeds_differ(model):
+    prompts = [[5, 6, 7]] * 4
+    seeds = [11, 11, 12, 13]
+    a = generate(model, prompts, max_new_tokens=8, top_k=0, temperature=1.5, random_seed=seeds)
+    b = generate(model, prompts, max_new_tokens=8, top_k=0, temperature=1.5, random_seed=seeds)
+    assert a.output_ids == b.output_ids
+    assert a.output_ids[0] == a.output_ids[1]
+    assert len({tuple(ids) for ids in a.output_ids[1:]}) > 1, "different seeds gave identical samples"
+
+
+def test_per_request_parameters_in_one_batch(model):
+    prompts = [[9, 10], [9, 10], [9, 10]]
+    mixed = generate(model, prompts, max_new_tokens=6, top_k=[1, 0, 1], temperature=[1.0, 2.0, 1.0],
+                     random_seed=[1, 2, 3])
+    greedy = generate(model, [[9, 10]], max_new_tokens=6)
+    assert mixed.output_ids[0] == greedy.output_ids[0] == mixed.output_ids[2]
+
+
+def test_log_probs_are_returned(model):
+    result = generate(model, [[3, 4, 5]], max_new_tokens=4, return_log_probs=True)
+    logits = model.logits([result.output_ids[0][:-1]])[0][2:]  # logits that chose each generated token
+    expected = torch.log_softmax(logits.float().cpu(), -1)[torch.arange(4), torch.tensor(result.generated_ids(0))]
+    torch.testing.assert_close(torch.tensor(result.output_log_probs[0]), expected, rtol=1e-4, atol=1e-5)
+    assert result.cum_log_probs[0] == pytest.approx(sum(result.output_log_probs[0]))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompts=[list(range(1, 21))], max_new_tokens=5), "needs 25 positions, more than .*max_pos_seq_len=24"),
+    (dict(prompts=[[1]], max_new_tokens=2, top_p=1.5), "top_p"),
+    (dict(prompts=[[1]], max_new_tokens=2, top_p=0.0), "top_p"),
+    (dict(prompts=[[1]], max_new_tokens=2, top_k=-1), "top_k"),
+    (dict(prompts=[[1]], max_new_tokens=2, temperature=0.0), "temperature"),
+    (dict(prompts=[[1], [2]], max_new_tokens=2, top_k=[1, 2, 3]), "top_k has 3 values for a batch of 2"),
+    (dict(prompts=[[1], []], max_new_tokens=2), "request 1 has an empty prompt"),
+    (dict(prompts=[[1, 61]], max_new_tokens=2), "token id 61 is outside the vocabulary"),
+    (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens must be a positive integer"),
+])
+def test_bad_requests_get_clear_errors(model, kwargs, message):
+    with pytest.raises(GenerationError, match=message):
+        generate(model, **kwargs)
+
+
+def test_unknown_dtype_is_refused():
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        GPT.from_ft_tensors(CFG, random_ft_tensors(CFG), dtype="fp8")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cmodel")
+    return write_cmodel(root, CFG, random_ft_tensors(CFG, seed=4, std=0.3), tensor_para_size=2)
+
+
+def test_cli_generate_json(model_dir, capsys):
+    assert main(["generate", "-m", str(model_dir), "--input-ids", "1,2,3;4,5", "--max-new-tokens", "4",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["output_ids"][0][:3] == [1, 2, 3] and out["output_ids"][1][:2] == [4, 5]
+    assert out["sequence_length"] == [len(ids) for ids in out["output_ids"]]
+    assert 3 < out["sequence_length"][0] <= 3 + 4 and 2 < out["sequence_length"][1] <= 2 + 4
+    assert "text" not in out  # a 61-token vocabulary has no tokenizer
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--input-ids", "1,2", "--top-p", "2"], "top_p"),
+    (["--input-ids", "1,2", "--dtype", "fp64"], "unknown dtype 'fp64'"),
+    (["--input-ids", "1," + ",".join(["2"] * 30)], "max_pos_seq_len=24"),
+    (["--prompt", "hello"], "no tokenizer files"),
+])
+def test_cli_errors(model_dir, capsys, argv, message):
+    assert main(["generate", "-m", str(model_dir), "--max-new-tokens", "4", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_missing_file_is_named(model_dir, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "2-gpu"
+    shutil.copytree(model_dir, broken)
+    (broken / "model.wpe.bin").unlink()
+    assert main(["generate", "-m", str(broken), "--input-ids", "1", "--max-new-tokens", "4"]) == 2
+    assert "model.wpe.bin: missing file" in capsys.readouterr().err

@@ -1,0 +1,115 @@
+"""The Triton GPT against an independent implementation, HF transformers' GPT2LMHeadModel."""
+import pytest
+import torch
+
+from ftlab.checkpoint import load_cmodel
+from ftlab.convert.huggingface import config_from_hf, convert_hf, hf_to_ft_tensors
+from ftlab.generate import generate
+from ftlab.model import GPT
+from ftlab.reference import ReferenceGPT, reference_greedy
+from tests.util import assert_rel_close
+
+transformers = pytest.importorskip("transformers")
+
+# small configs with awkward sizes: head sizes 6, 8 and 32, vocabularies that are not multiples of anything
+CONFIGS = [
+    dict(n_embd=24, n_head=4, n_layer=2, vocab_size=53),
+    dict(n_embd=40, n_head=5, n_layer=1, vocab_size=101),
+    dict(n_embd=64, n_head=2, n_layer=3, vocab_size=67, n_inner=72),
+]
+PROMPT_LENGTHS = [1, 7, 13]
+
+
+def random_hf_model(n_positions=48, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    vocab = kwargs["vocab_size"]
+    config = transformers.GPT2Config(n_positions=n_positions, bos_token_id=vocab - 1, eos_token_id=vocab - 1,
+                                     **kwargs)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # HF initialises biases to 0 and LayerNorms to 1: perturb everything so every term counts
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def ftlab_model(hf, dtype, device):
+    config = config_from_hf(hf.config.to_dict())
+    return GPT.from_ft_tensors(config, hf_to_ft_tensors(
+        {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}, config), dtype=dtype, device=device)
+
+
+def random_prompts(vocab, lengths):
+    return [torch.randint(0, vocab - 1, (n,)).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"H{c['n_embd']}-nh{c['n_head']}-L{c['n_layer']}")
+def test_logits_equal_hf_fp32(cfg, device):
+    hf = random_hf_model(**cfg)
+    model = ftlab_model(hf, "fp32", device)
+    prompts = random_prompts(cfg["vocab_size"], PROMPT_LENGTHS)
+    ours = model.logits(prompts)
+    for prompt, got in zip(prompts, ours):
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0]
+        assert_rel_close(got.cpu(), ref, tol=1e-4, what=f"logits of a {len(prompt)}-token prompt")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [("fp16", 5e-3), ("bf16", 3e-2)])
+def test_logits_close_to_hf_half_precision(dtype, tol, device):
+    cfg = dict(n_embd=256, n_head=4, n_layer=4, vocab_size=1031)
+    hf = random_hf_model(n_positions=1024, **cfg)
+    model = ftlab_model(hf, dtype, device)
+    prompts = random_prompts(cfg["vocab_size"], [1, 77, 300, 513])
+    for prompt, got in zip(prompts, model.logits(prompts)):
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0]
+        assert_rel_close(got.float().cpu(), ref, tol=tol, what=f"{dtype} logits, prompt of {len(prompt)}")
+
+
+def hf_greedy(hf, prompt, max_new_tokens):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=hf.config.eos_token_id,
+                          eos_token_id=hf.config.eos_token_id)
+    return out[0].tolist()
+
+
+@pytest.mark.parametrize("i_g", [1, 2])
+def test_greedy_ragged_batch_equals_hf_after_conversion(tmp_path, i_g, device):
+    hf = random_hf_model(**CONFIGS[0])
+    hf.save_pretrained(tmp_path / "hf")
+    out_dir = convert_hf(tmp_path / "hf", tmp_path / "ft", infer_gpu_num=i_g, progress=False)
+    model = GPT.from_cmodel(out_dir, dtype="fp32", device=device)
+    prompts = random_prompts(53, [5, 1, 12])
+    result = generate(model, prompts, max_new_tokens=9)
+    for b, prompt in enumerate(prompts):
+        expected = hf_greedy(hf, prompt, 9)
+        assert result.output_ids[b] == expected, f"request {b}"
+        assert result.sequence_length[b] == len(expected)
+
+
+def test_generation_stops_at_end_id_per_sequence(device):
+    hf = random_hf_model(**CONFIGS[1])
+    model = ftlab_model(hf, "fp32", device)
+    prompts = random_prompts(101, [3, 6])
+    free = generate(model, prompts, max_new_tokens=6)
+    # make the 3rd generated token of request 0 its end token: it must stop there, request 1 must not
+    end_id = free.generated_ids(0)[2]
+    if end_id in free.generated_ids(1):
+        pytest.skip("random model produced the same token in both requests")
+    stopped = generate(model, prompts, max_new_tokens=6, end_id=end_id)
+    assert stopped.output_ids[0] == free.output_ids[0][:3 + 3]
+    assert stopped.sequence_length == [6, 12]
+    assert stopped.output_ids[1] == free.output_ids[1]
+
+
+def test_reference_model_agrees(device):
+    """The plain-PyTorch twin (the bench's torch.compile peer) computes the same greedy tokens."""
+    hf = random_hf_model(**CONFIGS[2])
+    config = config_from_hf(hf.config.to_dict())
+    ft = hf_to_ft_tensors({k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}, config)
+    prompts = random_prompts(67, [4, 9, 2])
+    ref = reference_greedy(ReferenceGPT(config, ft), prompts, 6)
+    ours = generate(GPT.from_ft_tensors(config, ft, device=device), prompts, max_new_tokens=6)
+    assert [ours.generated_ids(b) for b in range(3)] == ref
