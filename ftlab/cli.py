@@ -41,6 +41,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print {output_ids, sequence_length, text} as JSON")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (one request)")
+    par = p.add_argument_group("parallelism (run under: torchrun --nproc-per-node T*L -m ftlab generate ...)")
+    par.add_argument("--tensor-para-size", type=int, default=1, help="T: ranks splitting every layer")
+    par.add_argument("--layer-para-size", type=int, default=1, help="L: pipeline stages of contiguous layers")
+    par.add_argument("--layer-para-batch-size", type=int, default=None,
+                     help="micro-batch size of the pipelined context phase (default: batch / L)")
 
 
 def _add_convert(sub) -> None:
@@ -67,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_model(args):
+    import os
+
     import torch
 
     from .checkpoint import random_ft_tensors
@@ -78,6 +85,20 @@ def _load_model(args):
     model_dir = args.model_dir
     if model_dir is None and DEFAULT_MODEL_DIR.is_dir():
         model_dir = DEFAULT_MODEL_DIR
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 or args.tensor_para_size * args.layer_para_size > 1:
+        if world == 1:
+            raise ValueError(f"--tensor-para-size {args.tensor_para_size} x --layer-para-size {args.layer_para_size} "
+                             f"needs that many processes: torchrun --nproc-per-node "
+                             f"{args.tensor_para_size * args.layer_para_size} -m ftlab generate ...")
+        from .parallel import ParallelEngine
+
+        if model_dir is None:
+            raise ValueError("parallel generation needs -m MODEL_DIR")
+        engine = ParallelEngine(model_dir, tensor_para_size=args.tensor_para_size,
+                                layer_para_size=args.layer_para_size, dtype=dtype,
+                                layer_para_batch_size=args.layer_para_batch_size)
+        return engine, model_dir
     if model_dir is not None:
         return GPT.from_cmodel(model_dir, dtype=dtype, device=device), model_dir
     print("ftlab: no trained default model is bundled (data/demo-model is missing): using a RANDOM 2-layer GPT "
@@ -106,12 +127,17 @@ def cmd_generate(args) -> int:
         else:
             print(step.token_ids[0], end=" ", flush=True)
 
-    streaming = args.stream and not args.json
+    import os
+
+    printing = int(os.environ.get("RANK", 0)) == 0  # under torchrun every rank has the tokens; rank 0 prints
+    streaming = args.stream and not args.json and printing
     if streaming and args.prompt is not None:
         print(args.prompt[0], end="", flush=True)
     result = generate(model, prompts, max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p,
                       temperature=args.temperature, random_seed=args.seed,
                       on_step=show if streaming else None)
+    if not printing:
+        return 0
     texts = [tokenizer.decode(ids) for ids in result.output_ids] if tokenizer is not None else None
     if args.json:
         out = {"output_ids": result.output_ids, "sequence_length": result.sequence_length}
@@ -150,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "convert":
             return cmd_convert(args)
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
-        print(f"ftlab {args.command}: error: {exc}", file=sys.stderr)
+        import os
+
+        where = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
+        print(f"ftlab {args.command}{where}: error: {exc}", file=sys.stderr)
         return 2
     return 1
 

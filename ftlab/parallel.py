@@ -1,0 +1,291 @@
+"""Tensor x layer (pipeline) parallelism on torch.distributed, layered over ftlab.model.
+
+Ranks: P = tensor_para_size (T) x layer_para_size (L); global rank = stage * T + tp_rank, so the T ranks of a stage
+are neighbours. Each rank reads only its own files: its `.R.bin` shards (R = tp_rank) of its stage's layers, plus the
+embeddings on the first stage and the final LayerNorm / LM head on the last.
+
+Tensor parallelism (Megatron style, as FasterTransformer splits the files): QKV and fc1 are column-split, the attention
+output projection and fc2 row-split with an all-reduce after each (GPT.all_reduce). The token/position embeddings and
+the LM head are REPLICATED on every rank of their stage rather than vocab-split: the replicated copy costs V*H weights
+per rank (0.1 GB for GPT-345M, 0.6 GB for GPT-20B in fp16) but avoids an all-gather of the logits every step, and
+sampling needs the whole row anyway; every rank of the last stage therefore holds identical logits.
+
+Layer parallelism: stage s owns layers [s*n/L, (s+1)*n/L). Hidden states travel stage to stage with send/recv between
+ranks of equal tp_rank. In the context phase the batch is cut into micro-batches of layer_para_batch_size so stage s+1
+works on micro-batch i while stage s computes i+1. The last stage samples; tokens (and log-probs) are broadcast from its
+lead rank to every rank, so all ranks run the same loop and the same seed gives the same tokens whatever T and L are.
+
+Failures never hang: inputs are validated identically on every rank before any collective (each rank prints the same
+message and exits non-zero, and torchrun then stops the rest), and every collective has a bounded timeout.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import load_cmodel, resolve_model_dir
+from .config import GPTConfig, compute_dtype
+from .generate import GenerationOutput, RequestParams, generate
+from .kernels.sampling import sample
+from .model import GPT, device_weights, pack_prompts
+
+
+class ParallelError(ValueError):
+    """The requested split cannot run: the message says why, identically on every rank."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int  # tensor_para_size
+    pp: int  # layer_para_size
+    rank: int
+    world: int
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def stage(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage == self.pp - 1
+
+    @property
+    def last_stage_lead(self) -> int:
+        return (self.pp - 1) * self.tp
+
+    def stage_layers(self, num_layer: int) -> range:
+        per = num_layer // self.pp
+        return range(self.stage * per, (self.stage + 1) * per)
+
+    def validate(self, config: GPTConfig, model_dir: Path) -> None:
+        if self.world != self.tp * self.pp:
+            raise ParallelError(f"{self.world} processes but tensor_para_size={self.tp} x layer_para_size={self.pp} "
+                                f"= {self.tp * self.pp}; start torchrun with --nproc-per-node {self.tp * self.pp}")
+        if config.tensor_para_size != self.tp:
+            raise ParallelError(
+                f"{model_dir}: files are split for tensor_para_size={config.tensor_para_size}, not {self.tp}; run with "
+                f"--tensor-para-size {config.tensor_para_size} or convert again with -i_g {self.tp}")
+        if config.head_num % self.tp:
+            raise ParallelError(f"head_num={config.head_num} is not divisible by tensor_para_size={self.tp}")
+        if config.num_layer % self.pp:
+            raise ParallelError(f"num_layer={config.num_layer} is not divisible by layer_para_size={self.pp}")
+
+
+def init_process_group(timeout_s: float = 300.0) -> tuple[int, int, torch.device]:
+    """Join the torchrun job (NCCL on GPUs, gloo on CPUs); returns (rank, world size, this rank's device)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if world > 1 and not dist.is_initialized():
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return rank, world, device
+
+
+class ParallelEngine:
+    """This rank's share of a GPT split T x L ways; `stream`/`generate` accept it in place of a GPT."""
+
+    def __init__(self, model_dir, *, tensor_para_size: int = 1, layer_para_size: int = 1, dtype="fp16",
+                 layer_para_batch_size: int | None = None, timeout_s: float = 300.0):
+        rank, world, self.device = init_process_group(timeout_s)
+        self.layout = Layout(tensor_para_size, layer_para_size, rank, world)
+        model_dir = resolve_model_dir(model_dir)
+        self.config = GPTConfig.from_ini(model_dir / "config.ini")
+        self.layout.validate(self.config, model_dir)
+        self.layer_para_batch_size = layer_para_batch_size
+        lay = self.layout
+        tp_groups = [dist.new_group(list(range(s * lay.tp, (s + 1) * lay.tp))) if world > 1 else None
+                     for s in range(lay.pp)]  # every rank creates every group, in the same order
+        self.tp_group = tp_groups[lay.stage]
+        layers = lay.stage_layers(self.config.num_layer)
+        _, ft = load_cmodel(model_dir, tp_rank=lay.tp_rank, layers=layers,
+                            embeddings=lay.is_first_stage or lay.is_last_stage)
+        weights = device_weights(self.config, ft, dtype=compute_dtype(dtype), device=self.device,
+                                 tp_rank=lay.tp_rank, tp_size=lay.tp, is_shard=True, layers=layers,
+                                 first_stage=lay.is_first_stage, last_stage=lay.is_last_stage)
+        all_reduce = None
+        if lay.tp > 1:
+            def all_reduce(x, group=self.tp_group):
+                dist.all_reduce(x, group=group)
+        self.model = GPT(self.config, weights, tp_size=lay.tp, tp_rank=lay.tp_rank, all_reduce=all_reduce)
+
+    def open_session(self, prompts, max_new_tokens, params: RequestParams) -> "PipelineSession":
+        return PipelineSession(self, prompts, max_new_tokens, params)
+
+    @torch.no_grad()
+    def logits(self, sequences: list[list[int]]) -> list[torch.Tensor] | None:
+        """Logits of every position (the parallel twin of GPT.logits); on the last stage, None elsewhere."""
+        session = PipelineSession(self, [list(s) for s in sequences], 1, params=None)
+        batch = pack_prompts(session.prompts, self.device)
+
+        def run(x):
+            return self.model.run_blocks_prefill(x, batch.cu_seqlens, batch.max_seqlen, session.cache)
+
+        x = session._stage((batch.token_ids, batch.positions), run, rows=len(batch.token_ids))
+        for handle, _ in session.pending:
+            handle.wait()
+        return list(self.model.lm_logits(x).split(batch.lengths)) if x is not None else None
+
+
+def _send(x: torch.Tensor, dst: int):
+    # gloo moves bytes fine but lacks some reductions/dtypes (bf16): ship hidden states as raw bytes
+    return dist.isend(x.view(torch.uint8), dst)
+
+
+def _recv(shape, dtype, device, src: int) -> torch.Tensor:
+    buf = torch.empty(shape, dtype=dtype, device=device)
+    dist.recv(buf.view(torch.uint8), src)
+    return buf
+
+
+class PipelineSession:
+    """One generate() call across the ranks (the parallel twin of ftlab.generate.LocalSession)."""
+
+    def __init__(self, engine: ParallelEngine, prompts: list[list[int]], max_new_tokens: int, params: RequestParams):
+        self.engine, self.model, self.lay, self.params = engine, engine.model, engine.layout, params
+        self.prompts = prompts
+        B = len(prompts)
+        self.cache = self.model.new_kv_cache(B, max(map(len, prompts)) + max_new_tokens)
+        self.positions = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=engine.device)
+        self.steps = torch.zeros(B, dtype=torch.int32, device=engine.device)
+        self.pending = []  # (isend handle, tensor) pairs: the tensor must live until its send completes
+
+    def _sample_and_share(self, logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample on the last stage, broadcast (token, log-prob) of every request to all ranks."""
+        B, dev = len(self.prompts), self.engine.device
+        shared = torch.empty(2, B, dtype=torch.float64, device=dev)  # token ids are exact in float64
+        if self.lay.is_last_stage:
+            t = self.params.tensors
+            tokens, log_probs = sample(logits, t["top_k"], t["top_p"], t["temperature"], t["seeds"], self.steps,
+                                       return_logprobs=True)
+            shared[0], shared[1] = tokens.double(), log_probs.double()
+        self.steps += 1
+        if self.lay.world > 1:
+            for handle, _ in self.pending:
+                handle.wait()
+            self.pending = []
+            dist.broadcast(shared, src=self.lay.last_stage_lead)
+        return shared[0].long(), shared[1].float()
+
+    def _stage(self, x_or_inputs, run_blocks, rows: int):
+        """Receive (or embed), run this stage's blocks, send on (or keep for the head)."""
+        lay, model = self.lay, self.model
+        H = self.engine.config.hidden
+        if lay.is_first_stage:
+            x = model.embed(*x_or_inputs)
+        else:
+            x = _recv((rows, H), model.dtype, self.engine.device, src=lay.rank - lay.tp)
+        x = run_blocks(x)
+        if not lay.is_last_stage:
+            payload = x.contiguous()
+            self.pending.append((_send(payload, dst=lay.rank + lay.tp), payload))
+            return None
+        return x
+
+    def first(self):
+        B = len(self.prompts)
+        mb = self.engine.layer_para_batch_size or max(1, -(-B // self.lay.pp))
+        last_hidden = []
+        for start in range(0, B, mb):
+            stop = min(B, start + mb)
+            batch = pack_prompts(self.prompts[start:stop], self.engine.device)
+            cache = self.cache.rows(start, stop)
+
+            def run(x, batch=batch, cache=cache):
+                return self.model.run_blocks_prefill(x, batch.cu_seqlens, batch.max_seqlen, cache)
+
+            x = self._stage((batch.token_ids, batch.positions), run, rows=len(batch.token_ids))
+            if x is not None:
+                last_hidden.append(x[batch.cu_seqlens[1:].long() - 1])
+        logits = self.model.lm_logits(torch.cat(last_hidden)) if self.lay.is_last_stage else None
+        return self._sample_and_share(logits)
+
+    def next(self, tokens: torch.Tensor):
+        def run(x):
+            return self.model.run_blocks_decode(x, self.positions, self.cache)
+
+        x = self._stage((tokens, self.positions), run, rows=len(self.prompts))
+        self.positions += 1
+        return self._sample_and_share(self.model.lm_logits(x) if x is not None else None)
+
+
+# --- a Python API for notebooks: run the ranks under torchrun in a subprocess ------------------------------------------
+
+def run_workers(model_dir, jobs: list[dict], *, tensor_para_size: int = 1, layer_para_size: int = 1,
+                dtype: str = "fp16", layer_para_batch_size: int | None = None, timeout_s: float = 600.0) -> list:
+    """Start T x L ranks with torchrun (a subprocess) and run `jobs` on them: {"generate": kwargs with prompts} or
+    {"logits": sequences}. Returns one result per job (GenerationOutput, or a list of (T, V) logits tensors)."""
+    nproc = tensor_para_size * layer_para_size
+    with tempfile.TemporaryDirectory(prefix="ftlab-launch-") as tmp:
+        request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        request.write_text(json.dumps(dict(
+            model_dir=str(model_dir), dtype=dtype, tensor_para_size=tensor_para_size, layer_para_size=layer_para_size,
+            layer_para_batch_size=layer_para_batch_size, timeout_s=timeout_s, jobs=jobs)))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "ftlab.parallel", str(request), str(result)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s + 60)
+        if proc.returncode != 0:
+            errors = [line for line in proc.stderr.splitlines() if "error:" in line] or proc.stderr.splitlines()[-20:]
+            raise ParallelError(f"parallel workers failed (exit {proc.returncode}):\n" + "\n".join(errors))
+        outputs = json.loads(result.read_text())
+    return [GenerationOutput(**out) if "generate" in job else [torch.tensor(t) for t in out]
+            for job, out in zip(jobs, outputs)]
+
+
+def launch(model_dir, prompts: list[list[int]], *, tensor_para_size: int = 1, layer_para_size: int = 1,
+           dtype: str = "fp16", layer_para_batch_size: int | None = None, timeout_s: float = 600.0,
+           **generate_kwargs) -> GenerationOutput:
+    """Generate with T x L worker processes; generate_kwargs as for ftlab.generate.generate."""
+    job = {"generate": dict(generate_kwargs, prompts=[list(map(int, p)) for p in prompts])}
+    return run_workers(model_dir, [job], tensor_para_size=tensor_para_size, layer_para_size=layer_para_size,
+                       dtype=dtype, layer_para_batch_size=layer_para_batch_size, timeout_s=timeout_s)[0]
+
+
+def _worker(request_path: str, result_path: str) -> int:
+    req = json.loads(Path(request_path).read_text())
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        engine = ParallelEngine(req["model_dir"], tensor_para_size=req["tensor_para_size"],
+                                layer_para_size=req["layer_para_size"], dtype=req["dtype"],
+                                layer_para_batch_size=req["layer_para_batch_size"], timeout_s=req["timeout_s"])
+        outputs = []
+        for job in req["jobs"]:
+            if "generate" in job:
+                kwargs = dict(job["generate"])
+                outputs.append(generate(engine, kwargs.pop("prompts"), **kwargs).__dict__)
+            else:
+                logits = engine.logits(job["logits"])
+                outputs.append([t.float().cpu().tolist() for t in logits] if logits is not None else None)
+    except ValueError as exc:
+        print(f"ftlab.parallel (rank {rank}): error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if rank == engine.layout.last_stage_lead:  # holds the logits; tokens are the same on every rank
+        Path(result_path).write_text(json.dumps(outputs))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(*sys.argv[1:3]))

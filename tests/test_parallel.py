@@ -1,0 +1,61 @@
+"""Tensor x layer parallelism on CPU processes (gloo): the same tokens and logits as one process."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ftlab.checkpoint import random_ft_tensors, write_cmodel
+from ftlab.config import GPTConfig
+from ftlab.model import GPT
+from ftlab.generate import generate
+from ftlab.parallel import ParallelError, run_workers
+from tests.util import assert_rel_close
+
+CFG = GPTConfig(head_num=4, size_per_head=8, num_layer=2, vocab_size=61, max_pos_seq_len=32, start_id=0, end_id=60)
+PROMPTS = [[3, 14, 15, 9, 2], [6], [5, 35, 8]]
+GREEDY = dict(max_new_tokens=6)
+SAMPLED = dict(max_new_tokens=6, top_k=0, top_p=0.95, temperature=1.3, random_seed=[1, 2, 3])
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("par")
+    weights = random_ft_tensors(CFG, seed=11, std=0.3)
+    return {tp: write_cmodel(root, CFG, weights, tensor_para_size=tp) for tp in (1, 2)}
+
+
+@pytest.fixture(scope="module")
+def single_process(model_dirs):
+    model = GPT.from_cmodel(model_dirs[1], dtype="fp32", device="cpu")
+    return (generate(model, PROMPTS, **GREEDY), generate(model, PROMPTS, **SAMPLED), model.logits(PROMPTS))
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)])
+def test_parallel_matches_single_process(model_dirs, single_process, tp, pp):
+    jobs = [{"generate": dict(GREEDY, prompts=PROMPTS)}, {"generate": dict(SAMPLED, prompts=PROMPTS)},
+            {"logits": PROMPTS}]
+    greedy, sampled, logits = run_workers(model_dirs[tp], jobs, tensor_para_size=tp, layer_para_size=pp,
+                                          dtype="fp32", layer_para_batch_size=2, timeout_s=240)
+    ref_greedy, ref_sampled, ref_logits = single_process
+    assert greedy.output_ids == ref_greedy.output_ids
+    assert sampled.output_ids == ref_sampled.output_ids
+    assert sampled.output_ids != greedy.output_ids  # the sampled run really sampled
+    for got, ref in zip(logits, ref_logits):
+        assert_rel_close(got, ref, tol=1e-5, what=f"logits T={tp} L={pp}")
+
+
+def test_files_split_for_another_n(model_dirs):
+    with pytest.raises(ParallelError, match="split for tensor_para_size=1, not 2"):
+        run_workers(model_dirs[1], [{"logits": PROMPTS}], tensor_para_size=2, dtype="fp32", timeout_s=120)
+
+
+def test_process_count_mismatch_fails_on_every_rank_without_hanging(model_dirs):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ftlab",
+           "generate", "-m", str(model_dirs[2]), "--input-ids", "1,2", "--max-new-tokens", "2",
+           "--tensor-para-size", "2", "--layer-para-size", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=dict(os.environ))
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"(rank {rank}): error: 2 processes but tensor_para_size=2 x layer_para_size=2 = 4" in proc.stderr
