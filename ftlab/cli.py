@@ -63,11 +63,28 @@ def _add_convert(sub) -> None:
                                                             "resharded from -t_g to -i_g tensor-parallel ranks"))
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="FT's latency grid on the GPU vs HF, a torch.compile peer and the floor")
+    p.add_argument("-m", "--model-dir", type=Path, default=None, help="c-model dir (default: random weights)")
+    p.add_argument("--shape", default="345m", choices=sorted(SHAPES), help="model shape for random weights")
+    p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    p.add_argument("--batch-sizes", default="1,8,32,64")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--no-peer", action="store_true", help="skip the torch.compile peer")
+    p.add_argument("--no-hf", action="store_true", help="skip HF transformers' generate")
+    p.add_argument("--csv", type=Path, default=None, help="CSV to append rows to (default data/bench/bench.csv)")
+
+
+SHAPES = {  # FasterTransformer's benchmark shapes: (heads, size_per_head, layers)
+    "345m": (16, 64, 24), "1.3b": (32, 64, 24), "6.7b": (32, 128, 32), "20b": (48, 128, 44)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftlab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_convert(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -168,6 +185,19 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from . import bench
+    from .config import GPTConfig
+
+    heads, size, layers = SHAPES[args.shape]
+    config = GPTConfig(head_num=heads, size_per_head=size, num_layer=layers, vocab_size=50257, max_pos_seq_len=1024,
+                       model_name=f"gpt-{args.shape}")
+    bench.run(config, args.model_dir, dtype=args.dtype, batches=[int(b) for b in args.batch_sizes.split(",")],
+              repeats=args.repeats, with_peer=not args.no_peer, with_hf=not args.no_hf,
+              csv_path=args.csv or bench.DEFAULT_CSV)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -175,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "convert":
             return cmd_convert(args)
+        if args.command == "bench":
+            return cmd_bench(args)
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         import os
 

@@ -117,19 +117,93 @@ def validate_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, voca
     return out
 
 
+def cache_capacity(prompt_lengths: list[int], max_new_tokens: int, max_pos_seq_len: int) -> int:
+    """KV-cache slots for a batch, rounded up to a multiple of 256 (capped at max_pos_seq_len) so that CUDA graphs
+    captured for one call are reused by calls of similar size; decode attention skips the unused slots."""
+    need = max(prompt_lengths) + max_new_tokens
+    return min(max_pos_seq_len, -(-need // 256) * 256)
+
+
+class DecodeGraph:
+    """The whole decode step (embedding, every block, LM head, sampling) captured once as a CUDA graph over static
+    buffers: one launch per token and no host synchronisation. Kept on the model per (batch, capacity) so that
+    later calls of the same size reuse both the graph and its KV cache."""
+
+    def __init__(self, model: GPT, batch_size: int, capacity: int):
+        dev = model.device
+        self.cache = model.new_kv_cache(batch_size, capacity)
+        self.tokens = torch.zeros(batch_size, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(batch_size, dtype=torch.int32, device=dev)
+        self.steps = torch.zeros(batch_size, dtype=torch.int32, device=dev)
+        self.top_k = torch.ones(batch_size, dtype=torch.int32, device=dev)
+        self.top_p = torch.ones(batch_size, dtype=torch.float32, device=dev)
+        self.temperature = torch.ones(batch_size, dtype=torch.float32, device=dev)
+        self.seeds = torch.zeros(batch_size, dtype=torch.int64, device=dev)
+        self.model = model
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):  # warm-up outside the graph: compiles every kernel variant first
+            self._step()
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out_tokens, self.out_log_probs = self._step()
+
+    def _step(self):
+        logits = self.model.decode(self.tokens, self.positions, self.cache)
+        out = sample(logits, self.top_k, self.top_p, self.temperature, self.seeds, self.steps, return_logprobs=True)
+        self.positions += 1
+        self.steps += 1
+        return out
+
+    def bind(self, params: "RequestParams", positions: torch.Tensor, steps: torch.Tensor) -> None:
+        t = params.tensors
+        for dst, src in ((self.top_k, t["top_k"]), (self.top_p, t["top_p"]), (self.temperature, t["temperature"]),
+                         (self.seeds, t["seeds"]), (self.positions, positions), (self.steps, steps)):
+            dst.copy_(src)
+
+    def run(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.out_tokens.clone(), self.out_log_probs.clone()
+
+
+MAX_GRAPHS_PER_MODEL = 4
+
+
+def decode_graph(model: GPT, batch_size: int, capacity: int) -> DecodeGraph:
+    """The model's captured decode step for this (batch, capacity), capturing it on first use (least recently used
+    ones beyond MAX_GRAPHS_PER_MODEL are dropped with their KV caches). Calls sharing a graph share its cache, so a
+    model runs one CUDA-graph generate() at a time."""
+    graphs = model.graph_cache
+    key = (batch_size, capacity)
+    graph = graphs.pop(key, None) or DecodeGraph(model, batch_size, capacity)
+    graphs[key] = graph  # most recently used last
+    while len(graphs) > MAX_GRAPHS_PER_MODEL:
+        graphs.pop(next(iter(graphs)))
+    return graph
+
+
 class LocalSession:
-    """One generate() call on a single-process model: owns the KV cache, positions and per-request RNG steps.
+    """One generate() call on a single-process model: owns (or borrows from a DecodeGraph) the KV cache, positions
+    and per-request RNG steps.
 
     `first()` runs the context phase and samples the first token of every request; `next(tokens)` feeds each
     request's last token and samples the following one. ftlab.parallel provides the same two methods across ranks.
     """
 
-    def __init__(self, model: GPT, prompts: list[list[int]], max_new_tokens: int, params: RequestParams):
+    def __init__(self, model: GPT, prompts: list[list[int]], max_new_tokens: int, params: RequestParams,
+                 use_cuda_graph: bool | None = None):
         self.model, self.params = model, params
         self.batch = pack_prompts(prompts, model.device)
-        self.cache = model.new_kv_cache(len(prompts), max(self.batch.lengths) + max_new_tokens)
+        B = len(prompts)
+        capacity = cache_capacity(self.batch.lengths, max_new_tokens, model.config.max_pos_seq_len)
+        if use_cuda_graph is None:
+            use_cuda_graph = model.device.type == "cuda"
+        self.graph = decode_graph(model, B, capacity) if use_cuda_graph else None
+        self.cache = self.graph.cache if self.graph is not None else model.new_kv_cache(B, capacity)
         self.positions = torch.tensor(self.batch.lengths, dtype=torch.int32, device=model.device)  # next slot
-        self.steps = torch.zeros(len(prompts), dtype=torch.int32, device=model.device)
+        self.steps = torch.zeros(B, dtype=torch.int32, device=model.device)
 
     def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.params.tensors
@@ -139,57 +213,86 @@ class LocalSession:
 
     def first(self) -> tuple[torch.Tensor, torch.Tensor]:
         b = self.batch
-        return self._sample(self.model.prefill(b.token_ids, b.positions, b.cu_seqlens, b.max_seqlen, self.cache))
+        out = self._sample(self.model.prefill(b.token_ids, b.positions, b.cu_seqlens, b.max_seqlen, self.cache))
+        if self.graph is not None:
+            self.graph.bind(self.params, self.positions, self.steps)
+        return out
 
     def next(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graph is not None:
+            return self.graph.run(tokens)
         logits = self.model.decode(tokens, self.positions, self.cache)
         self.positions += 1
         return self._sample(logits)
 
 
-@torch.no_grad()
-def stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, top_k=1, top_p=1.0,
-           temperature=1.0, random_seed=0, end_id=None, return_log_probs: bool = False) -> Iterator[StepOutput]:
-    """Yield one StepOutput per generated position until every request has produced end_id or max_new_tokens.
-
-    `model` is a GPT, or any engine with `config`, `device` and `open_session(prompts, max_new_tokens, params)`
-    (ftlab.parallel's pipeline/tensor-parallel engine)."""
+def _open(model, prompts, max_new_tokens: int, kwargs: dict):
+    """Validate a batch and open its session: (session, RequestParams, all-False finished flags)."""
     cfg = model.config
     prompts = validate_prompts(prompts, max_new_tokens, cfg.vocab_size, cfg.max_pos_seq_len)
-    B = len(prompts)
-    params = RequestParams.build(B, cfg.vocab_size, model.device, top_k=top_k, top_p=top_p, temperature=temperature,
-                                 random_seed=random_seed, end_id=cfg.end_id if end_id is None else end_id)
-    end = params.tensors["end_id"]
+    params = RequestParams.build(len(prompts), cfg.vocab_size, model.device, top_k=kwargs["top_k"],
+                                 top_p=kwargs["top_p"], temperature=kwargs["temperature"],
+                                 random_seed=kwargs["random_seed"],
+                                 end_id=cfg.end_id if kwargs["end_id"] is None else kwargs["end_id"])
     if hasattr(model, "open_session"):
         session = model.open_session(prompts, max_new_tokens, params)
     else:
         session = LocalSession(model, prompts, max_new_tokens, params)
-    finished = torch.zeros(B, dtype=torch.bool, device=model.device)
+    return session, params, torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
+
+
+@torch.no_grad()
+def stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, top_k=1, top_p=1.0,
+           temperature=1.0, random_seed=0, end_id=None, return_log_probs: bool = False,
+           sync_every: int = 1) -> Iterator[StepOutput]:
+    """Yield one StepOutput per generated position until every request has produced end_id or max_new_tokens.
+
+    `model` is a GPT, or any engine with `config`, `device` and `open_session(prompts, max_new_tokens, params)`
+    (ftlab.parallel's tensor/layer-parallel engine). Tokens are handed to the host every `sync_every` steps:
+    1 streams each token as soon as it exists; larger values avoid a host synchronisation per token (the decode
+    steps then run back to back on the device) at the price of up to sync_every-1 steps past the last end_id."""
+    session, params, finished = _open(model, prompts, max_new_tokens, dict(
+        top_k=top_k, top_p=top_p, temperature=temperature, random_seed=random_seed, end_id=end_id))
+    end = params.tensors["end_id"]
+    B, dev = len(params.top_k), model.device
+    tokens_out = torch.empty(max_new_tokens, B, dtype=torch.int64, device=dev)
+    finished_out = torch.empty(max_new_tokens, B, dtype=torch.bool, device=dev)
+    log_probs_out = torch.empty(max_new_tokens, B, dtype=torch.float32, device=dev)
     tokens, log_probs = session.first()
+    flushed = 0  # steps already handed to the host
     for step in range(max_new_tokens):
-        tokens = torch.where(finished, end, tokens)
-        was_active = ~finished
+        tokens = torch.where(finished, end, tokens)  # finished requests keep emitting end_id
+        log_probs_out[step] = torch.where(finished, 0.0, log_probs)
         finished = finished | (tokens == end)
-        out = StepOutput(step=step, token_ids=tokens.tolist(), finished=finished.tolist())
-        if return_log_probs:
-            out.log_probs = torch.where(was_active, log_probs, 0.0).tolist()
-        yield out
-        if all(out.finished) or step == max_new_tokens - 1:
+        tokens_out[step], finished_out[step] = tokens, finished
+        last = step == max_new_tokens - 1
+        if last or (step + 1) % sync_every == 0:
+            host_tokens = tokens_out[flushed:step + 1].tolist()
+            host_finished = finished_out[flushed:step + 1].tolist()
+            host_log_probs = log_probs_out[flushed:step + 1].tolist() if return_log_probs else None
+            for i, done in enumerate(host_finished):
+                yield StepOutput(step=flushed + i, token_ids=host_tokens[i], finished=done,
+                                 log_probs=host_log_probs[i] if return_log_probs else None)
+                if all(done):
+                    return
+            flushed = step + 1
+        if last:
             return
         tokens, log_probs = session.next(tokens)
 
 
-def generate(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, top_k=1, top_p=1.0,
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, top_k=1, top_p=1.0,
              temperature=1.0, random_seed=0, end_id=None, return_log_probs: bool = False,
              on_step: Callable[[StepOutput], None] | None = None) -> GenerationOutput:
-    """Run `stream` to the end. on_step (optional) sees every StepOutput as it is produced."""
+    """Generate for every request. With on_step, tokens are handed over as they are produced (via `stream`);
+    without it, tokens stay on the device and the host looks at them only every few steps (no sync per token)."""
     prompts = [list(map(int, p)) for p in prompts]
     outputs = [list(p) for p in prompts]
-    done = [False] * len(prompts)
     log_probs: list[list[float]] = [[] for _ in prompts]
-    for step in stream(model, prompts, max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p,
-                       temperature=temperature, random_seed=random_seed, end_id=end_id,
-                       return_log_probs=return_log_probs):
+    kwargs = dict(max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, temperature=temperature,
+                  random_seed=random_seed, end_id=end_id, return_log_probs=return_log_probs)
+    done = [False] * len(prompts)
+    for step in stream(model, prompts, **kwargs, sync_every=1 if on_step is not None else 16):
         if on_step is not None:
             on_step(step)
         for b, token in enumerate(step.token_ids):

@@ -152,6 +152,7 @@ class GPT:
         some = weights.blocks[0].qkv_weight if weights.blocks else (weights.wte if weights.wte is not None
                                                                       else weights.lm_head)
         self.dtype, self.device = some.dtype, some.device
+        self.graph_cache: dict = {}  # ftlab.generate's captured decode steps, by (batch, KV capacity)
 
     # --- construction -----------------------------------------------------------------------------------------
     @classmethod

@@ -13,7 +13,6 @@ same files. Training stops once --time-budget-s seconds have passed (evaluations
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -385,25 +384,26 @@ def load_hf_checkpoint(path: str | Path, dtype=torch.float32, device="cpu") -> G
 # --------------------------------------------------------------------------------------------------- training
 
 
-def autocast_for(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()  # CPU (smoke runs): plain fp32
-
-
 def lm_loss(logits, targets):  # (B, T, V), (B, T) -> mean cross-entropy in nats
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
+def forward_loss(model: GPT2, inputs, targets):
+    # autocast is entered here rather than around the call so torch.compile sees it and can fuse the loss
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=inputs.device.type == "cuda"):
+        logits = model(inputs)
+    return lm_loss(logits, targets)
+
+
 @torch.no_grad()
-def evaluate(model: GPT2, windows: torch.Tensor, batch_size: int, autocast) -> float:
-    """Mean next-token cross-entropy (nats) over all targets of the validation windows."""
+def evaluate(model: GPT2, windows: torch.Tensor, batch_size: int, bf16: bool) -> float:
+    """Mean next-token cross-entropy (nats) over all targets of the validation windows (bf16 autocast on CUDA)."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=windows.device)
     for i in range(0, windows.shape[0], batch_size):
         chunk = windows[i : i + batch_size]
-        with autocast:
+        with torch.autocast(windows.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(chunk[:, :-1])
         total += F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
     model.train(was_training)
@@ -431,9 +431,9 @@ def train(model: GPT2, train_stream: torch.Tensor, val_windows: torch.Tensor, cf
     """Train until the time budget (or max_steps) is spent; leaves the best-validation weights in model."""
     T = model.cfg.n_positions
     tokens_per_step = cfg.batch_size * T
-    autocast = autocast_for(device)
+    bf16 = device.type == "cuda"  # CPU (smoke runs) trains in plain fp32
     optimizer = make_optimizer(model, cfg, device)
-    step_model = torch.compile(model) if cfg.compile else model
+    loss_fn = torch.compile(forward_loss) if cfg.compile else forward_loss
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     curve, best = [], {"val_loss": math.inf, "step": None, "state": None}
 
@@ -455,7 +455,7 @@ def train(model: GPT2, train_stream: torch.Tensor, val_windows: torch.Tensor, cf
         if cfg.max_steps:
             progress = max(progress, step / cfg.max_steps)
         if progress >= next_eval or progress >= 1.0:
-            val_loss = evaluate(model, val_windows, cfg.batch_size, autocast)
+            val_loss = evaluate(model, val_windows, cfg.batch_size, bf16)
             record(step, val_loss=val_loss)
             if val_loss < best["val_loss"]:
                 state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -470,9 +470,7 @@ def train(model: GPT2, train_stream: torch.Tensor, val_windows: torch.Tensor, cf
         for group in optimizer.param_groups:
             group["lr"] = lr
         inputs, targets = sample_batch(train_stream, cfg.batch_size, T, generator)
-        with autocast:
-            logits = step_model(inputs)
-        loss = lm_loss(logits, targets)
+        loss = loss_fn(model, inputs, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -643,6 +641,7 @@ def parse_args(argv):
     ap.add_argument("--n-head", type=int)
     ap.add_argument("--n-positions", type=int)
     ap.add_argument("--max-files", type=int, help="only the first N files (sorted by relative path)")
+    ap.add_argument("--eval-max-tokens", type=int, help="validation tokens scored per evaluation (default 200000)")
     ap.add_argument("--log-every", type=int)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--compile", action="store_true", help="torch.compile the training step (compile time counts)")
@@ -656,7 +655,8 @@ def resolve_configs(args) -> tuple[ModelConfig, TrainConfig]:
                        "n_positions": args.n_positions, "dropout": args.dropout}
     train_overrides = {"time_budget_s": args.time_budget_s, "max_steps": args.max_steps,
                        "batch_size": args.batch_size, "peak_lr": args.lr, "warmup_steps": args.warmup_steps,
-                       "max_files": args.max_files, "log_every": args.log_every, "seed": args.seed}
+                       "max_files": args.max_files, "log_every": args.log_every, "seed": args.seed,
+                       "eval_max_tokens": args.eval_max_tokens}
     model_cfg = dataclasses.replace(model_cfg, **{k: v for k, v in model_overrides.items() if v is not None})
     train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in train_overrides.items() if v is not None})
     if args.compile:
@@ -712,7 +712,7 @@ def main(argv=None) -> dict:
     # write the checkpoint, then measure and sample the shipped fp16 weights in fp32
     save_hf_checkpoint(model, out_dir)
     shipped = load_hf_checkpoint(out_dir, dtype=torch.float32, device=device)
-    final_val_loss = evaluate(shipped, val_windows, train_cfg.batch_size, contextlib.nullcontext())
+    final_val_loss = evaluate(shipped, val_windows, train_cfg.batch_size, bf16=False)
     samples = [{"prompt": p, "completion": greedy_complete(shipped, tokenizer, p, train_cfg.sample_new_tokens,
                                                            device)} for p in SAMPLE_PROMPTS]
     print(f"final: best val_loss {result['best_val_loss']:.4f} (step {result['best_val_step']}); shipped fp16 "

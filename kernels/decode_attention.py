@@ -212,6 +212,9 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         return out
     num_sms = _num_sms(qkv.device.index or 0) if qkv.is_cuda else 132
     blocks = pick_decode_blocks(batch, num_heads, s_max, head_dim, num_sms)
+    if not qkv.is_cuda:
+        # Triton's interpreter pays Python overhead per program and per loop step, not per element: one partition
+        blocks = DecodeBlocks(min(128, triton.next_power_of_2(s_max)), triton.cdiv(s_max, 128), blocks.num_warps)
     num_parts = triton.cdiv(s_max, blocks.part_size)
     part_max = torch.empty((batch, num_heads, num_parts), dtype=torch.float32, device=qkv.device)
     part_sum = torch.empty_like(part_max)

@@ -540,8 +540,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     num_sms = _num_sms(x.device)
     if impl == "gemv":
         cfg = pick_gemv_config(M, N, K, x.dtype, num_sms)
+        if x.device.type == "cpu":
+            # Triton's interpreter pays Python overhead per program and per op, not per element: few wide programs
+            cfg = cfg._replace(block_n=min(triton.next_power_of_2(N), 64), split_k=1)
         return _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg)
     cfg = pick_gemm_config(M, N, K, x.dtype, num_sms)
+    if x.device.type == "cpu":  # as above: fewer, larger tiles under the interpreter
+        cfg = cfg._replace(block_m=min(triton.next_power_of_2(M), 64), block_n=min(triton.next_power_of_2(N), 64),
+                           split_k=1)
     return _run_gemm(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg)
 
 

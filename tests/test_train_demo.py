@@ -137,7 +137,7 @@ def test_split_is_by_file_and_stable():
     train, val = train_demo.split_train_val(paths)
     assert sorted(train + val) == sorted(paths) and not set(train) & set(val)
     assert 0 < len(val) < 50  # about 5% of 400
-    assert train_demo.split_train_val(list(reversed(paths)))[1] == sorted(val, reverse=True)
+    assert set(train_demo.split_train_val(list(reversed(paths)))[1]) == set(val)  # order does not matter
     assert all(train_demo.split_hash(p) < train_demo.VAL_FRACTION for p in val)
     # too few files for the hash rule: the smallest-hash file is validation
     few = ["a.py", "b.py"]

@@ -1,0 +1,279 @@
+"""`ftlab bench`: FasterTransformer's latency grid on one GPU, with the baselines measured in the same process.
+
+For each cell (batch, input length -> output length) it times, on the same random weights:
+  ftlab      generate() end to end (prefill + CUDA-graph decode steps, greedy), the number we optimise;
+  peer       ftlab.reference.ReferenceGPT, plain PyTorch with a static KV cache, decode step compiled with
+             torch.compile(mode="reduce-overhead", fullgraph=True), prefill compiled too: the strongest plain peer;
+  hf         HF transformers' eager GPT2LMHeadModel.generate (when transformers is installed);
+  floor      the physical limit from this run's measured copy bandwidth and matmul rate: every decode step reads all
+             weights and the live KV cache once; the prefill does 2*params*tokens (+ attention) FLOPs or reads the
+             weights, whichever takes longer.
+Rows are appended to a tidy CSV (data/bench/bench.csv by default) with the GPU, date and versions.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import random_ft_tensors
+from .config import GPTConfig, compute_dtype
+from .generate import LocalSession, RequestParams, generate
+from .model import GPT
+from .tokenizer import DATA_DIR
+
+GPT_345M = GPTConfig(head_num=16, size_per_head=64, num_layer=24, vocab_size=50257, max_pos_seq_len=1024,
+                     model_name="gpt-345m")
+GRID_BATCHES = (1, 8, 32, 64)
+GRID_CELLS = ((128, 8), (512, 32))
+DEFAULT_CSV = DATA_DIR / "bench" / "bench.csv"
+
+
+@dataclass
+class Ceilings:
+    bandwidth: float  # bytes/s, device-to-device copy counting bytes read + written
+    matmul: float  # FLOP/s, fp16/bf16 GEMM
+
+
+def measure_ceilings(device, dtype) -> Ceilings:
+    n = 1 << 28  # 512 MB of fp16: far past the L2
+    src = torch.empty(n, dtype=torch.float16, device=device).normal_()
+    dst = torch.empty_like(src)
+    copy_ms = _median_ms(lambda: dst.copy_(src), repeats=20)
+    a = torch.randn(8192, 8192, dtype=dtype, device=device)
+    b = torch.randn(8192, 8192, dtype=dtype, device=device)
+    mm_ms = _median_ms(lambda: a @ b, repeats=10)
+    del src, dst, a, b
+    return Ceilings(bandwidth=2 * n * 2 / (copy_ms * 1e-3), matmul=2 * 8192**3 / (mm_ms * 1e-3))
+
+
+def _time_ms(fn, repeats: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return times
+
+
+def _median_ms(fn, repeats: int) -> float:
+    return statistics.median(_time_ms(fn, repeats, warmup=3))
+
+
+def param_count(config: GPTConfig) -> int:
+    H, I, V, P = config.hidden, config.inter_size, config.vocab_size, config.max_pos_seq_len
+    per_layer = 3 * H * H + 3 * H + H * H + H + H * I + I + I * H + H + 4 * H
+    return config.num_layer * per_layer + V * H + P * H + 2 * H
+
+
+def floor_ms(config: GPTConfig, batch: int, n_in: int, n_out: int, ceil: Ceilings, elem_bytes: int = 2) -> float:
+    """Lower bound of an end-to-end generate: prefill at the matmul rate (or one weight read), then n_out - 1 decode
+    steps each reading every weight and the KV cache written so far."""
+    params = param_count(config)
+    weight_bytes = params * elem_bytes
+    L, H = config.num_layer, config.hidden
+    attn_flops = 2 * 2 * L * batch * H * n_in * n_in / 2  # QK^T and PV, causal half
+    prefill = max((2 * params * batch * n_in + attn_flops) / ceil.matmul, weight_bytes / ceil.bandwidth)
+    decode = 0.0
+    for step in range(1, n_out):
+        kv_bytes = 2 * L * batch * (n_in + step) * H * elem_bytes
+        decode += max((weight_bytes + kv_bytes) / ceil.bandwidth, 2 * params * batch / ceil.matmul)
+    return (prefill + decode) * 1e3
+
+
+def _spread(times: list[float]) -> float:
+    """Half the inter-quartile range relative to the median (a robust +-)."""
+    if len(times) < 4:
+        return (max(times) - min(times)) / 2 / statistics.median(times)
+    q = statistics.quantiles(times, n=4)
+    return (q[2] - q[0]) / 2 / statistics.median(times)
+
+
+def random_prompts(batch: int, n_in: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab - 1, (batch, n_in), generator=g).tolist()
+
+
+class Peer:
+    """The plain-PyTorch twin, compiled the gpt-fast way, with one static cache shape for every cell."""
+
+    def __init__(self, config, ft, dtype, device, capacity: int):
+        from .reference import ReferenceGPT
+
+        self.model = ReferenceGPT(config, ft, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.decode = torch.compile(self.model.decode, mode="reduce-overhead", fullgraph=True)
+        self.prefill = torch.compile(self.model.prefill, dynamic=True)
+        self.caches = {}
+
+    def run(self, prompts: list[list[int]], n_out: int) -> torch.Tensor:
+        B = len(prompts)
+        dev = self.model.device
+        if B not in self.caches:
+            self.caches[B] = self.model.new_kv_cache(B, self.capacity)
+        k_cache, v_cache = self.caches[B]
+        ids = torch.tensor(prompts, device=dev)
+        lengths = torch.full((B,), ids.shape[1], device=dev)
+        logits = self.prefill(ids, lengths, k_cache, v_cache)[:, -1]
+        positions = lengths.clone()
+        out = torch.empty(n_out, B, dtype=torch.int64, device=dev)
+        tokens = logits.argmax(-1)
+        out[0] = tokens
+        for step in range(1, n_out):
+            logits = self.decode(tokens, positions, k_cache, v_cache)
+            positions += 1
+            tokens = logits.argmax(-1)
+            out[step] = tokens
+        return out
+
+
+def decode_step_ms(model: GPT, context: int = 512, batch: int = 1, steps: int = 64) -> list[float]:
+    """Per-token latency of the captured decode step at a given context (what a streaming user waits)."""
+    prompts = random_prompts(batch, context, model.config.vocab_size, seed=1)
+    params = RequestParams.build(batch, model.config.vocab_size, model.device, top_k=1, top_p=1.0, temperature=1.0,
+                                 random_seed=0, end_id=model.config.end_id)
+    session = LocalSession(model, prompts, steps + 1, params)
+    tokens, _ = session.first()
+    for _ in range(3):  # warm-up replays
+        tokens, _ = session.next(tokens)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps - 4):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        tokens, _ = session.next(tokens)
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return times
+
+
+def run(config: GPTConfig | None = None, model_dir=None, *, dtype="fp16", batches=GRID_BATCHES, cells=GRID_CELLS,
+        repeats: int = 10, with_peer: bool = True, with_hf: bool = True, csv_path: Path | None = DEFAULT_CSV,
+        label: str | None = None) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    device = torch.device("cuda")
+    torch_dtype = compute_dtype(dtype)
+    if model_dir is not None:
+        from .checkpoint import load_cmodel
+
+        config, ft = load_cmodel(model_dir)
+    else:
+        config = config or GPT_345M
+        ft = random_ft_tensors(config, dtype=torch_dtype, device=device)
+    model = GPT.from_ft_tensors(config, ft, dtype=dtype, device=device)
+    ceil = measure_ceilings(device, torch_dtype if torch_dtype != torch.float32 else torch.float16)
+    capacity = max(n_in + n_out for n_in, n_out in cells)
+    peer = Peer(config, ft, dtype, device, capacity=-(-capacity // 128) * 128) if with_peer else None
+    hf = _hf_model(config, ft, torch_dtype, device) if with_hf else None
+    del ft
+    common = dict(gpu=torch.cuda.get_device_name(device), date=datetime.date.today().isoformat(),
+                  torch=torch.__version__, triton=_triton_version(), config=label or config.model_name,
+                  layers=config.num_layer, heads=config.head_num, size_per_head=config.size_per_head,
+                  vocab=config.vocab_size, dtype=dtype, tp=1, pp=1)
+    rows = []
+    step = decode_step_ms(model)
+    rows.append(dict(common, cell="decode_step", bs=1, n_in=512, n_out=1, ftlab_ms=statistics.median(step),
+                     ftlab_spread=_spread(step), floor_ms=floor_ms(config, 1, 512, 2, ceil),
+                     peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9))
+    for batch in tqdm(batches, desc="bench batches"):
+        for n_in, n_out in cells:
+            prompts = random_prompts(batch, n_in, config.vocab_size)
+            torch.cuda.reset_peak_memory_stats(device)
+            result = None
+
+            def ours():
+                nonlocal result
+                result = generate(model, prompts, max_new_tokens=n_out)
+
+            t_ours = _time_ms(ours, repeats)
+            row = dict(common, cell="e2e", bs=batch, n_in=n_in, n_out=n_out, ftlab_ms=statistics.median(t_ours),
+                       ftlab_spread=_spread(t_ours), floor_ms=floor_ms(config, batch, n_in, n_out, ceil),
+                       peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9,
+                       full_length=all(n == n_in + n_out for n in result.sequence_length))
+            if peer is not None:
+                t_peer = _time_ms(lambda: peer.run(prompts, n_out), repeats, warmup=2)
+                row.update(peer_ms=statistics.median(t_peer), peer_spread=_spread(t_peer))
+            if hf is not None:
+                ids = torch.tensor(prompts, device=device)
+                t_hf = _time_ms(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                                    max_new_tokens=n_out, min_new_tokens=n_out,
+                                                    pad_token_id=config.end_id), max(2, repeats // 4))
+                row.update(hf_ms=statistics.median(t_hf))
+            rows.append(row)
+    for row in rows:
+        for base in ("peer", "hf", "floor"):
+            if row.get(f"{base}_ms"):
+                row[f"ftlab_vs_{base}"] = row["ftlab_ms"] / row[f"{base}_ms"]
+        row.update(bandwidth_tbps=ceil.bandwidth / 1e12, matmul_tflops=ceil.matmul / 1e12)
+    print_table(rows)
+    if csv_path is not None:
+        append_csv(rows, csv_path)
+    return rows
+
+
+def _hf_model(config, ft, dtype, device):
+    try:
+        import transformers
+    except ImportError:
+        return None
+    from .convert.huggingface import ft_to_hf_state_dict
+
+    hf_config = transformers.GPT2Config(n_embd=config.hidden, n_head=config.head_num, n_layer=config.num_layer,
+                                        vocab_size=config.vocab_size, n_positions=config.max_pos_seq_len,
+                                        n_inner=config.inter_size, layer_norm_epsilon=config.layernorm_eps,
+                                        bos_token_id=config.start_id, eos_token_id=config.end_id)
+    model = transformers.GPT2LMHeadModel(hf_config).to(device=device, dtype=dtype).eval()
+    model.load_state_dict({k: v.to(dtype) for k, v in ft_to_hf_state_dict(ft, config).items()}, strict=False)
+    return model
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+COLUMNS = ["gpu", "date", "torch", "triton", "config", "layers", "heads", "size_per_head", "vocab", "dtype", "tp",
+           "pp", "cell", "bs", "n_in", "n_out", "ftlab_ms", "ftlab_spread", "peer_ms", "peer_spread", "hf_ms",
+           "floor_ms", "ftlab_vs_peer", "ftlab_vs_hf", "ftlab_vs_floor", "peak_mem_gb", "full_length",
+           "bandwidth_tbps", "matmul_tflops"]
+
+
+def append_csv(rows: list[dict], path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def print_table(rows: list[dict]) -> None:
+    def fmt(v, spec=".3f"):
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+    print(f"{rows[0]['gpu']}  {rows[0]['config']}  {rows[0]['dtype']}  tp={rows[0]['tp']} pp={rows[0]['pp']}  "
+          f"copy {rows[0]['bandwidth_tbps']:.2f} TB/s  matmul {rows[0]['matmul_tflops']:.0f} TFLOP/s")
+    print(f"{'cell':>12} {'bs':>3} {'in->out':>8} {'ftlab ms':>10} {'+-':>5} {'peer ms':>9} {'hf ms':>9} "
+          f"{'floor ms':>9} {'x peer':>7} {'x floor':>7}")
+    for r in rows:
+        print(f"{r['cell']:>12} {r['bs']:>3} {str(r['n_in']) + '->' + str(r['n_out']):>8} {fmt(r['ftlab_ms']):>10} "
+              f"{fmt(r['ftlab_spread'] * 100, '.0f') + '%':>5} {fmt(r.get('peer_ms')):>9} {fmt(r.get('hf_ms'), '.1f'):>9} "
+              f"{fmt(r.get('floor_ms')):>9} {fmt(r.get('ftlab_vs_peer'), '.2f'):>7} "
+              f"{fmt(r.get('ftlab_vs_floor'), '.2f'):>7}")
