@@ -237,22 +237,24 @@ def _open(model, prompts, max_new_tokens: int, kwargs: dict):
     if hasattr(model, "open_session"):
         session = model.open_session(prompts, max_new_tokens, params)
     else:
-        session = LocalSession(model, prompts, max_new_tokens, params)
+        session = LocalSession(model, prompts, max_new_tokens, params, use_cuda_graph=kwargs.get("use_cuda_graph"))
     return session, params, torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
 
 
 @torch.no_grad()
 def stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, top_k=1, top_p=1.0,
            temperature=1.0, random_seed=0, end_id=None, return_log_probs: bool = False,
-           sync_every: int = 1) -> Iterator[StepOutput]:
+           sync_every: int = 1, use_cuda_graph: bool | None = None) -> Iterator[StepOutput]:
     """Yield one StepOutput per generated position until every request has produced end_id or max_new_tokens.
 
     `model` is a GPT, or any engine with `config`, `device` and `open_session(prompts, max_new_tokens, params)`
     (ftlab.parallel's tensor/layer-parallel engine). Tokens are handed to the host every `sync_every` steps:
     1 streams each token as soon as it exists; larger values avoid a host synchronisation per token (the decode
-    steps then run back to back on the device) at the price of up to sync_every-1 steps past the last end_id."""
+    steps then run back to back on the device) at the price of up to sync_every-1 steps past the last end_id.
+    use_cuda_graph: replay the decode step as one CUDA graph (default: on a GPU); False runs kernel by kernel."""
     session, params, finished = _open(model, prompts, max_new_tokens, dict(
-        top_k=top_k, top_p=top_p, temperature=temperature, random_seed=random_seed, end_id=end_id))
+        top_k=top_k, top_p=top_p, temperature=temperature, random_seed=random_seed, end_id=end_id,
+        use_cuda_graph=use_cuda_graph))
     end = params.tensors["end_id"]
     B, dev = len(params.top_k), model.device
     tokens_out = torch.empty(max_new_tokens, B, dtype=torch.int64, device=dev)
@@ -283,14 +285,16 @@ def stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, top_
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, top_k=1, top_p=1.0,
              temperature=1.0, random_seed=0, end_id=None, return_log_probs: bool = False,
-             on_step: Callable[[StepOutput], None] | None = None) -> GenerationOutput:
+             on_step: Callable[[StepOutput], None] | None = None,
+             use_cuda_graph: bool | None = None) -> GenerationOutput:
     """Generate for every request. With on_step, tokens are handed over as they are produced (via `stream`);
     without it, tokens stay on the device and the host looks at them only every few steps (no sync per token)."""
     prompts = [list(map(int, p)) for p in prompts]
     outputs = [list(p) for p in prompts]
     log_probs: list[list[float]] = [[] for _ in prompts]
     kwargs = dict(max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, temperature=temperature,
-                  random_seed=random_seed, end_id=end_id, return_log_probs=return_log_probs)
+                  random_seed=random_seed, end_id=end_id, return_log_probs=return_log_probs,
+                  use_cuda_graph=use_cuda_graph)
     done = [False] * len(prompts)
     for step in stream(model, prompts, **kwargs, sync_every=1 if on_step is not None else 16):
         if on_step is not None:

@@ -116,3 +116,16 @@ def test_cli_missing_file_is_named(model_dir, tmp_path, capsys):
     (broken / "model.wpe.bin").unlink()
     assert main(["generate", "-m", str(broken), "--input-ids", "1", "--max-new-tokens", "4"]) == 2
     assert "model.wpe.bin: missing file" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_cuda_graph_on_and_off_agree(model):
+    prompts = [[1, 2, 3], [7], [4, 4, 4, 4]]
+    kwargs = dict(max_new_tokens=12, top_k=[1, 0, 5], top_p=[1.0, 0.9, 1.0], random_seed=[3, 4, 5],
+                  return_log_probs=True)
+    on = generate(model, prompts, use_cuda_graph=True, **kwargs)
+    off = generate(model, prompts, use_cuda_graph=False, **kwargs)
+    again = generate(model, prompts, use_cuda_graph=True, **kwargs)  # reuses the captured graph and its cache
+    assert on.output_ids == off.output_ids == again.output_ids
+    for a, b in zip(on.output_log_probs, off.output_log_probs):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
