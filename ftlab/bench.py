@@ -16,6 +16,7 @@ import csv
 import datetime
 import math
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,23 +116,21 @@ class Peer:
         self.capacity = capacity
         self.decode = torch.compile(self.model.decode, mode="reduce-overhead", fullgraph=True)
         self.prefill = torch.compile(self.model.prefill, dynamic=True)
-        self.caches = {}
 
     def run(self, prompts: list[list[int]], n_out: int) -> torch.Tensor:
         B = len(prompts)
         dev = self.model.device
-        if B not in self.caches:
-            self.caches[B] = self.model.new_kv_cache(B, self.capacity)
-        k_cache, v_cache = self.caches[B]
+        if self.model.cache is None or self.model.cache.k.shape[1] != B:
+            self.model.setup_cache(B, self.capacity)  # a new batch size recompiles (static shapes, like gpt-fast)
         ids = torch.tensor(prompts, device=dev)
         lengths = torch.full((B,), ids.shape[1], device=dev)
-        logits = self.prefill(ids, lengths, k_cache, v_cache)[:, -1]
+        logits = self.prefill(ids, lengths)[:, -1]
         positions = lengths.clone()
         out = torch.empty(n_out, B, dtype=torch.int64, device=dev)
         tokens = logits.argmax(-1)
         out[0] = tokens
         for step in range(1, n_out):
-            logits = self.decode(tokens, positions, k_cache, v_cache)
+            logits = self.decode(tokens, positions)
             positions += 1
             tokens = logits.argmax(-1)
             out[step] = tokens
@@ -162,7 +161,6 @@ def decode_step_ms(model: GPT, context: int = 512, batch: int = 1, steps: int = 
 def run(config: GPTConfig | None = None, model_dir=None, *, dtype="fp16", batches=GRID_BATCHES, cells=GRID_CELLS,
         repeats: int = 10, with_peer: bool = True, with_hf: bool = True, csv_path: Path | None = DEFAULT_CSV,
         label: str | None = None) -> list[dict]:
-    from tqdm.auto import tqdm
 
     device = torch.device("cuda")
     torch_dtype = compute_dtype(dtype)
@@ -184,11 +182,24 @@ def run(config: GPTConfig | None = None, model_dir=None, *, dtype="fp16", batche
                   layers=config.num_layer, heads=config.head_num, size_per_head=config.size_per_head,
                   vocab=config.vocab_size, dtype=dtype, tp=1, pp=1)
     rows = []
+
+    def done(row):  # print and save each row as soon as it exists: a long run killed midway keeps its rows
+        for base in ("peer", "hf", "floor"):
+            if row.get(f"{base}_ms"):
+                row[f"ftlab_vs_{base}"] = row["ftlab_ms"] / row[f"{base}_ms"]
+        row.update(bandwidth_tbps=ceil.bandwidth / 1e12, matmul_tflops=ceil.matmul / 1e12)
+        if not rows:
+            print_header(row)
+        rows.append(row)
+        print_row(row)
+        if csv_path is not None:
+            append_csv([row], csv_path)
+
     step = decode_step_ms(model)
-    rows.append(dict(common, cell="decode_step", bs=1, n_in=512, n_out=1, ftlab_ms=statistics.median(step),
-                     ftlab_spread=_spread(step), floor_ms=floor_ms(config, 1, 512, 2, ceil),
-                     peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9))
-    for batch in tqdm(batches, desc="bench batches"):
+    done(dict(common, cell="decode_step", bs=1, n_in=512, n_out=1, ftlab_ms=statistics.median(step),
+              ftlab_spread=_spread(step), floor_ms=floor_ms(config, 1, 512, 2, ceil),
+              peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9))
+    for batch in batches:
         for n_in, n_out in cells:
             prompts = random_prompts(batch, n_in, config.vocab_size)
             torch.cuda.reset_peak_memory_stats(device)
@@ -212,15 +223,58 @@ def run(config: GPTConfig | None = None, model_dir=None, *, dtype="fp16", batche
                                                     max_new_tokens=n_out, min_new_tokens=n_out,
                                                     pad_token_id=config.end_id), max(2, repeats // 4))
                 row.update(hf_ms=statistics.median(t_hf))
+            done(row)
+    return rows
+
+
+def run_parallel(model_dir, *, tensor_para_size: int, layer_para_size: int, dtype="fp16", batches=(1, 8),
+                 cells=GRID_CELLS, repeats: int = 10, csv_path: Path | None = DEFAULT_CSV, label: str | None = None,
+                 tokens_path: Path | None = None) -> list[dict]:
+    """Under torchrun: FT's grid for a T x L split of a c-model (ftlab only: the peers are single-GPU).
+    Every rank runs the same calls; rank 0 prints and saves. tokens_path: rank 0 also writes the greedy output ids
+    of every cell as JSON, so splits can be compared token for token."""
+    import json
+
+    import torch.distributed as dist
+
+    from .parallel import ParallelEngine
+
+    engine = ParallelEngine(model_dir, tensor_para_size=tensor_para_size, layer_para_size=layer_para_size,
+                            dtype=dtype)
+    config, device, rank = engine.config, engine.device, engine.layout.rank
+    common = dict(gpu=torch.cuda.get_device_name(device), date=datetime.date.today().isoformat(),
+                  torch=torch.__version__, triton=_triton_version(), config=label or config.model_name,
+                  layers=config.num_layer, heads=config.head_num, size_per_head=config.size_per_head,
+                  vocab=config.vocab_size, dtype=dtype, tp=tensor_para_size, pp=layer_para_size)
+    rows, tokens = [], {}
+    for batch in batches:
+        for n_in, n_out in cells:
+            prompts = random_prompts(batch, n_in, config.vocab_size)
+            torch.cuda.reset_peak_memory_stats(device)
+            times = []
+            for i in range(repeats + 1):  # the first call captures graphs / compiles: not timed
+                if dist.is_initialized():
+                    dist.barrier()
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                result = generate(engine, prompts, max_new_tokens=n_out)
+                torch.cuda.synchronize()
+                if i:
+                    times.append((time.perf_counter() - start) * 1e3)
+            tokens[f"bs{batch}_{n_in}_{n_out}"] = result.output_ids
+            row = dict(common, cell="e2e", bs=batch, n_in=n_in, n_out=n_out, ftlab_ms=statistics.median(times),
+                       ftlab_spread=_spread(times), peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9,
+                       full_length=all(n == n_in + n_out for n in result.sequence_length),
+                       bandwidth_tbps=float("nan"), matmul_tflops=float("nan"))
+            if rank == 0:
+                if not rows:
+                    print_header(row)
+                print_row(row)
+                if csv_path is not None:
+                    append_csv([row], csv_path)
             rows.append(row)
-    for row in rows:
-        for base in ("peer", "hf", "floor"):
-            if row.get(f"{base}_ms"):
-                row[f"ftlab_vs_{base}"] = row["ftlab_ms"] / row[f"{base}_ms"]
-        row.update(bandwidth_tbps=ceil.bandwidth / 1e12, matmul_tflops=ceil.matmul / 1e12)
-    print_table(rows)
-    if csv_path is not None:
-        append_csv(rows, csv_path)
+    if rank == 0 and tokens_path is not None:
+        Path(tokens_path).write_text(json.dumps(tokens))
     return rows
 
 
@@ -264,16 +318,19 @@ def append_csv(rows: list[dict], path: Path) -> None:
             writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def print_table(rows: list[dict]) -> None:
-    def fmt(v, spec=".3f"):
-        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+def _fmt(v, spec=".3f"):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
-    print(f"{rows[0]['gpu']}  {rows[0]['config']}  {rows[0]['dtype']}  tp={rows[0]['tp']} pp={rows[0]['pp']}  "
-          f"copy {rows[0]['bandwidth_tbps']:.2f} TB/s  matmul {rows[0]['matmul_tflops']:.0f} TFLOP/s")
+
+def print_header(r: dict) -> None:
+    print(f"{r['gpu']}  {r['config']}  {r['dtype']}  tp={r['tp']} pp={r['pp']}  "
+          f"copy {r['bandwidth_tbps']:.2f} TB/s  matmul {r['matmul_tflops']:.0f} TFLOP/s")
     print(f"{'cell':>12} {'bs':>3} {'in->out':>8} {'ftlab ms':>10} {'+-':>5} {'peer ms':>9} {'hf ms':>9} "
-          f"{'floor ms':>9} {'x peer':>7} {'x floor':>7}")
-    for r in rows:
-        print(f"{r['cell']:>12} {r['bs']:>3} {str(r['n_in']) + '->' + str(r['n_out']):>8} {fmt(r['ftlab_ms']):>10} "
-              f"{fmt(r['ftlab_spread'] * 100, '.0f') + '%':>5} {fmt(r.get('peer_ms')):>9} {fmt(r.get('hf_ms'), '.1f'):>9} "
-              f"{fmt(r.get('floor_ms')):>9} {fmt(r.get('ftlab_vs_peer'), '.2f'):>7} "
-              f"{fmt(r.get('ftlab_vs_floor'), '.2f'):>7}")
+          f"{'floor ms':>9} {'x peer':>7} {'x floor':>7}", flush=True)
+
+
+def print_row(r: dict) -> None:
+    print(f"{r['cell']:>12} {r['bs']:>3} {str(r['n_in']) + '->' + str(r['n_out']):>8} {_fmt(r['ftlab_ms']):>10} "
+          f"{_fmt(r['ftlab_spread'] * 100, '.0f') + '%':>5} {_fmt(r.get('peer_ms')):>9} "
+          f"{_fmt(r.get('hf_ms'), '.1f'):>9} {_fmt(r.get('floor_ms')):>9} {_fmt(r.get('ftlab_vs_peer'), '.2f'):>7} "
+          f"{_fmt(r.get('ftlab_vs_floor'), '.2f'):>7}", flush=True)

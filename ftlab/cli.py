@@ -73,6 +73,12 @@ def _add_bench(sub) -> None:
     p.add_argument("--no-peer", action="store_true", help="skip the torch.compile peer")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers' generate")
     p.add_argument("--csv", type=Path, default=None, help="CSV to append rows to (default data/bench/bench.csv)")
+    p.add_argument("--tensor-para-size", type=int, default=1, help="under torchrun: T (needs -m split for T)")
+    p.add_argument("--layer-para-size", type=int, default=1, help="under torchrun: L pipeline stages")
+    p.add_argument("--tokens-json", type=Path, default=None, help="parallel runs: write greedy output ids here")
+    p.add_argument("--write-random-cmodel", type=Path, default=None, metavar="OUT_DIR",
+                   help="only write random fp16 weights of --shape as OUT_DIR/<N>-gpu for each N in --splits")
+    p.add_argument("--splits", default="1,2", help="tensor_para_size values for --write-random-cmodel")
 
 
 SHAPES = {  # FasterTransformer's benchmark shapes: (heads, size_per_head, layers)
@@ -186,12 +192,30 @@ def cmd_convert(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    import os
+
     from . import bench
     from .config import GPTConfig
 
     heads, size, layers = SHAPES[args.shape]
     config = GPTConfig(head_num=heads, size_per_head=size, num_layer=layers, vocab_size=50257, max_pos_seq_len=1024,
                        model_name=f"gpt-{args.shape}")
+    if args.write_random_cmodel is not None:
+        from .checkpoint import random_ft_tensors, write_cmodel
+
+        weights = random_ft_tensors(config)
+        for n in (int(x) for x in args.splits.split(",")):
+            print("wrote", write_cmodel(args.write_random_cmodel, config, weights, tensor_para_size=n,
+                                        weight_data_type="fp16", force=True, progress=True))
+        return 0
+    if args.tensor_para_size * args.layer_para_size > 1 or "WORLD_SIZE" in os.environ:
+        if args.model_dir is None:
+            raise ValueError("a parallel bench reads its shards from -m MODEL_DIR (convert or write one first)")
+        bench.run_parallel(args.model_dir, tensor_para_size=args.tensor_para_size,
+                           layer_para_size=args.layer_para_size, dtype=args.dtype,
+                           batches=[int(b) for b in args.batch_sizes.split(",")], repeats=args.repeats,
+                           csv_path=args.csv or bench.DEFAULT_CSV, tokens_path=args.tokens_json)
+        return 0
     bench.run(config, args.model_dir, dtype=args.dtype, batches=[int(b) for b in args.batch_sizes.split(",")],
               repeats=args.repeats, with_peer=not args.no_peer, with_hf=not args.no_hf,
               csv_path=args.csv or bench.DEFAULT_CSV)

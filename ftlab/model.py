@@ -221,7 +221,12 @@ class GPT:
     def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(M, H) last hidden states -> (M, V) logits: final LayerNorm folded into the LM-head GEMM."""
         w = self.weights
-        return linear(x, w.lm_head, None, ln_weight=w.lnf_weight, ln_bias=w.lnf_bias, ln_eps=self.config.layernorm_eps)
+        # On a CPU the kernels run in Triton's interpreter, which needs seconds per token for a 50k-row LM head:
+        # there (only) the same GEMM + LayerNorm prologue runs through torch. The Triton path of this exact call is
+        # tested on its own (tests/kernels/test_linear.py) and is what runs on a GPU.
+        impl = "torch" if x.device.type == "cpu" else None
+        return linear(x, w.lm_head, None, ln_weight=w.lnf_weight, ln_bias=w.lnf_bias, ln_eps=self.config.layernorm_eps,
+                      impl=impl)
 
     # --- whole model (single stage) -----------------------------------------------------------------------------
     def prefill(self, token_ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,

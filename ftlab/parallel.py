@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from .checkpoint import load_cmodel, resolve_model_dir
 from .config import GPTConfig, compute_dtype
-from .generate import GenerationOutput, RequestParams, generate
+from .generate import GenerationOutput, LocalSession, RequestParams, generate
 from .kernels.sampling import sample
 from .model import GPT, device_weights, pack_prompts
 
@@ -130,7 +130,12 @@ class ParallelEngine:
                 dist.all_reduce(x, group=group)
         self.model = GPT(self.config, weights, tp_size=lay.tp, tp_rank=lay.tp_rank, all_reduce=all_reduce)
 
-    def open_session(self, prompts, max_new_tokens, params: RequestParams) -> "PipelineSession":
+    def open_session(self, prompts, max_new_tokens, params: RequestParams):
+        if self.layout.pp == 1:
+            # one stage: every tensor-parallel rank holds the same all-reduced logits and samples the same tokens
+            # (same seeds, same kernels), so the single-process session runs as is, CUDA graph included (the
+            # all-reduces are captured with the rest of the decode step)
+            return LocalSession(self.model, prompts, max_new_tokens, params)
         return PipelineSession(self, prompts, max_new_tokens, params)
 
     @torch.no_grad()

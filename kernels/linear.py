@@ -542,7 +542,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         cfg = pick_gemv_config(M, N, K, x.dtype, num_sms)
         if x.device.type == "cpu":
             # Triton's interpreter pays Python overhead per program and per op, not per element: few wide programs
-            cfg = cfg._replace(block_n=min(triton.next_power_of_2(N), 64), split_k=1)
+            # (a block may hold at most 2**20 elements)
+            widest = max(4, (1 << 20) // (cfg.block_m * cfg.lanes * cfg.vec))
+            cfg = cfg._replace(block_n=min(triton.next_power_of_2(N), widest), split_k=1)
         return _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg)
     cfg = pick_gemm_config(M, N, K, x.dtype, num_sms)
     if x.device.type == "cpu":  # as above: fewer, larger tiles under the interpreter

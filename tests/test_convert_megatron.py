@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from ftlab.model import GPT
 from ftlab.checkpoint import load_cmodel
 from ftlab.config import GPTConfig
 from ftlab.convert import megatron
@@ -57,9 +58,7 @@ def assert_tensors_equal_hf(out_dir, hf, *, padded_vocab=None):
 
 
 def assert_logits_equal_hf(out_dir, hf, lengths=(1, 6, 11)):
-    from ftlab.model import GPT  # imported here: the model's kernels may still be in progress
-
-    model = GPT.from_cmodel(out_dir, dtype="fp32", device="cpu")
+    model = GPT.from_cmodel(out_dir, dtype="fp32")  # the GPU when there is one, else the Triton interpreter
     vocab = hf.config.vocab_size
     prompts = [torch.randint(0, vocab, (n,)).tolist() for n in lengths]
     for prompt, got in zip(prompts, model.logits(prompts)):

@@ -95,7 +95,8 @@ def test_eps_is_used(device):
     # constant rows: variance 0, so the deviations are exactly 0 and y = bias (no 0/0)
     x = torch.full((2, 9), 3.0, device=device) + torch.arange(2, device=device)[:, None]
     weight, bias = torch.randn(9, device=device), torch.randn(9, device=device)
-    torch.testing.assert_close(layernorm(x, weight, bias, 1e-5), bias.expand(2, 9))
+    # (the mean is sum * (1/N): 1/9 is inexact, leaving deviations ~1e-7 that rstd = 316 scales to ~1e-5 on the GPU)
+    torch.testing.assert_close(layernorm(x, weight, bias, 1e-5), bias.expand(2, 9), rtol=0, atol=1e-4)
     # a large eps visibly shrinks the normalised values (std ~2: rstd changes by ~6%)
     x, weight, bias = _inputs(3, 16, torch.float32, device)
     assert_rel_close(layernorm(x, weight, bias, 0.5), _ref64(x, weight, bias, 0.5), torch.float32)
