@@ -158,6 +158,29 @@ def decode_step_ms(model: GPT, context: int = 512, batch: int = 1, steps: int = 
     return times
 
 
+def profile_decode_step(config: GPTConfig = GPT_345M, *, batch: int = 1, context: int = 512, dtype="fp16",
+                        steps: int = 20) -> str:
+    """Per-kernel GPU time of the decode step (run kernel by kernel, not as a graph, so each launch is visible)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device("cuda")
+    model = GPT.from_ft_tensors(config, random_ft_tensors(config, dtype=compute_dtype(dtype), device=device),
+                                dtype=dtype, device=device)
+    prompts = random_prompts(batch, context, config.vocab_size, seed=1)
+    params = RequestParams.build(batch, config.vocab_size, device, top_k=1, top_p=1.0, temperature=1.0,
+                                 random_seed=0, end_id=config.end_id)
+    session = LocalSession(model, prompts, steps + 8, params, use_cuda_graph=False)
+    tokens, _ = session.first()
+    for _ in range(3):
+        tokens, _ = session.next(tokens)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            tokens, _ = session.next(tokens)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+
+
 def run(config: GPTConfig | None = None, model_dir=None, *, dtype="fp16", batches=GRID_BATCHES, cells=GRID_CELLS,
         repeats: int = 10, with_peer: bool = True, with_hf: bool = True, csv_path: Path | None = DEFAULT_CSV,
         label: str | None = None) -> list[dict]:
@@ -196,8 +219,10 @@ def run(config: GPTConfig | None = None, model_dir=None, *, dtype="fp16", batche
             append_csv([row], csv_path)
 
     step = decode_step_ms(model)
+    weight_bytes = param_count(config) * torch.finfo(torch_dtype).bits // 8
+    kv_bytes = 2 * config.num_layer * 512 * config.hidden * torch.finfo(torch_dtype).bits // 8
     done(dict(common, cell="decode_step", bs=1, n_in=512, n_out=1, ftlab_ms=statistics.median(step),
-              ftlab_spread=_spread(step), floor_ms=floor_ms(config, 1, 512, 2, ceil),
+              ftlab_spread=_spread(step), floor_ms=(weight_bytes + kv_bytes) / ceil.bandwidth * 1e3,
               peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9))
     for batch in batches:
         for n_in, n_out in cells:

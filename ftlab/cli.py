@@ -79,6 +79,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--write-random-cmodel", type=Path, default=None, metavar="OUT_DIR",
                    help="only write random fp16 weights of --shape as OUT_DIR/<N>-gpu for each N in --splits")
     p.add_argument("--splits", default="1,2", help="tensor_para_size values for --write-random-cmodel")
+    p.add_argument("--profile-decode", action="store_true",
+                   help="only print the per-kernel GPU time of a bs1 decode step at context 512 (--shape)")
 
 
 SHAPES = {  # FasterTransformer's benchmark shapes: (heads, size_per_head, layers)
@@ -200,6 +202,9 @@ def cmd_bench(args) -> int:
     heads, size, layers = SHAPES[args.shape]
     config = GPTConfig(head_num=heads, size_per_head=size, num_layer=layers, vocab_size=50257, max_pos_seq_len=1024,
                        model_name=f"gpt-{args.shape}")
+    if args.profile_decode:
+        print(bench.profile_decode_step(config, dtype=args.dtype))
+        return 0
     if args.write_random_cmodel is not None:
         from .checkpoint import random_ft_tensors, write_cmodel
 
