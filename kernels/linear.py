@@ -7,7 +7,7 @@ x.dtype. activation None or "gelu" (tanh approximation). With ln_weight/ln_bias 
 of x (row statistics over K in fp32): the LayerNorm that precedes QKV and FC1 in a GPT block costs no extra pass.
 
 Three implementations, picked by `linear_impl_for(M, N, K)` or forced with impl=:
-  "gemv"  M <= GEMV_MAX_M (decode). Streams the weight once: each program owns BLOCK_N output features (rows of
+  "gemv"  small M (decode). Streams the weight once: each program owns BLOCK_N output features (rows of
           weight, contiguous along K) for BLOCK_M rows of x and walks K in chunks of one 16-byte vector per thread
           and weight row (1024 fp16 per chunk at 4 warps), fp32 FMAs on CUDA cores (at a few rows the GEMM is
           purely bandwidth bound) into per-thread partial sums; the loop has no barriers or shuffles (4-D tiles,
@@ -20,8 +20,8 @@ Three implementations, picked by `linear_impl_for(M, N, K)` or forced with impl=
           so row-blocks that run together share weight tiles in L2, the same epilogue, the LN prologue applied to
           each loaded x tile (per-row mean/rstd come from a cheap pre-pass kernel), and split-K when the tiles
           cannot fill the GPU.
-  "torch" F.layer_norm + F.linear (cuBLAS) + the epilogue in torch: the baseline, and the default for
-          M >= TORCH_MIN_M when that is set (from the benchmark numbers).
+  "torch" F.layer_norm + F.linear (cuBLAS) + the epilogue in torch: the baseline, and the default where the
+          benchmark measured it faster (M > GEMV_MAX_M with N a multiple of 8; see linear_impl_for).
 Block sizes come from small heuristics of the shapes (no autotuning, so everything also runs in the interpreter);
 `python -m ftlab.kernels.linear` times all three paths (--sweep also tries other block sizes).
 """
@@ -39,12 +39,14 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACTIVATIONS = (None, "gelu")
 _IMPLS = (None, "gemv", "gemm", "torch")
 
-# Default dispatch (tune from the benchmark): M <= GEMV_MAX_M -> "gemv"; M >= TORCH_MIN_M -> "torch" when set;
-# otherwise "gemm". The gemv kernel spends about one fp32 FMA per weight element and row, so somewhere beyond a
-# handful of rows it turns compute bound while the tensor-core gemm (16-row tiles, split-K) does not; 8 is a
-# first guess to be replaced by the crossover measured with `python -m ftlab.kernels.linear`.
-GEMV_MAX_M = 8
-TORCH_MIN_M: Optional[int] = None
+# Default dispatch, measured with `python -m ftlab.kernels.linear` on an H200 (fp16, CUDA-graph timings, weights
+# streamed from HBM; 2026-11-29, data/bench/linear_bench.csv), GPT-345M shapes:
+#  - M = 1: the gemv beats cuBLAS 1.2-3.5x (2.9-6.3 us per decode GEMM); by M = 8 cuBLAS is as fast or faster
+#    (the gemv spends one fp32 FMA per weight element and row on CUDA cores), so the gemv stops at M = 4;
+#  - above that, cuBLAS beats the Triton gemm 1.3-2x when N is a multiple of 8, even with the epilogue as separate
+#    torch ops; but cuBLAS is slow for odd N, e.g. the 50257-row LM head (M = 64: 135 us vs 33 us for the gemm;
+#    M = 512: 562 vs 129 us), where the gemm (with its LN prologue) wins.
+GEMV_MAX_M = 4
 # Split-K aims for at least this many programs per SM before it splits (gemv) / fills one wave (gemm).
 _GEMV_PROGRAMS_PER_SM = 2
 _DEFAULT_SM_COUNT = 132  # H200; used where no CUDA device is visible (interpreter)
@@ -515,12 +517,11 @@ def _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias
 
 
 def linear_impl_for(M: int, N: int, K: int) -> str:
-    """The default dispatch: "gemv" for M <= GEMV_MAX_M, "torch" for M >= TORCH_MIN_M (if set), else "gemm"."""
+    """The default dispatch (see GEMV_MAX_M): "gemv" for M <= GEMV_MAX_M; else "gemm" when N is not a multiple of 8
+    (cuBLAS's slow case), "torch" (cuBLAS) otherwise."""
     if M <= GEMV_MAX_M:
         return "gemv"
-    if TORCH_MIN_M is not None and M >= TORCH_MIN_M:
-        return "torch"
-    return "gemm"
+    return "gemm" if N % 8 else "torch"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
@@ -626,7 +627,7 @@ def _benchmark() -> None:
     dtype = torch.float16
     num_sms = _num_sms(torch.device(_BENCH_DEVICE))
     rows = []
-    print(f"fp16, CUDA-graph timings, weights streamed from HBM; GEMV_MAX_M={GEMV_MAX_M} TORCH_MIN_M={TORCH_MIN_M}")
+    print(f"fp16, CUDA-graph timings, weights streamed from HBM; GEMV_MAX_M={GEMV_MAX_M}")
     print(f"{'K':>5} {'N':>6} {'M':>5} {'variant':<13} {'pick':<5} {'gemv us':>8} {'gemm us':>8} {'torch us':>9} "
           f"{'best':<5} {'pick GB/s':>9} {'pick TF/s':>9} {'torch/pick':>10}")
     for K, N in _BENCH_SHAPES:
