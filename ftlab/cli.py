@@ -32,6 +32,8 @@ def _add_generate(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", nargs="+", help="one or more prompts (a batch)")
     src.add_argument("--input-ids", type=_parse_input_ids, help='token ids, e.g. "1,2,3;4,5" for two requests')
+    p.add_argument("--no-start-id", action="store_true",
+                   help="do not put the model's start_id (GPT-2: <|endoftext|>) before each --prompt text")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--top-k", type=int, default=1, help="top-k (FT candidate_num); 1 = greedy, 0 = no limit")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus probability in (0, 1]; 1 = no limit")
@@ -142,13 +144,15 @@ def cmd_generate(args) -> int:
         if tokenizer is None:
             raise ValueError(f"{model_dir}: no tokenizer files (vocab.json + merges.txt) for --prompt; "
                              f"use --input-ids")
-        prompts = [tokenizer.encode(text) for text in args.prompt]
+        # GPT-2-style models see <|endoftext|> between documents: after it, a prompt reads as the start of a file
+        start = [] if args.no_start_id else [model.config.start_id]
+        prompts = [start + tokenizer.encode(text) for text in args.prompt]
     else:
         prompts = args.input_ids
 
     def show(step):
         if tokenizer is not None:
-            print(tokenizer.decode(step.token_ids[:1]), end="", flush=True)
+            print(tokenizer.decode(step.token_ids[:1], skip_special_tokens=True), end="", flush=True)
         else:
             print(step.token_ids[0], end=" ", flush=True)
 
@@ -163,7 +167,8 @@ def cmd_generate(args) -> int:
                       on_step=show if streaming else None)
     if not printing:
         return 0
-    texts = [tokenizer.decode(ids) for ids in result.output_ids] if tokenizer is not None else None
+    texts = ([tokenizer.decode(ids, skip_special_tokens=True) for ids in result.output_ids]
+             if tokenizer is not None else None)
     if args.json:
         out = {"output_ids": result.output_ids, "sequence_length": result.sequence_length}
         if texts is not None:

@@ -26,8 +26,14 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._bpe.encode(text).ids
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        if skip_special_tokens:  # the byte-level BPE files carry no special-token list: <|endoftext|> is GPT-2's one
+            ids = [i for i in ids if i != self.end_of_text_id]
         return self._bpe.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def end_of_text_id(self) -> int | None:
+        return self._bpe.token_to_id("<|endoftext|>")
 
 
 def find_tokenizer_files(model_dir: str | Path | None) -> tuple[Path, Path] | None:
