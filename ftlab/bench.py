@@ -143,15 +143,15 @@ def decode_step_ms(model: GPT, context: int = 512, batch: int = 1, steps: int = 
     params = RequestParams.build(batch, model.config.vocab_size, model.device, top_k=1, top_p=1.0, temperature=1.0,
                                  random_seed=0, end_id=model.config.end_id)
     session = LocalSession(model, prompts, steps + 1, params)
-    tokens, _ = session.first()
+    tokens = session.first()[0]
     for _ in range(3):  # warm-up replays
-        tokens, _ = session.next(tokens)
+        tokens = session.next(tokens)[0]
     torch.cuda.synchronize()
     times = []
     for _ in range(steps - 4):
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        tokens, _ = session.next(tokens)
+        tokens = session.next(tokens)[0]
         stop.record()
         stop.synchronize()
         times.append(start.elapsed_time(stop))
@@ -170,13 +170,13 @@ def profile_decode_step(config: GPTConfig = GPT_345M, *, batch: int = 1, context
     params = RequestParams.build(batch, config.vocab_size, device, top_k=1, top_p=1.0, temperature=1.0,
                                  random_seed=0, end_id=config.end_id)
     session = LocalSession(model, prompts, steps + 8, params, use_cuda_graph=False)
-    tokens, _ = session.first()
+    tokens = session.first()[0]
     for _ in range(3):
-        tokens, _ = session.next(tokens)
+        tokens = session.next(tokens)[0]
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            tokens, _ = session.next(tokens)
+            tokens = session.next(tokens)[0]
         torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
 

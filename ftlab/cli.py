@@ -39,6 +39,15 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus probability in (0, 1]; 1 = no limit")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="random_seed of every request")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="multiplicative, 1 = off (FT/HF semantics)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="additive, 0 = off; exclusive with the above")
+    p.add_argument("--min-length", type=int, default=0, help="generate at least this many tokens before end_id")
+    p.add_argument("--stop-words", nargs="+", default=None, metavar="WORD",
+                   help='finish a request once it ends with one of these (text, or ids like "13,198")')
+    p.add_argument("--bad-words", nargs="+", default=None, metavar="WORD",
+                   help='never generate these (text, or ids like "13,198")')
+    p.add_argument("--return-log-probs", action="store_true",
+                   help="with --json: add output_log_probs and cum_log_probs")
     p.add_argument("--dtype", default="auto", help="fp32 | fp16 | bf16 (default: fp16 on a GPU, fp32 on the CPU)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print {output_ids, sequence_length, text} as JSON")
@@ -162,15 +171,32 @@ def cmd_generate(args) -> int:
     streaming = args.stream and not args.json and printing
     if streaming and args.prompt is not None:
         print(args.prompt[0], end="", flush=True)
+    def words(values):
+        if values is None:
+            return None
+        parsed = []
+        for value in values:
+            if all(part.strip().isdigit() for part in value.split(",")):
+                parsed.append([int(part) for part in value.split(",")])
+            elif tokenizer is None:
+                raise ValueError(f"word {value!r}: no tokenizer for this model; give token ids like \"13,198\"")
+            else:
+                parsed.append(tokenizer.encode(value))
+        return [parsed] * len(prompts)  # the same words for every request
+
     result = generate(model, prompts, max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p,
                       temperature=args.temperature, random_seed=args.seed,
-                      on_step=show if streaming else None)
+                      repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                      min_length=args.min_length, stop_words=words(args.stop_words), bad_words=words(args.bad_words),
+                      return_log_probs=args.return_log_probs, on_step=show if streaming else None)
     if not printing:
         return 0
     texts = ([tokenizer.decode(ids, skip_special_tokens=True) for ids in result.output_ids]
              if tokenizer is not None else None)
     if args.json:
         out = {"output_ids": result.output_ids, "sequence_length": result.sequence_length}
+        if args.return_log_probs:
+            out.update(output_log_probs=result.output_log_probs, cum_log_probs=result.cum_log_probs)
         if texts is not None:
             out["text"] = texts
         print(json.dumps(out))

@@ -14,6 +14,7 @@ import torch
 
 from .kernels.sampling import check_sampling_params, sample
 from .model import GPT, pack_prompts
+from .processing import LogitsProcessor, normalize_words
 
 
 class GenerationError(ValueError):
@@ -57,32 +58,60 @@ def _per_request(name: str, value, batch_size: int) -> list:
 
 @dataclass
 class RequestParams:
-    """Validated per-request parameters of one batch, as device tensors for the sampling kernel."""
+    """Validated per-request parameters of one batch (FasterTransformer's names), with the device tensors the
+    sampling kernel reads. Every parameter takes one value for the whole batch or a list with one per request:
+
+    top_k (1: greedy; 0: no limit), top_p (0, 1] (1: no limit), temperature > 0, random_seed (uint64),
+    end_id (default: the model's), repetition_penalty > 0 (multiplicative, 1: off), presence_penalty (additive,
+    0: off; exclusive with repetition_penalty, as in FT), min_length (end_id is masked until that many tokens were
+    generated), stop_words / bad_words (per request a list of words, each a list of token ids, or FT's
+    [batch, 2, L] layout; see ftlab.processing).
+    """
     top_k: list[int]
     top_p: list[float]
     temperature: list[float]
     random_seed: list[int]
     end_id: list[int]
+    repetition_penalty: list[float]
+    presence_penalty: list[float]
+    min_length: list[int]
+    stop_words: list | None = None
+    bad_words: list | None = None
     tensors: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, batch_size: int, vocab_size: int, device, *, top_k, top_p, temperature, random_seed,
-              end_id) -> "RequestParams":
-        params = cls(top_k=[int(k) for k in _per_request("top_k", top_k, batch_size)],
-                     top_p=[float(p) for p in _per_request("top_p", top_p, batch_size)],
-                     temperature=[float(t) for t in _per_request("temperature", temperature, batch_size)],
-                     random_seed=[int(s) for s in _per_request("random_seed", random_seed, batch_size)],
-                     end_id=[int(e) for e in _per_request("end_id", end_id, batch_size)])
+    def build(cls, batch_size: int, vocab_size: int, device, *, top_k=1, top_p=1.0, temperature=1.0, random_seed=0,
+              end_id, repetition_penalty=1.0, presence_penalty=0.0, min_length=0, stop_words=None,
+              bad_words=None) -> "RequestParams":
+        B = batch_size
+        params = cls(top_k=[int(k) for k in _per_request("top_k", top_k, B)],
+                     top_p=[float(p) for p in _per_request("top_p", top_p, B)],
+                     temperature=[float(t) for t in _per_request("temperature", temperature, B)],
+                     random_seed=[int(s) for s in _per_request("random_seed", random_seed, B)],
+                     end_id=[int(e) for e in _per_request("end_id", end_id, B)],
+                     repetition_penalty=[float(r) for r in _per_request("repetition_penalty", repetition_penalty, B)],
+                     presence_penalty=[float(q) for q in _per_request("presence_penalty", presence_penalty, B)],
+                     min_length=[int(m) for m in _per_request("min_length", min_length, B)])
         try:
             check_sampling_params(params.top_k, params.top_p, params.temperature, vocab_size)
+            params.stop_words = normalize_words("stop_words", stop_words, B, vocab_size)
+            params.bad_words = normalize_words("bad_words", bad_words, B, vocab_size)
         except ValueError as exc:
             raise GenerationError(str(exc)) from None
-        for b, seed in enumerate(params.random_seed):
+        for b in range(B):
+            seed, end = params.random_seed[b], params.end_id[b]
+            rep, pres, min_len = params.repetition_penalty[b], params.presence_penalty[b], params.min_length[b]
             if not -(2**63) <= seed < 2**64:
                 raise GenerationError(f"random_seed of request {b} = {seed} does not fit in 64 bits")
-        for b, end in enumerate(params.end_id):
             if not 0 <= end < vocab_size:
                 raise GenerationError(f"end_id of request {b} = {end} is outside the vocabulary [0, {vocab_size})")
+            if not rep > 0:
+                raise GenerationError(f"repetition_penalty of request {b} = {rep} must be > 0 (1 turns it off)")
+            if rep != 1.0 and pres != 0.0:
+                raise GenerationError(f"request {b} sets both repetition_penalty={rep} and presence_penalty={pres}; "
+                                      f"they are exclusive (as in FasterTransformer)")
+            if min_len < 0:
+                raise GenerationError(f"min_length of request {b} = {min_len} must be >= 0")
         # FT's random_seed is a uint64: keep its bits in an int64 tensor
         seeds = [s - 2**64 if s >= 2**63 else s for s in params.random_seed]
         params.tensors = {
@@ -122,6 +151,17 @@ def cache_capacity(prompt_lengths: list[int], max_new_tokens: int, max_pos_seq_l
     captured for one call are reused by calls of similar size; decode attention skips the unused slots."""
     need = max(prompt_lengths) + max_new_tokens
     return min(max_pos_seq_len, -(-need // 256) * 256)
+
+
+def sample_step(logits: torch.Tensor, params: RequestParams, steps: torch.Tensor,
+                processor: LogitsProcessor | None):
+    """Logits processing, then sampling: (tokens, log-probs of the processed distribution, stopped or None)."""
+    if processor is not None:
+        logits = processor.process(logits, steps)
+    t = params.tensors
+    tokens, log_probs = sample(logits, t["top_k"], t["top_p"], t["temperature"], t["seeds"], steps,
+                               return_logprobs=True)
+    return tokens, log_probs, (processor.observe(tokens) if processor is not None else None)
 
 
 class DecodeGraph:
@@ -198,105 +238,108 @@ class LocalSession:
         self.batch = pack_prompts(prompts, model.device)
         B = len(prompts)
         capacity = cache_capacity(self.batch.lengths, max_new_tokens, model.config.max_pos_seq_len)
+        self.processor = LogitsProcessor.build(prompts, model.config.vocab_size, model.device, params)
         if use_cuda_graph is None:
-            use_cuda_graph = model.device.type == "cuda"
+            # the logits processors keep their own device state outside the captured step: those calls run eagerly
+            use_cuda_graph = model.device.type == "cuda" and self.processor is None
         self.graph = decode_graph(model, B, capacity) if use_cuda_graph else None
         self.cache = self.graph.cache if self.graph is not None else model.new_kv_cache(B, capacity)
         self.positions = torch.tensor(self.batch.lengths, dtype=torch.int32, device=model.device)  # next slot
         self.steps = torch.zeros(B, dtype=torch.int32, device=model.device)
 
-    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.params.tensors
-        out = sample(logits, t["top_k"], t["top_p"], t["temperature"], t["seeds"], self.steps, return_logprobs=True)
+    def _sample(self, logits: torch.Tensor):
+        tokens, log_probs, stopped = sample_step(logits, self.params, self.steps, self.processor)
         self.steps += 1
-        return out
+        return tokens, log_probs, stopped
 
-    def first(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def first(self):
+        """Context phase + first token: (tokens, log_probs, stopped-by-a-stop-word or None), each (B,)."""
         b = self.batch
         out = self._sample(self.model.prefill(b.token_ids, b.positions, b.cu_seqlens, b.max_seqlen, self.cache))
         if self.graph is not None:
             self.graph.bind(self.params, self.positions, self.steps)
         return out
 
-    def next(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self, tokens: torch.Tensor):
         if self.graph is not None:
-            return self.graph.run(tokens)
+            return (*self.graph.run(tokens), None)
         logits = self.model.decode(tokens, self.positions, self.cache)
         self.positions += 1
         return self._sample(logits)
 
 
-def _open(model, prompts, max_new_tokens: int, kwargs: dict):
+def _open(model, prompts, max_new_tokens: int, use_cuda_graph, params: dict):
     """Validate a batch and open its session: (session, RequestParams, all-False finished flags)."""
     cfg = model.config
     prompts = validate_prompts(prompts, max_new_tokens, cfg.vocab_size, cfg.max_pos_seq_len)
-    params = RequestParams.build(len(prompts), cfg.vocab_size, model.device, top_k=kwargs["top_k"],
-                                 top_p=kwargs["top_p"], temperature=kwargs["temperature"],
-                                 random_seed=kwargs["random_seed"],
-                                 end_id=cfg.end_id if kwargs["end_id"] is None else kwargs["end_id"])
+    if params.get("end_id") is None:
+        params = dict(params, end_id=cfg.end_id)
+    try:
+        request = RequestParams.build(len(prompts), cfg.vocab_size, model.device, **params)
+    except TypeError as exc:  # an unknown keyword
+        raise GenerationError(f"unknown generation parameter: {exc}") from None
     if hasattr(model, "open_session"):
-        session = model.open_session(prompts, max_new_tokens, params)
+        session = model.open_session(prompts, max_new_tokens, request)
     else:
-        session = LocalSession(model, prompts, max_new_tokens, params, use_cuda_graph=kwargs.get("use_cuda_graph"))
-    return session, params, torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
+        session = LocalSession(model, prompts, max_new_tokens, request, use_cuda_graph=use_cuda_graph)
+    return session, request, torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
 
 
 @torch.no_grad()
-def stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, top_k=1, top_p=1.0,
-           temperature=1.0, random_seed=0, end_id=None, return_log_probs: bool = False,
-           sync_every: int = 1, use_cuda_graph: bool | None = None) -> Iterator[StepOutput]:
-    """Yield one StepOutput per generated position until every request has produced end_id or max_new_tokens.
+def stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, return_log_probs: bool = False,
+           sync_every: int = 1, use_cuda_graph: bool | None = None, **params) -> Iterator[StepOutput]:
+    """Yield one StepOutput per generated position until every request has finished (end_id, a stop word) or
+    produced max_new_tokens. `params`: the per-request parameters of RequestParams (top_k, top_p, temperature,
+    random_seed, end_id, repetition_penalty, presence_penalty, min_length, stop_words, bad_words).
 
     `model` is a GPT, or any engine with `config`, `device` and `open_session(prompts, max_new_tokens, params)`
     (ftlab.parallel's tensor/layer-parallel engine). Tokens are handed to the host every `sync_every` steps:
     1 streams each token as soon as it exists; larger values avoid a host synchronisation per token (the decode
     steps then run back to back on the device) at the price of up to sync_every-1 steps past the last end_id.
     use_cuda_graph: replay the decode step as one CUDA graph (default: on a GPU); False runs kernel by kernel."""
-    session, params, finished = _open(model, prompts, max_new_tokens, dict(
-        top_k=top_k, top_p=top_p, temperature=temperature, random_seed=random_seed, end_id=end_id,
-        use_cuda_graph=use_cuda_graph))
-    end = params.tensors["end_id"]
-    B, dev = len(params.top_k), model.device
+    session, request, finished = _open(model, prompts, max_new_tokens, use_cuda_graph, params)
+    end = request.tensors["end_id"]
+    B, dev = len(request.top_k), model.device
     tokens_out = torch.empty(max_new_tokens, B, dtype=torch.int64, device=dev)
     finished_out = torch.empty(max_new_tokens, B, dtype=torch.bool, device=dev)
     log_probs_out = torch.empty(max_new_tokens, B, dtype=torch.float32, device=dev)
-    tokens, log_probs = session.first()
+    tokens, log_probs, stopped = session.first()
     flushed = 0  # steps already handed to the host
     for step in range(max_new_tokens):
         tokens = torch.where(finished, end, tokens)  # finished requests keep emitting end_id
         log_probs_out[step] = torch.where(finished, 0.0, log_probs)
-        finished = finished | (tokens == end)
+        done = tokens == end
+        if stopped is not None:  # the sequence now ends with a stop word (kept in the output, as FT and HF do)
+            done = done | stopped
+        finished = finished | done
         tokens_out[step], finished_out[step] = tokens, finished
         last = step == max_new_tokens - 1
         if last or (step + 1) % sync_every == 0:
             host_tokens = tokens_out[flushed:step + 1].tolist()
             host_finished = finished_out[flushed:step + 1].tolist()
             host_log_probs = log_probs_out[flushed:step + 1].tolist() if return_log_probs else None
-            for i, done in enumerate(host_finished):
-                yield StepOutput(step=flushed + i, token_ids=host_tokens[i], finished=done,
+            for i, now_done in enumerate(host_finished):
+                yield StepOutput(step=flushed + i, token_ids=host_tokens[i], finished=now_done,
                                  log_probs=host_log_probs[i] if return_log_probs else None)
-                if all(done):
+                if all(now_done):
                     return
             flushed = step + 1
         if last:
             return
-        tokens, log_probs = session.next(tokens)
+        tokens, log_probs, stopped = session.next(tokens)
 
 
-def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, top_k=1, top_p=1.0,
-             temperature=1.0, random_seed=0, end_id=None, return_log_probs: bool = False,
-             on_step: Callable[[StepOutput], None] | None = None,
-             use_cuda_graph: bool | None = None) -> GenerationOutput:
-    """Generate for every request. With on_step, tokens are handed over as they are produced (via `stream`);
-    without it, tokens stay on the device and the host looks at them only every few steps (no sync per token)."""
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, return_log_probs: bool = False,
+             on_step: Callable[[StepOutput], None] | None = None, use_cuda_graph: bool | None = None,
+             **params) -> GenerationOutput:
+    """Generate for every request (params: see RequestParams). With on_step, tokens are handed over as they are
+    produced (via `stream`); without it, the host looks at them only every few steps (no sync per token)."""
     prompts = [list(map(int, p)) for p in prompts]
     outputs = [list(p) for p in prompts]
     log_probs: list[list[float]] = [[] for _ in prompts]
-    kwargs = dict(max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, temperature=temperature,
-                  random_seed=random_seed, end_id=end_id, return_log_probs=return_log_probs,
-                  use_cuda_graph=use_cuda_graph)
     done = [False] * len(prompts)
-    for step in stream(model, prompts, **kwargs, sync_every=1 if on_step is not None else 16):
+    for step in stream(model, prompts, max_new_tokens=max_new_tokens, return_log_probs=return_log_probs,
+                       sync_every=1 if on_step is not None else 16, use_cuda_graph=use_cuda_graph, **params):
         if on_step is not None:
             on_step(step)
         for b, token in enumerate(step.token_ids):

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from .checkpoint import load_cmodel, resolve_model_dir
 from .config import GPTConfig, compute_dtype
 from .generate import GenerationOutput, LocalSession, RequestParams, generate
+from .processing import LogitsProcessor
 from .kernels.sampling import sample
 from .model import GPT, device_weights, pack_prompts
 
@@ -175,12 +176,17 @@ class PipelineSession:
         self.positions = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=engine.device)
         self.steps = torch.zeros(B, dtype=torch.int32, device=engine.device)
         self.pending = []  # (isend handle, tensor) pairs: the tensor must live until its send completes
+        # every rank keeps the processor's state (it only needs the shared tokens); the last stage applies it
+        self.processor = (LogitsProcessor.build(prompts, engine.config.vocab_size, engine.device, params)
+                          if params is not None else None)
 
     def _sample_and_share(self, logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample on the last stage, broadcast (token, log-prob) of every request to all ranks."""
         B, dev = len(self.prompts), self.engine.device
         shared = torch.empty(2, B, dtype=torch.float64, device=dev)  # token ids are exact in float64
         if self.lay.is_last_stage:
+            if self.processor is not None:
+                logits = self.processor.process(logits, self.steps)
             t = self.params.tensors
             tokens, log_probs = sample(logits, t["top_k"], t["top_p"], t["temperature"], t["seeds"], self.steps,
                                        return_logprobs=True)
@@ -191,7 +197,9 @@ class PipelineSession:
                 handle.wait()
             self.pending = []
             dist.broadcast(shared, src=self.lay.last_stage_lead)
-        return shared[0].long(), shared[1].float()
+        tokens = shared[0].long()
+        stopped = self.processor.observe(tokens) if self.processor is not None else None
+        return tokens, shared[1].float(), stopped
 
     def _stage(self, x_or_inputs, run_blocks, rows: int):
         """Receive (or embed), run this stage's blocks, send on (or keep for the head)."""

@@ -129,3 +129,20 @@ def test_cuda_graph_on_and_off_agree(model):
     assert on.output_ids == off.output_ids == again.output_ids
     for a, b in zip(on.output_log_probs, off.output_log_probs):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def test_cli_decoding_features(model_dir, capsys):
+    base = ["generate", "-m", str(model_dir), "--input-ids", "1,2,3", "--max-new-tokens", "6", "--json"]
+    assert main(base + ["--return-log-probs"]) == 0
+    free = json.loads(capsys.readouterr().out)
+    generated = free["output_ids"][0][3:]
+    assert len(free["output_log_probs"][0]) == len(generated)
+    assert free["cum_log_probs"][0] == pytest.approx(sum(free["output_log_probs"][0]))
+    # banning the first generated token changes it; a stop word made of the first two ends the request there
+    assert main(base + ["--bad-words", str(generated[0])]) == 0
+    assert json.loads(capsys.readouterr().out)["output_ids"][0][3] != generated[0]
+    if len(generated) >= 3:
+        assert main(base + ["--stop-words", f"{generated[0]},{generated[1]}"]) == 0
+        assert json.loads(capsys.readouterr().out)["output_ids"][0] == [1, 2, 3] + generated[:2]
+    assert main(base + ["--repetition-penalty", "0"]) == 2
+    assert "repetition_penalty" in capsys.readouterr().err
