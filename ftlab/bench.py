@@ -49,7 +49,6 @@ def measure_ceilings(device, dtype) -> Ceilings:
     a = torch.randn(8192, 8192, dtype=dtype, device=device)
     b = torch.randn(8192, 8192, dtype=dtype, device=device)
     mm_ms = _median_ms(lambda: a @ b, repeats=10)
-    del src, dst, a, b
     return Ceilings(bandwidth=2 * n * 2 / (copy_ms * 1e-3), matmul=2 * 8192**3 / (mm_ms * 1e-3))
 
 

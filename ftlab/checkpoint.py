@@ -29,7 +29,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .config import ConfigError, GPTConfig
+from .config import GPTConfig
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}

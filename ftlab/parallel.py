@@ -125,11 +125,11 @@ class ParallelEngine:
         weights = device_weights(self.config, ft, dtype=compute_dtype(dtype), device=self.device,
                                  tp_rank=lay.tp_rank, tp_size=lay.tp, is_shard=True, layers=layers,
                                  first_stage=lay.is_first_stage, last_stage=lay.is_last_stage)
-        all_reduce = None
-        if lay.tp > 1:
-            def all_reduce(x, group=self.tp_group):
-                dist.all_reduce(x, group=group)
-        self.model = GPT(self.config, weights, tp_size=lay.tp, tp_rank=lay.tp_rank, all_reduce=all_reduce)
+        self.model = GPT(self.config, weights, tp_size=lay.tp, tp_rank=lay.tp_rank,
+                         all_reduce=self._all_reduce if lay.tp > 1 else None)
+
+    def _all_reduce(self, x: torch.Tensor) -> None:
+        dist.all_reduce(x, group=self.tp_group)
 
     def open_session(self, prompts, max_new_tokens, params: RequestParams):
         if self.layout.pp == 1:

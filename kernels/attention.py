@@ -8,7 +8,6 @@ the diagonal are never visited. When a KV cache is given, the same program copie
 k_cache/v_cache[b, h, 0:len_b] (cache layout (B, nh, S_max, d), last dim contiguous, other dims by stride).
 """
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -237,7 +236,7 @@ def context_attention_reference(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max
 
 
 def _benchmark() -> None:
-    import csv
+    from ._bench import save_rows
 
     from triton.testing import do_bench
 
@@ -266,14 +265,7 @@ def _benchmark() -> None:
                   f"{ms_sdpa:>8.4f} {tf_sdpa:>8.1f} | {ms_sdpa / ms_triton:.2f}x")
             rows.append(dict(num_heads=num_heads, head_dim=head_dim, batch=batch, prompt_len=length,
                              triton_ms=ms_triton, sdpa_ms=ms_sdpa, triton_tflops=tf_triton, sdpa_tflops=tf_sdpa))
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        path = os.path.join(out_dir, "context_attention_bench.csv")
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {path}")
+    save_rows(rows, "context_attention_bench.csv")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ CUDA graph while positions change between replays:
 Scores are kept in log2 units (scale folded with log2(e)) so exp2 can be used; everything accumulates in fp32.
 """
 import math
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
@@ -262,7 +261,7 @@ def decode_attention_reference(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache
 
 
 def _benchmark() -> None:
-    import csv
+    from ._bench import save_rows
 
     from triton.testing import do_bench
 
@@ -302,14 +301,7 @@ def _benchmark() -> None:
                       f"{us_torch:>9.1f} {gbs_torch:>7.0f} | {us_torch / us_triton:.2f}x")
                 rows.append(dict(num_heads=num_heads, head_dim=head_dim, batch=batch, context=context, s_max=s_max,
                                  triton_us=us_triton, torch_us=us_torch, triton_gbs=gbs_triton, torch_gbs=gbs_torch))
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        path = os.path.join(out_dir, "decode_attention_bench.csv")
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {path}")
+    save_rows(rows, "decode_attention_bench.csv")
 
 
 if __name__ == "__main__":

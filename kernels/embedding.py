@@ -5,7 +5,6 @@ stores the sum in the output dtype. The tables may be stored in fp32 while the m
 cast happens in the kernel, so no converted copy of the (large) word table is ever made.
 Indices are not range-checked on the device (that would need a host sync); the launcher checks shapes and dtypes.
 """
-import os
 from typing import Optional
 
 import torch
@@ -98,7 +97,7 @@ def embedding_reference(input_ids: torch.Tensor, position_ids: torch.Tensor, wte
 
 
 def _benchmark() -> None:
-    import csv
+    from ._bench import save_rows
 
     from triton.testing import do_bench
 
@@ -118,12 +117,7 @@ def _benchmark() -> None:
                 tname, oname = str(table_dtype)[6:], str(out_dtype)[6:]
                 print(f"{T:>6} {H:>6} {tname:>6} {oname:>6} {t_tri:>10.2f} {t_ref:>9.2f} {gbps:>8.0f}")
                 rows.append(dict(T=T, H=H, table=tname, out=oname, triton_us=t_tri, torch_us=t_ref, gbps=gbps))
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        with open(os.path.join(out_dir, "embedding_bench.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    save_rows(rows, "embedding_bench.csv")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ variance is taken as the mean of squared deviations from the mean (two-pass, in 
 twice: once to build the statistics chunk by chunk (per-chunk mean and squared deviations, merged with Chan's
 formula so no large sum-of-squares cancels), once to normalise and store.
 """
-import os
 from typing import Optional, Tuple, Union
 
 import torch
@@ -182,7 +181,7 @@ def layernorm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def _benchmark() -> None:
-    import csv
+    from ._bench import save_rows
 
     import torch.nn.functional as F
     from triton.testing import do_bench
@@ -215,12 +214,7 @@ def _benchmark() -> None:
                           f"{t_ref / t_tri:>8.2f}")
                     rows.append(dict(M=M, N=N, dtype=dname, residual=int(with_res), triton_us=t_tri,
                                      torch_us=t_ref, gbps=gbps))
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        with open(os.path.join(out_dir, "layernorm_bench.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    save_rows(rows, "layernorm_bench.csv")
 
 
 if __name__ == "__main__":

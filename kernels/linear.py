@@ -27,7 +27,6 @@ Block sizes come from small heuristics of the shapes (no autotuning, so everythi
 """
 import functools
 import math
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -651,7 +650,9 @@ def _benchmark() -> None:
                                  gemv_cfg=str(tuple(pick_gemv_config(M, N, K, dtype, num_sms))),
                                  gemm_cfg=str(tuple(pick_gemm_config(M, N, K, dtype, num_sms)))))
                 del weights, kwargs
-    _write_csv("linear_bench.csv", rows)
+    from ._bench import save_rows
+
+    save_rows(rows, "linear_bench.csv")
 
 
 def _sweep() -> None:
@@ -693,18 +694,9 @@ def _sweep() -> None:
                 rows.append(dict(K=K, N=N, M=M, kind=kind, cfg=str(tuple(cfg)), us=t,
                                  gbps=N * K * 2 / (t * 1e-6) / 1e9, torch_us=t_torch, heuristic_us=t_heur))
             del weights, kwargs
-    _write_csv("linear_sweep.csv", rows)
+    from ._bench import save_rows
 
-
-def _write_csv(name, rows):
-    import csv
-
-    out_dir = os.environ.get("OUT")
-    if out_dir and rows:
-        with open(os.path.join(out_dir, name), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    save_rows(rows, "linear_sweep.csv")
 
 
 if __name__ == "__main__":

@@ -427,8 +427,7 @@ def _torch_baseline(logits, k, p, temperature):
 
 
 def _benchmark():
-    import csv
-    import os
+    from ._bench import save_rows
 
     device = "cuda"
     V = 50257
@@ -449,12 +448,7 @@ def _benchmark():
     for r in rows:
         print(f"{r['B']:>4} {r['mode']:>20} {r['triton_us']:>10.1f} {r['torch_us']:>10.1f} "
               f"{r['torch_us'] / r['triton_us']:>8.2f}")
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "sampling_bench.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    save_rows(rows, "sampling_bench.csv")
 
 
 if __name__ == "__main__":

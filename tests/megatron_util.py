@@ -76,7 +76,7 @@ def megatron_rank_states(hf_model, T: int, checkpoint_version: float, *, encoder
                          dtype: torch.dtype = torch.float32) -> list[dict]:
     """The `['model']['language_model']` dict of each of the T ranks (see the module docstring)."""
     cfg = hf_model.config
-    H, nh, L, V, P = cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.vocab_size, cfg.n_positions
+    H, nh, L, V = cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.vocab_size
     I, d = cfg.n_inner or 4 * H, H // nh
     state = {k.removeprefix("transformer."): v.detach().to(torch.float32) for k, v in hf_model.state_dict().items()}
     Vp = pad_vocab_to or V

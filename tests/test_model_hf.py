@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from ftlab.checkpoint import load_cmodel
 from ftlab.convert.huggingface import config_from_hf, convert_hf, hf_to_ft_tensors
 from ftlab.generate import generate
 from ftlab.model import GPT

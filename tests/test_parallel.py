@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from ftlab.checkpoint import random_ft_tensors, write_cmodel
 from ftlab.config import GPTConfig
