@@ -46,6 +46,10 @@ def _add_generate(sub) -> None:
                    help='finish a request once it ends with one of these (text, or ids like "13,198")')
     p.add_argument("--bad-words", nargs="+", default=None, metavar="WORD",
                    help='never generate these (text, or ids like "13,198")')
+    p.add_argument("--beam-width", type=int, default=1, help="> 1: beam search (deterministic) instead of sampling")
+    p.add_argument("--len-penalty", type=float, default=1.0, help="beam score = log-prob / length ** len_penalty")
+    p.add_argument("--beam-search-diversity-rate", type=float, default=0.0,
+                   help="FT's diverse beams: the j-th best token of a beam pays j * rate")
     p.add_argument("--return-log-probs", action="store_true",
                    help="with --json: add output_log_probs and cum_log_probs")
     p.add_argument("--dtype", default="auto", help="fp32 | fp16 | bf16 (default: fp16 on a GPU, fp32 on the CPU)")
@@ -184,11 +188,18 @@ def cmd_generate(args) -> int:
                 parsed.append(tokenizer.encode(value))
         return [parsed] * len(prompts)  # the same words for every request
 
-    result = generate(model, prompts, max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p,
-                      temperature=args.temperature, random_seed=args.seed,
+    beam = {}
+    if args.beam_width != 1:
+        beam = dict(beam_width=args.beam_width, len_penalty=args.len_penalty,
+                    beam_search_diversity_rate=args.beam_search_diversity_rate)
+        if streaming:
+            raise ValueError("--stream and --beam-width > 1 do not go together: beam search returns whole hypotheses")
+    sampling = {} if beam else dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                                    random_seed=args.seed)
+    result = generate(model, prompts, max_new_tokens=args.max_new_tokens, **sampling, **beam,
                       repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                       min_length=args.min_length, stop_words=words(args.stop_words), bad_words=words(args.bad_words),
-                      return_log_probs=args.return_log_probs, on_step=show if streaming else None)
+                      return_log_probs=args.return_log_probs and not beam, on_step=show if streaming else None)
     if not printing:
         return 0
     texts = ([tokenizer.decode(ids, skip_special_tokens=True) for ids in result.output_ids]
@@ -197,6 +208,8 @@ def cmd_generate(args) -> int:
         out = {"output_ids": result.output_ids, "sequence_length": result.sequence_length}
         if args.return_log_probs:
             out.update(output_log_probs=result.output_log_probs, cum_log_probs=result.cum_log_probs)
+        if beam:
+            out.update(beams=result.beams, beam_scores=result.beam_scores)
         if texts is not None:
             out["text"] = texts
         print(json.dumps(out))

@@ -333,8 +333,18 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, re
              on_step: Callable[[StepOutput], None] | None = None, use_cuda_graph: bool | None = None,
              **params) -> GenerationOutput:
     """Generate for every request (params: see RequestParams). With on_step, tokens are handed over as they are
-    produced (via `stream`); without it, the host looks at them only every few steps (no sync per token)."""
+    produced (via `stream`); without it, the host looks at them only every few steps (no sync per token).
+    beam_width > 1 (with len_penalty, beam_search_diversity_rate) runs beam search instead: see ftlab.beam."""
     prompts = [list(map(int, p)) for p in prompts]
+    beam = {k: params.pop(k) for k in ("beam_width", "len_penalty", "beam_search_diversity_rate") if k in params}
+    if beam.get("beam_width", 1) != 1 or len(beam) > ("beam_width" in beam):
+        from .beam import beam_search
+
+        if on_step is not None:
+            raise GenerationError("beam search returns whole hypotheses: it cannot stream (drop on_step)")
+        if "beam_width" not in beam:
+            raise GenerationError(f"{sorted(beam)} need beam_width > 1")
+        return beam_search(model, prompts, max_new_tokens=max_new_tokens, **beam, **params)
     outputs = [list(p) for p in prompts]
     log_probs: list[list[float]] = [[] for _ in prompts]
     done = [False] * len(prompts)

@@ -122,6 +122,19 @@ class LogitsProcessor:
             out = out.masked_fill(banned > 0, float("-inf"))
         return out
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Follow a beam reorder: row i takes the state of row rows[i]."""
+        if self.counts is not None:
+            self.counts = self.counts[rows]
+        if self.history is not None:
+            self.history = self.history[rows]
+        for name in ("repetition", "presence", "min_length", "end_id"):
+            setattr(self, name, getattr(self, name)[rows])
+        if self.bad is not None:
+            self.bad = self.bad[rows]
+        if self.stop is not None:
+            self.stop = self.stop[rows]
+
     def observe(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """Account for each request's new token; returns (B,) True where the sequence now ends with a stop word."""
         if self.counts is not None:

@@ -136,7 +136,34 @@ def test_seed_gives_same_tokens_whatever_the_batch(models, prompts):
     assert other.output_ids[0] != alone.output_ids[0]
 
 
+@pytest.mark.parametrize("beam_width, len_penalty", [(2, 1.0), (3, 0.5), (4, 2.0)])
+def test_beam_search_equals_hf(models, prompts, beam_width, len_penalty):
+    hf, model = models
+    ours = generate(model, prompts, max_new_tokens=N_NEW, beam_width=beam_width, len_penalty=len_penalty)
+    for b, prompt in enumerate(prompts):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              do_sample=False, num_beams=beam_width, length_penalty=len_penalty,
+                              max_new_tokens=N_NEW, pad_token_id=52, eos_token_id=52)
+        assert ours.output_ids[b] == ref[0].tolist(), f"request {b}"
+        assert len(ours.beams[b]) == beam_width and ours.beams[b][0] == ours.output_ids[b]
+        assert ours.beam_scores[b] == sorted(ours.beam_scores[b], reverse=True)
+
+
+def test_beam_search_diversity_extreme_is_greedy(models, prompts):
+    # a rate so large that every beam may only extend with its own best token: the best hypothesis is the greedy one
+    _, model = models
+    greedy = generate(model, prompts, max_new_tokens=N_NEW)
+    diverse = generate(model, prompts, max_new_tokens=N_NEW, beam_width=3, beam_search_diversity_rate=1e4)
+    plain = generate(model, prompts, max_new_tokens=N_NEW, beam_width=3)
+    assert diverse.output_ids == greedy.output_ids
+    assert plain.output_ids != greedy.output_ids  # so the rate really changed the search
+
+
 @pytest.mark.parametrize("kwargs, message", [
+    (dict(beam_width=65), r"beam_width must be an integer in \[1, 64\]"),
+    (dict(beam_width=2, top_k=40), "beam search is deterministic"),
+    (dict(len_penalty=0.5), "need beam_width > 1"),
     (dict(repetition_penalty=0.0), "repetition_penalty of request 0 = 0.0 must be > 0"),
     (dict(repetition_penalty=-1.0), "must be > 0"),
     (dict(repetition_penalty=1.2, presence_penalty=0.5), "exclusive"),

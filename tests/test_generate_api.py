@@ -144,5 +144,8 @@ def test_cli_decoding_features(model_dir, capsys):
     if len(generated) >= 3:
         assert main(base + ["--stop-words", f"{generated[0]},{generated[1]}"]) == 0
         assert json.loads(capsys.readouterr().out)["output_ids"][0] == [1, 2, 3] + generated[:2]
+    assert main(base + ["--beam-width", "3", "--len-penalty", "0.8"]) == 0
+    beams = json.loads(capsys.readouterr().out)
+    assert len(beams["beams"][0]) == 3 and beams["beams"][0][0] == beams["output_ids"][0]
     assert main(base + ["--repetition-penalty", "0"]) == 2
     assert "repetition_penalty" in capsys.readouterr().err
