@@ -237,10 +237,8 @@ class CModelWriter:
         if name not in self.specs:
             raise CheckpointError(f"unexpected tensor {name!r} for this config")
         spec = self.specs[name]
-        np_dtype = NUMPY_DTYPES[self.config.weight_data_type]
         for rank, shard in enumerate(split_tensor(spec, full, self.tp)):
-            array = shard.detach().to(torch.float32).contiguous().numpy().astype(np_dtype)
-            array.tofile(self.tmp_dir / spec.filename(rank if spec.split_axis is not None else None))
+            self._write(spec, rank, shard)
         self.written.add(name)
 
     def add_shard(self, name: str, rank: int, shard: torch.Tensor) -> None:
@@ -249,9 +247,12 @@ class CModelWriter:
         expected = spec.shard_shape(self.tp)
         if tuple(shard.shape) != expected:
             raise CheckpointError(f"{name} rank {rank}: shape {tuple(shard.shape)}, expected {expected}")
+        self._write(spec, rank, shard)
+        self.written.add(f"{name}#{rank}")
+
+    def _write(self, spec: TensorSpec, rank: int, shard: torch.Tensor) -> None:
         array = shard.detach().to(torch.float32).contiguous().numpy().astype(NUMPY_DTYPES[self.config.weight_data_type])
         array.tofile(self.tmp_dir / spec.filename(rank if spec.split_axis is not None else None))
-        self.written.add(f"{name}#{rank}")
 
     def copy_file(self, src: str | Path, dst_name: str | None = None) -> None:
         shutil.copy2(src, self.tmp_dir / (dst_name or Path(src).name))

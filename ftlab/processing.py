@@ -74,6 +74,10 @@ def _right_aligned(words: Words, device) -> torch.Tensor:
     return table.to(device)
 
 
+def _penalised(repetition_penalty: list[float], presence_penalty: list[float]) -> bool:
+    return any(p != 1.0 for p in repetition_penalty) or any(q != 0.0 for q in presence_penalty)
+
+
 class LogitsProcessor:
     """Device state of one batch: token counts (penalties) and the last few tokens (word matching)."""
 
@@ -85,7 +89,7 @@ class LogitsProcessor:
         self.min_length = torch.tensor(min_length, dtype=torch.int32, device=device)
         self.end_id = torch.tensor(end_id, dtype=torch.int64, device=device)
         self.counts = None
-        if any(p != 1.0 for p in repetition_penalty) or any(q != 0.0 for q in presence_penalty):
+        if _penalised(repetition_penalty, presence_penalty):
             self.counts = torch.zeros(B, vocab_size, dtype=torch.int32, device=device)
             for b, prompt in enumerate(prompts):
                 ids = torch.tensor(prompt, dtype=torch.int64, device=device)
@@ -101,7 +105,7 @@ class LogitsProcessor:
 
     @classmethod
     def build(cls, prompts, vocab_size, device, params) -> "LogitsProcessor | None":
-        active = (any(p != 1.0 for p in params.repetition_penalty) or any(q != 0.0 for q in params.presence_penalty)
+        active = (_penalised(params.repetition_penalty, params.presence_penalty)
                   or any(m > 0 for m in params.min_length) or params.bad_words or params.stop_words)
         if not active:
             return None
