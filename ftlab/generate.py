@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .kernels.sampling import check_sampling_params, sample
-from .model import GPT, pack_prompts
+from .model import GPT, PackedPrompts, pack_prompts
 from .processing import LogitsProcessor, normalize_words
 
 
@@ -180,6 +180,8 @@ class DecodeGraph:
         self.temperature = torch.ones(batch_size, dtype=torch.float32, device=dev)
         self.seeds = torch.zeros(batch_size, dtype=torch.int64, device=dev)
         self.model = model
+        self.prefill_graphs: dict = {}  # PrefillGraph by (total tokens, longest prompt)
+        self.prefill_seen: set = set()
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):  # warm-up outside the graph: compiles every kernel variant first
@@ -207,13 +209,63 @@ class DecodeGraph:
         self.graph.replay()
         return self.out_tokens.clone(), self.out_log_probs.clone()
 
+    def prefill(self, batch: PackedPrompts) -> torch.Tensor:
+        """The context phase into this graph's cache: (B, V) last-token logits. A packed shape (total tokens,
+        longest prompt) seen a second time is captured as a CUDA graph and replayed from then on: the prefill is
+        ~150 launches, whose host cost exceeds their GPU time for short prompts, while capturing a shape that
+        never comes back would only cost time."""
+        key = (len(batch.token_ids), batch.max_seqlen)
+        graph = self.prefill_graphs.pop(key, None)
+        if graph is None and key not in self.prefill_seen:
+            self.prefill_seen.add(key)
+            return self.model.prefill(batch.token_ids, batch.positions, batch.cu_seqlens, batch.max_seqlen,
+                                      self.cache)
+        graph = graph or PrefillGraph(self.model, self.cache, batch)
+        self.prefill_graphs[key] = graph  # most recently used last
+        while len(self.prefill_graphs) > MAX_PREFILL_GRAPHS:
+            self.prefill_graphs.pop(next(iter(self.prefill_graphs)))
+        return graph.run(batch)
+
+
+class PrefillGraph:
+    """The context phase of one packed shape captured over a DecodeGraph's KV cache (inputs copied in per call)."""
+
+    def __init__(self, model: GPT, cache, batch: PackedPrompts):
+        self.token_ids, self.positions = torch.empty_like(batch.token_ids), torch.empty_like(batch.positions)
+        self.cu_seqlens = torch.empty_like(batch.cu_seqlens)
+        self._copy_in(batch)
+        dev = model.device
+
+        def prefill():
+            return model.prefill(self.token_ids, self.positions, self.cu_seqlens, batch.max_seqlen, cache)
+
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):  # warm-up outside the graph (kernel compilation, cuBLAS workspaces)
+            prefill()
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = prefill()
+
+    def _copy_in(self, batch: PackedPrompts) -> None:
+        self.token_ids.copy_(batch.token_ids)
+        self.positions.copy_(batch.positions)
+        self.cu_seqlens.copy_(batch.cu_seqlens)
+
+    def run(self, batch: PackedPrompts) -> torch.Tensor:
+        self._copy_in(batch)
+        self.graph.replay()
+        return self.logits  # a static buffer: consumed (sampled) before the next replay
+
 
 MAX_GRAPHS_PER_MODEL = 4
+MAX_PREFILL_GRAPHS = 4  # per decode graph
 
 
 def decode_graph(model: GPT, batch_size: int, capacity: int) -> DecodeGraph:
-    """The model's captured decode step for this (batch, capacity), capturing it on first use (least recently used
-    ones beyond MAX_GRAPHS_PER_MODEL are dropped with their KV caches). Calls sharing a graph share its cache, so a
+    """The model's captured decode step for this (batch, capacity), capturing it on first use (least recently
+    used ones beyond MAX_GRAPHS_PER_MODEL are dropped with their KV caches). Calls sharing a graph share its cache, so a
     model runs one CUDA-graph generate() at a time."""
     graphs = model.graph_cache
     key = (batch_size, capacity)
@@ -255,7 +307,11 @@ class LocalSession:
     def first(self):
         """Context phase + first token: (tokens, log_probs, stopped-by-a-stop-word or None), each (B,)."""
         b = self.batch
-        out = self._sample(self.model.prefill(b.token_ids, b.positions, b.cu_seqlens, b.max_seqlen, self.cache))
+        if self.graph is not None:
+            logits = self.graph.prefill(b)
+        else:
+            logits = self.model.prefill(b.token_ids, b.positions, b.cu_seqlens, b.max_seqlen, self.cache)
+        out = self._sample(logits)
         if self.graph is not None:
             self.graph.bind(self.params, self.positions, self.steps)
         return out

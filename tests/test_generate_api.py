@@ -7,7 +7,7 @@ import torch
 from ftlab.checkpoint import random_ft_tensors, write_cmodel
 from ftlab.cli import main
 from ftlab.config import GPTConfig
-from ftlab.generate import GenerationError, generate, stream
+from ftlab.generate import GenerationError, cache_capacity, generate, stream
 from ftlab.model import GPT
 
 CFG = GPTConfig(head_num=2, size_per_head=8, num_layer=2, vocab_size=61, max_pos_seq_len=24, start_id=0, end_id=60)
@@ -125,10 +125,18 @@ def test_cuda_graph_on_and_off_agree(model):
                   return_log_probs=True)
     on = generate(model, prompts, use_cuda_graph=True, **kwargs)
     off = generate(model, prompts, use_cuda_graph=False, **kwargs)
-    again = generate(model, prompts, use_cuda_graph=True, **kwargs)  # reuses the captured graph and its cache
-    assert on.output_ids == off.output_ids == again.output_ids
-    for a, b in zip(on.output_log_probs, off.output_log_probs):
-        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    # the same packed shape again: the decode graph and its cache are reused, the prefill is now captured too
+    # (second sight), then replayed; other prompts of the same packed shape replay that prefill graph
+    graphed = [generate(model, prompts, use_cuda_graph=True, **kwargs) for _ in range(2)]
+    entry = model.graph_cache[(len(prompts), cache_capacity([3, 1, 4], 12, CFG.max_pos_seq_len))]
+    assert len(entry.prefill_graphs) == 1
+    for again in graphed:
+        assert on.output_ids == off.output_ids == again.output_ids
+        for a, b in zip(again.output_log_probs, off.output_log_probs):
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    others = [[9, 8, 7], [5], [6, 6, 1, 2]]
+    assert (generate(model, others, use_cuda_graph=True, **kwargs).output_ids
+            == generate(model, others, use_cuda_graph=False, **kwargs).output_ids)
 
 
 def test_cli_decoding_features(model_dir, capsys):
@@ -149,3 +157,4 @@ def test_cli_decoding_features(model_dir, capsys):
     assert len(beams["beams"][0]) == 3 and beams["beams"][0][0] == beams["output_ids"][0]
     assert main(base + ["--repetition-penalty", "0"]) == 2
     assert "repetition_penalty" in capsys.readouterr().err
+
