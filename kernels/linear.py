@@ -240,26 +240,28 @@ class GemvConfig(NamedTuple):
 
 
 def pick_gemv_config(M: int, N: int, K: int, dtype: torch.dtype, num_sms: int = _DEFAULT_SM_COUNT) -> GemvConfig:
-    """Heuristic blocks for the skinny kernel.
+    """Heuristic blocks for the skinny kernel, from the H200 sweep (`python -m ftlab.kernels.linear --sweep`,
+    fp16, M = 1, data/bench/linear_sweep.csv, 2026-11-29).
 
-    4 warps, each thread streaming one 16-byte vector per weight row per iteration: a K chunk of 1024 fp16 (512
-    fp32) elements, BLOCK_N = 4 weight rows -> 8 KiB per program per iteration (the next chunk's load is issued
-    before the current one is used) at ~50 registers, so many programs fit on an SM. Up to 8 rows of x share each
-    weight load (BLOCK_N drops to 2 at 8 rows to bound registers).
-    Short rows (K below one chunk, tests/tiny models) use fewer lanes and warps. Split-K only when the N-blocks give
-    fewer than _GEMV_PROGRAMS_PER_SM programs per SM and every split still gets >= 2 chunks (N=1024, K=4096 -> 2).
+    The fastest configs give each program a K chunk of about half a weight row (16-byte vectors, so two loop
+    iterations: one chunk's load in flight while the other is summed; at most 256 lanes) and enough programs for
+    ~8 per SM: two weight rows per program when that still gives them, else one. Split-K lost at every GPT-345M
+    shape (K=4096, N=1024: 4.15 us unsplit, 6.32 us split in two plus its reduce), so it is kept only for grids
+    that cannot give every SM a program (tensor-parallel shards of small layers). Chosen vs best measured
+    (us): K=1024 x N=1024 2.61/2.57, N=3072 3.76/3.76, N=4096 4.44/4.44, N=50257 29.6/29.6; K=4096 x N=1024
+    4.15/4.15. Up to 8 rows of x share each weight load.
     """
     vec = 16 // (torch.finfo(dtype).bits // 8)
-    lanes = 32 * 4
-    while lanes > 4 and lanes * vec > triton.next_power_of_2(K):
-        lanes //= 2
-    num_warps = max(1, lanes // 32)
+    lanes = max(4, min(256, triton.next_power_of_2(K) // (2 * vec)))
+    num_warps = max(1, min(4, lanes // 32))  # lanes >= 32 * num_warps: no layout conversion in the loop
     block_m = min(triton.next_power_of_2(M), 8)
-    block_n = min(2 if block_m >= 8 else 4, triton.next_power_of_2(N))
-    programs = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
+    m_blocks = triton.cdiv(M, block_m)
+    block_n = 2 if triton.cdiv(N, 2) * m_blocks >= 8 * num_sms else 1
+    programs = triton.cdiv(N, block_n) * m_blocks
     chunks = triton.cdiv(K, lanes * vec)
-    split_k = min(triton.cdiv(_GEMV_PROGRAMS_PER_SM * num_sms, programs), chunks // 2)
-    split_k = _pow2_floor(max(1, split_k))
+    split_k = 1
+    if programs < num_sms:
+        split_k = _pow2_floor(max(1, min(triton.cdiv(_GEMV_PROGRAMS_PER_SM * num_sms, programs), chunks // 2)))
     return GemvConfig(block_m, block_n, lanes, vec, num_warps, split_k)
 
 
@@ -543,8 +545,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         if x.device.type == "cpu":
             # Triton's interpreter pays Python overhead per program and per op, not per element: few wide programs
             # (a block may hold at most 2**20 elements)
-            widest = max(4, (1 << 20) // (cfg.block_m * cfg.lanes * cfg.vec))
-            cfg = cfg._replace(block_n=min(triton.next_power_of_2(N), widest), split_k=1)
+            lanes = max(4, min(256, triton.next_power_of_2(K) // cfg.vec))  # whole rows per chunk
+            widest = max(4, (1 << 20) // (cfg.block_m * lanes * cfg.vec))
+            cfg = cfg._replace(lanes=lanes, num_warps=max(1, min(4, lanes // 32)),
+                               block_n=min(triton.next_power_of_2(N), widest), split_k=1)
         return _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg)
     cfg = pick_gemm_config(M, N, K, x.dtype, num_sms)
     if x.device.type == "cpu":  # as above: fewer, larger tiles under the interpreter
