@@ -251,20 +251,22 @@ def run(config: GPTConfig | None = None, model_dir=None, *, dtype="fp16", batche
     return rows
 
 
-def run_parallel(model_dir, *, tensor_para_size: int, layer_para_size: int, dtype="fp16", batches=(1, 8),
+def run_parallel(model_dir=None, *, tensor_para_size: int, layer_para_size: int, dtype="fp16", batches=(1, 8),
                  cells=GRID_CELLS, repeats: int = 10, csv_path: Path | None = DEFAULT_CSV, label: str | None = None,
-                 tokens_path: Path | None = None) -> list[dict]:
-    """Under torchrun: FT's grid for a T x L split of a c-model (ftlab only: the peers are single-GPU).
-    Every rank runs the same calls; rank 0 prints and saves. tokens_path: rank 0 also writes the greedy output ids
-    of every cell as JSON, so splits can be compared token for token."""
+                 tokens_path: Path | None = None, config: GPTConfig | None = None,
+                 random_seed: int = 0) -> list[dict]:
+    """Under torchrun: FT's grid for a T x L split (ftlab only: the peers are single-GPU), of a c-model, or with
+    model_dir None of random weights of `config` drawn on each rank's GPU (no files; the same weights for every
+    split, so splits can be compared token for token). Every rank runs the same calls; rank 0 prints and saves.
+    tokens_path: rank 0 also writes the greedy output ids of every cell as JSON."""
     import json
 
     import torch.distributed as dist
 
     from .parallel import ParallelEngine
 
-    engine = ParallelEngine(model_dir, tensor_para_size=tensor_para_size, layer_para_size=layer_para_size,
-                            dtype=dtype)
+    engine = ParallelEngine(model_dir, config=config if model_dir is None else None, random_seed=random_seed,
+                            tensor_para_size=tensor_para_size, layer_para_size=layer_para_size, dtype=dtype)
     config, device, rank = engine.config, engine.device, engine.layout.rank
     common = dict(gpu=torch.cuda.get_device_name(device), date=datetime.date.today().isoformat(),
                   torch=torch.__version__, triton=_triton_version(), config=label or config.model_name,
@@ -358,3 +360,4 @@ def print_row(r: dict) -> None:
           f"{_fmt(r['ftlab_spread'] * 100, '.0f') + '%':>5} {_fmt(r.get('peer_ms')):>9} "
           f"{_fmt(r.get('hf_ms'), '.1f'):>9} {_fmt(r.get('floor_ms')):>9} {_fmt(r.get('ftlab_vs_peer'), '.2f'):>7} "
           f"{_fmt(r.get('ftlab_vs_floor'), '.2f'):>7}", flush=True)
+

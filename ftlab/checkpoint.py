@@ -19,6 +19,7 @@ Tensors here are named without the rank suffix and `.bin`; a "full" tensor is th
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -306,19 +307,37 @@ def write_cmodel(out_root: str | Path, config: GPTConfig, weights: dict[str, tor
     return writer.final_dir
 
 
+def random_tensor_seed(seed: int, name: str) -> int:
+    """The generator seed of one tensor: a stable 64-bit digest of (seed, tensor name), the same in every process
+    and Python session (Python's own hash() of a str is salted per process, so it cannot serve)."""
+    digest = hashlib.blake2b(f"{int(seed)}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def random_ft_tensor(spec: TensorSpec, *, seed: int = 0, std: float = 0.02, dtype: torch.dtype = torch.float32,
+                     device="cpu") -> torch.Tensor:
+    """One full tensor of random_ft_tensors: its values depend only on (seed, spec.name, spec.shape) and the device
+    kind it is drawn on (CUDA draws other numbers than the CPU for the same seed)."""
+    generator = torch.Generator(device=device).manual_seed(random_tensor_seed(seed, spec.name))
+    # drawn in fp32 whatever `dtype`, so an fp16 copy is exactly the fp32 tensor rounded
+    noise = torch.randn(spec.shape, generator=generator, device=device, dtype=torch.float32)
+    if "layernorm.weight" in spec.name:
+        noise.mul_(0.1).add_(1.0)
+    elif spec.name.endswith(".bias"):
+        noise.mul_(0.1)
+    else:
+        noise.mul_(std)
+    return noise.to(dtype)
+
+
 def random_ft_tensors(config: GPTConfig, *, seed: int = 0, std: float = 0.02, dtype: torch.dtype = torch.float32,
-                      device="cpu", lm_head: bool = False) -> dict[str, torch.Tensor]:
+                      device="cpu", lm_head: bool = False, layers: Iterable[int] | None = None,
+                      embeddings: bool = True) -> dict[str, torch.Tensor]:
     """Random full FT-layout weights (GPT-2-like init: N(0, std) matrices, LayerNorm scales near 1), for tests,
-    benchmarks and the untrained fallback model. Generated on `device` so large shapes need no host memory."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    out = {}
-    for spec in tensor_specs(config, lm_head=lm_head):
-        noise = torch.randn(spec.shape, generator=generator, device=device, dtype=torch.float32)
-        if "layernorm.weight" in spec.name:
-            tensor = 1.0 + 0.1 * noise
-        elif "layernorm.bias" in spec.name or spec.name.endswith(".bias"):
-            tensor = 0.1 * noise
-        else:
-            tensor = std * noise
-        out[spec.name] = tensor.to(dtype)
-    return out
+    benchmarks and the untrained fallback model. Generated on `device` so large shapes need no host memory.
+
+    Each tensor has its own generator seeded from (seed, tensor name), so `layers` / `embeddings` (as for
+    tensor_specs) select a subset whose tensors are exactly those of the full call: a pipeline stage, or one layer
+    at a time, draws the same model as a single process does."""
+    return {spec.name: random_ft_tensor(spec, seed=seed, std=std, dtype=dtype, device=device)
+            for spec in tensor_specs(config, lm_head=lm_head, layers=layers, embeddings=embeddings)}

@@ -84,11 +84,14 @@ def _add_bench(sub) -> None:
     p.add_argument("--shape", default="345m", choices=sorted(SHAPES), help="model shape for random weights")
     p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
     p.add_argument("--batch-sizes", default="1,8,32,64")
+    p.add_argument("--cells", type=_parse_cells, default=None, metavar="INxOUT,...",
+                   help='input -> output lengths, e.g. "128x8,512x32,20x8" (default: 128x8,512x32)')
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--no-peer", action="store_true", help="skip the torch.compile peer")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers' generate")
     p.add_argument("--csv", type=Path, default=None, help="CSV to append rows to (default data/bench/bench.csv)")
-    p.add_argument("--tensor-para-size", type=int, default=1, help="under torchrun: T (needs -m split for T)")
+    p.add_argument("--tensor-para-size", type=int, default=1,
+                   help="under torchrun: T (-m: files split for T; without -m: random weights of --shape, no files)")
     p.add_argument("--layer-para-size", type=int, default=1, help="under torchrun: L pipeline stages")
     p.add_argument("--tokens-json", type=Path, default=None, help="parallel runs: write greedy output ids here")
     p.add_argument("--write-random-cmodel", type=Path, default=None, metavar="OUT_DIR",
@@ -96,6 +99,17 @@ def _add_bench(sub) -> None:
     p.add_argument("--splits", default="1,2", help="tensor_para_size values for --write-random-cmodel")
     p.add_argument("--profile-decode", action="store_true",
                    help="only print the per-kernel GPU time of a bs1 decode step at context 512 (--shape)")
+
+
+def _parse_cells(text: str) -> list[tuple[int, int]]:
+    cells = []
+    for part in text.split(","):
+        n_in, sep, n_out = part.strip().lower().partition("x")
+        if not (sep and n_in.isdigit() and n_out.isdigit() and int(n_in) > 0 and int(n_out) > 0):
+            raise argparse.ArgumentTypeError(f"--cells {text!r}: expected comma-separated INxOUT with positive "
+                                             f"lengths, e.g. \"128x8,512x32,20x8\" (bad part {part!r})")
+        cells.append((int(n_in), int(n_out)))
+    return cells
 
 
 SHAPES = {  # FasterTransformer's benchmark shapes: (heads, size_per_head, layers)
@@ -257,16 +271,16 @@ def cmd_bench(args) -> int:
             print("wrote", write_cmodel(args.write_random_cmodel, config, weights, tensor_para_size=n,
                                         weight_data_type="fp16", force=True, progress=True))
         return 0
+    cells = args.cells or bench.GRID_CELLS
     if args.tensor_para_size * args.layer_para_size > 1 or "WORLD_SIZE" in os.environ:
-        if args.model_dir is None:
-            raise ValueError("a parallel bench reads its shards from -m MODEL_DIR (convert or write one first)")
-        bench.run_parallel(args.model_dir, tensor_para_size=args.tensor_para_size,
+        # without -m every rank draws its share of random weights of --shape on its GPU: no c-model on disk
+        bench.run_parallel(args.model_dir, config=config, tensor_para_size=args.tensor_para_size,
                            layer_para_size=args.layer_para_size, dtype=args.dtype,
-                           batches=[int(b) for b in args.batch_sizes.split(",")], repeats=args.repeats,
+                           batches=[int(b) for b in args.batch_sizes.split(",")], cells=cells, repeats=args.repeats,
                            csv_path=args.csv or bench.DEFAULT_CSV, tokens_path=args.tokens_json)
         return 0
     bench.run(config, args.model_dir, dtype=args.dtype, batches=[int(b) for b in args.batch_sizes.split(",")],
-              repeats=args.repeats, with_peer=not args.no_peer, with_hf=not args.no_hf,
+              cells=cells, repeats=args.repeats, with_peer=not args.no_peer, with_hf=not args.no_hf,
               csv_path=args.csv or bench.DEFAULT_CSV)
     return 0
 

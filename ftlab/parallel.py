@@ -2,7 +2,10 @@
 
 Ranks: P = tensor_para_size (T) x layer_para_size (L); global rank = stage * T + tp_rank, so the T ranks of a stage
 are neighbours. Each rank reads only its own files: its `.R.bin` shards (R = tp_rank) of its stage's layers, plus the
-embeddings on the first stage and the final LayerNorm / LM head on the last.
+embeddings on the first stage and the final LayerNorm / LM head on the last. Without files (benchmarks of large
+shapes: `ParallelEngine.random(config, ...)`), each rank draws the same tensors on its own device instead, one full
+layer at a time (ftlab.checkpoint.random_ft_tensors gives every tensor its own seed), and keeps only its shard: no
+rank ever holds more than its share plus one full layer, and the model equals the single-process one of that seed.
 
 Tensor parallelism (Megatron style, as FasterTransformer splits the files): QKV and fc1 are column-split, the attention
 output projection and fc2 row-split with an all-reduce after each (GPT.all_reduce). The token/position embeddings and
@@ -20,6 +23,7 @@ message and exits non-zero, and torchrun then stops the rest), and every collect
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -32,12 +36,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import load_cmodel, resolve_model_dir
+from .checkpoint import load_cmodel, random_ft_tensors, resolve_model_dir
 from .config import GPTConfig, compute_dtype
 from .generate import GenerationOutput, LocalSession, RequestParams, generate
 from .processing import LogitsProcessor
 from .kernels.sampling import sample
-from .model import GPT, device_weights, pack_prompts
+from .model import GPT, GPTWeights, device_weights, pack_prompts
 
 
 class ParallelError(ValueError):
@@ -75,16 +79,19 @@ class Layout:
         per = num_layer // self.pp
         return range(self.stage * per, (self.stage + 1) * per)
 
-    def validate(self, config: GPTConfig, model_dir: Path) -> None:
+    def validate(self, config: GPTConfig, model_dir: Path | None) -> None:
+        """model_dir None: random weights, drawn for any split (no files to match)."""
         if self.world != self.tp * self.pp:
             raise ParallelError(f"{self.world} processes but tensor_para_size={self.tp} x layer_para_size={self.pp} "
                                 f"= {self.tp * self.pp}; start torchrun with --nproc-per-node {self.tp * self.pp}")
-        if config.tensor_para_size != self.tp:
+        if model_dir is not None and config.tensor_para_size != self.tp:
             raise ParallelError(
                 f"{model_dir}: files are split for tensor_para_size={config.tensor_para_size}, not {self.tp}; run with "
                 f"--tensor-para-size {config.tensor_para_size} or convert again with -i_g {self.tp}")
         if config.head_num % self.tp:
             raise ParallelError(f"head_num={config.head_num} is not divisible by tensor_para_size={self.tp}")
+        if config.inter_size % self.tp:
+            raise ParallelError(f"inter_size={config.inter_size} is not divisible by tensor_para_size={self.tp}")
         if config.num_layer % self.pp:
             raise ParallelError(f"num_layer={config.num_layer} is not divisible by layer_para_size={self.pp}")
 
@@ -104,29 +111,75 @@ def init_process_group(timeout_s: float = 300.0) -> tuple[int, int, torch.device
     return rank, world, device
 
 
-class ParallelEngine:
-    """This rank's share of a GPT split T x L ways; `stream`/`generate` accept it in place of a GPT."""
+def random_stage_weights(config: GPTConfig, layout: Layout, *, seed: int = 0, std: float = 0.02,
+                         dtype: torch.dtype, device) -> GPTWeights:
+    """This rank's weights of the model random_ft_tensors(config, seed=seed, std=std) gives, drawn on `device`.
 
-    def __init__(self, model_dir, *, tensor_para_size: int = 1, layer_para_size: int = 1, dtype="fp16",
+    Each of the stage's layers is drawn as full tensors, split, and dropped before the next is drawn, so the peak
+    is this rank's share plus one full layer (GPT-20B in fp16: 0.9 GB a layer; 20 GB a rank at T=2) and the host
+    holds nothing. The tensors are drawn in the compute dtype: fp32 noise rounded once, as a cast of fp32 would be."""
+    layers = layout.stage_layers(config.num_layer)
+    shard = dict(dtype=dtype, device=device, tp_rank=layout.tp_rank, tp_size=layout.tp, is_shard=False)
+    blocks = []
+    for layer in layers:
+        full = random_ft_tensors(config, seed=seed, std=std, dtype=dtype, device=device, layers=[layer],
+                                 embeddings=False)
+        blocks += device_weights(config, full, layers=range(layer, layer + 1), first_stage=False, last_stage=False,
+                                 **shard).blocks
+        del full  # the unsplit layer goes before the next one is drawn
+    weights = GPTWeights(blocks=blocks, first_layer=layers.start)
+    if layout.is_first_stage or layout.is_last_stage:
+        ends = random_ft_tensors(config, seed=seed, std=std, dtype=dtype, device=device, layers=[])
+        edge = device_weights(config, ends, layers=range(layers.start, layers.start),
+                              first_stage=layout.is_first_stage, last_stage=layout.is_last_stage, **shard)
+        weights.wte, weights.wpe, weights.lm_head = edge.wte, edge.wpe, edge.lm_head
+        weights.lnf_weight, weights.lnf_bias = edge.lnf_weight, edge.lnf_bias
+    return weights
+
+
+class ParallelEngine:
+    """This rank's share of a GPT split T x L ways; `stream`/`generate` accept it in place of a GPT.
+
+    ParallelEngine(model_dir, ...) reads a c-model split for T; ParallelEngine(None, config=GPTConfig(...),
+    random_seed=s, ...) or ParallelEngine.random(config, seed=s, ...) draws random_ft_tensors(config, seed=s,
+    std=random_std) on each rank's device instead (no files; any T and L the shape allows)."""
+
+    def __init__(self, model_dir=None, *, config: GPTConfig | None = None, random_seed: int = 0,
+                 random_std: float = 0.02, tensor_para_size: int = 1, layer_para_size: int = 1, dtype="fp16",
                  layer_para_batch_size: int | None = None, timeout_s: float = 300.0):
+        if (model_dir is None) == (config is None):
+            raise ParallelError("pass either model_dir (a c-model) or config (random weights of that shape), "
+                                f"not {'both' if config is not None else 'neither'}")
         rank, world, self.device = init_process_group(timeout_s)
         self.layout = Layout(tensor_para_size, layer_para_size, rank, world)
-        model_dir = resolve_model_dir(model_dir)
-        self.config = GPTConfig.from_ini(model_dir / "config.ini")
+        if model_dir is not None:
+            model_dir = resolve_model_dir(model_dir)
+            self.config = GPTConfig.from_ini(model_dir / "config.ini")
+        else:
+            self.config = config.replace(tensor_para_size=tensor_para_size)
         self.layout.validate(self.config, model_dir)
         self.layer_para_batch_size = layer_para_batch_size
         lay = self.layout
         tp_groups = [dist.new_group(list(range(s * lay.tp, (s + 1) * lay.tp))) if world > 1 else None
                      for s in range(lay.pp)]  # every rank creates every group, in the same order
         self.tp_group = tp_groups[lay.stage]
-        layers = lay.stage_layers(self.config.num_layer)
-        _, ft = load_cmodel(model_dir, tp_rank=lay.tp_rank, layers=layers,
-                            embeddings=lay.is_first_stage or lay.is_last_stage)
-        weights = device_weights(self.config, ft, dtype=compute_dtype(dtype), device=self.device,
-                                 tp_rank=lay.tp_rank, tp_size=lay.tp, is_shard=True, layers=layers,
-                                 first_stage=lay.is_first_stage, last_stage=lay.is_last_stage)
+        if model_dir is None:
+            weights = random_stage_weights(self.config, lay, seed=random_seed, std=random_std,
+                                           dtype=compute_dtype(dtype), device=self.device)
+        else:
+            layers = lay.stage_layers(self.config.num_layer)
+            _, ft = load_cmodel(model_dir, tp_rank=lay.tp_rank, layers=layers,
+                                embeddings=lay.is_first_stage or lay.is_last_stage)
+            weights = device_weights(self.config, ft, dtype=compute_dtype(dtype), device=self.device,
+                                     tp_rank=lay.tp_rank, tp_size=lay.tp, is_shard=True, layers=layers,
+                                     first_stage=lay.is_first_stage, last_stage=lay.is_last_stage)
         self.model = GPT(self.config, weights, tp_size=lay.tp, tp_rank=lay.tp_rank,
                          all_reduce=self._all_reduce if lay.tp > 1 else None)
+
+    @classmethod
+    def random(cls, config: GPTConfig, *, seed: int = 0, std: float = 0.02, **kwargs) -> "ParallelEngine":
+        """Random weights of `config`'s shape, no files (kwargs: tensor_para_size, layer_para_size, dtype, ...)."""
+        return cls(None, config=config, random_seed=seed, random_std=std, **kwargs)
 
     def _all_reduce(self, x: torch.Tensor) -> None:
         dist.all_reduce(x, group=self.tp_group)
@@ -246,14 +299,21 @@ class PipelineSession:
 # --- a Python API for notebooks: run the ranks under torchrun in a subprocess ------------------------------------------
 
 def run_workers(model_dir, jobs: list[dict], *, tensor_para_size: int = 1, layer_para_size: int = 1,
-                dtype: str = "fp16", layer_para_batch_size: int | None = None, timeout_s: float = 600.0) -> list:
+                dtype: str = "fp16", layer_para_batch_size: int | None = None, timeout_s: float = 600.0,
+                config: GPTConfig | None = None, random_seed: int = 0, random_std: float = 0.02) -> list:
     """Start T x L ranks with torchrun (a subprocess) and run `jobs` on them: {"generate": kwargs with prompts} or
-    {"logits": sequences}. Returns one result per job (GenerationOutput, or a list of (T, V) logits tensors)."""
+    {"logits": sequences}. Returns one result per job (GenerationOutput, or a list of (T, V) logits tensors).
+    model_dir None and a config: the ranks draw random_ft_tensors(config, seed=random_seed, std=random_std)."""
     nproc = tensor_para_size * layer_para_size
+    if (model_dir is None) == (config is None):
+        raise ParallelError("run_workers: pass either model_dir or config (random weights), not both or neither")
+    random_weights = (None if config is None else
+                      dict(config=dataclasses.asdict(config), seed=random_seed, std=random_std))
     with tempfile.TemporaryDirectory(prefix="ftlab-launch-") as tmp:
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request.write_text(json.dumps(dict(
-            model_dir=str(model_dir), dtype=dtype, tensor_para_size=tensor_para_size, layer_para_size=layer_para_size,
+            model_dir=None if model_dir is None else str(model_dir), random=random_weights, dtype=dtype,
+            tensor_para_size=tensor_para_size, layer_para_size=layer_para_size,
             layer_para_batch_size=layer_para_batch_size, timeout_s=timeout_s, jobs=jobs)))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "ftlab.parallel", str(request), str(result)]
@@ -268,20 +328,27 @@ def run_workers(model_dir, jobs: list[dict], *, tensor_para_size: int = 1, layer
 
 def launch(model_dir, prompts: list[list[int]], *, tensor_para_size: int = 1, layer_para_size: int = 1,
            dtype: str = "fp16", layer_para_batch_size: int | None = None, timeout_s: float = 600.0,
+           config: GPTConfig | None = None, random_seed: int = 0, random_std: float = 0.02,
            **generate_kwargs) -> GenerationOutput:
-    """Generate with T x L worker processes; generate_kwargs as for ftlab.generate.generate."""
+    """Generate with T x L worker processes; generate_kwargs as for ftlab.generate.generate. model_dir None and a
+    config: random weights of that shape (as run_workers)."""
     job = {"generate": dict(generate_kwargs, prompts=[list(map(int, p)) for p in prompts])}
     return run_workers(model_dir, [job], tensor_para_size=tensor_para_size, layer_para_size=layer_para_size,
-                       dtype=dtype, layer_para_batch_size=layer_para_batch_size, timeout_s=timeout_s)[0]
+                       dtype=dtype, layer_para_batch_size=layer_para_batch_size, timeout_s=timeout_s, config=config,
+                       random_seed=random_seed, random_std=random_std)[0]
 
 
 def _worker(request_path: str, result_path: str) -> int:
     req = json.loads(Path(request_path).read_text())
     rank = int(os.environ.get("RANK", 0))
     try:
+        drawn = req.get("random")  # random weights instead of model_dir
+        weights = (dict(config=GPTConfig(**drawn["config"]), random_seed=drawn["seed"], random_std=drawn["std"])
+                   if drawn else {})
         engine = ParallelEngine(req["model_dir"], tensor_para_size=req["tensor_para_size"],
                                 layer_para_size=req["layer_para_size"], dtype=req["dtype"],
-                                layer_para_batch_size=req["layer_para_batch_size"], timeout_s=req["timeout_s"])
+                                layer_para_batch_size=req["layer_para_batch_size"], timeout_s=req["timeout_s"],
+                                **weights)
         outputs = []
         for job in req["jobs"]:
             if "generate" in job:

@@ -1,0 +1,198 @@
+"""Plots of `ftlab bench` results: latency against tensor parallelism, with FasterTransformer's published anchor.
+
+    python -m ftlab.plots scaling data/bench/parallel.csv data/bench/scaling.png
+
+Reads the bench CSV (columns: ftlab.bench.COLUMNS); only end-to-end rows (cell "e2e") are plotted. When a CSV holds
+several measurements of one point (same GPU, dtype, config, cell, T and L), the last row in the file wins: the newest
+run. matplotlib is imported inside the plotting function, so ftlab imports without it.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REQUIRED_COLUMNS = ("gpu", "date", "dtype", "config", "tp", "pp", "cell", "bs", "n_in", "n_out", "ftlab_ms")
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A published latency series to draw as a reference: ms by tensor_para_size for one config and cell."""
+    config: str  # the bench's config label it belongs to, e.g. "gpt-20b"
+    bs: int
+    n_in: int
+    n_out: int
+    ms_by_tp: dict
+    label: str
+
+
+# FasterTransformer's GPT-20B (48 heads x 128, 44 layers) fp16 end-to-end latency, batch 1, 20 -> 8 tokens, on A100s
+FT_20B_A100 = Anchor(config="gpt-20b", bs=1, n_in=20, n_out=8, ms_by_tp={1: 225.0, 2: 147.0, 4: 102.0, 8: 89.0},
+                     label="FasterTransformer (published), GPT-20B bs1 20->8, A100")
+
+
+@dataclass(frozen=True)
+class Point:
+    gpu: str
+    date: str
+    dtype: str
+    config: str
+    bs: int
+    n_in: int
+    n_out: int
+    tp: int
+    pp: int
+    ftlab_ms: float
+    ftlab_spread: float | None
+
+    @property
+    def cell(self) -> str:
+        return f"bs{self.bs} {self.n_in}->{self.n_out}"
+
+
+def read_points(csv_path: str | Path) -> list[Point]:
+    """The CSV's e2e rows, one per (gpu, dtype, config, bs, n_in, n_out, tp, pp): the last such row of the file."""
+    csv_path = Path(csv_path)
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{csv_path}: not an `ftlab bench` CSV: missing column(s) {missing} (has "
+                             f"{reader.fieldnames or 'no header'}; needs {list(REQUIRED_COLUMNS)})")
+        latest = {}
+        for line, row in enumerate(reader, start=2):
+            if row["cell"] != "e2e":
+                continue
+            try:
+                spread = row.get("ftlab_spread")
+                point = Point(gpu=row["gpu"], date=row["date"], dtype=row["dtype"], config=row["config"],
+                              bs=int(row["bs"]), n_in=int(row["n_in"]), n_out=int(row["n_out"]), tp=int(row["tp"]),
+                              pp=int(row["pp"]), ftlab_ms=float(row["ftlab_ms"]),
+                              ftlab_spread=float(spread) if spread not in (None, "") else None)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{csv_path}:{line}: unreadable bench row ({exc})") from None
+            key = (point.gpu, point.dtype, point.config, point.bs, point.n_in, point.n_out, point.tp, point.pp)
+            latest.pop(key, None)  # re-insert: dict order then follows the file's last occurrences
+            latest[key] = point
+    if not latest:
+        raise ValueError(f"{csv_path}: no end-to-end rows (cell 'e2e') to plot")
+    return list(latest.values())
+
+
+def latency_table(csv_path: str | Path, *, anchor: Anchor | None = FT_20B_A100) -> list[dict]:
+    """The plotted data as rows (for notebooks: e.g. pandas.DataFrame(latency_table(path))), sorted by config,
+    GPU, dtype, cell, L, T. speedup: over T=1, L=1 of the same config/GPU/dtype/cell when measured; anchor_ms: the
+    anchor's latency at this T when the row is the anchor's config and cell with L=1."""
+    points = read_points(csv_path)
+    base = {(p.gpu, p.dtype, p.config, p.bs, p.n_in, p.n_out): p.ftlab_ms for p in points if p.tp == 1 and p.pp == 1}
+    rows = []
+    for p in sorted(points, key=lambda p: (p.config, p.gpu, p.dtype, p.bs, p.n_in, p.n_out, p.pp, p.tp)):
+        single = base.get((p.gpu, p.dtype, p.config, p.bs, p.n_in, p.n_out))
+        on_anchor = (anchor is not None and p.pp == 1 and (p.config, p.bs, p.n_in, p.n_out) ==
+                     (anchor.config, anchor.bs, anchor.n_in, anchor.n_out))
+        rows.append(dict(config=p.config, gpu=p.gpu, dtype=p.dtype, date=p.date, bs=p.bs, n_in=p.n_in,
+                         n_out=p.n_out, tp=p.tp, pp=p.pp, gpus=p.tp * p.pp, ftlab_ms=p.ftlab_ms,
+                         ftlab_spread=p.ftlab_spread, speedup=single / p.ftlab_ms if single else None,
+                         anchor_ms=anchor.ms_by_tp.get(p.tp) if on_anchor else None))
+    return rows
+
+
+def _summary(values) -> str:
+    values = sorted(set(values))
+    return ", ".join(values) if len(values) <= 3 else f"{values[0]} .. {values[-1]}"
+
+
+def plot_scaling(csv_path: str | Path, png_path: str | Path, *, anchor: Anchor | None = FT_20B_A100) -> Path:
+    """One panel per model config: ftlab's end-to-end latency (ms, log scale) against tensor_para_size T (log2
+    axis), one line per (bs, n_in->n_out) cell over the rows with layer_para_size L = 1. Rows with L > 1 are
+    separate hollow squares in their cell's colour, labelled "TxL", placed at their GPU count T*L (where T alone
+    would put T=1 x L=2 on top of the single-GPU point; this way it stands beside T=2, the other use of 2 GPUs).
+    `anchor` (default: FasterTransformer's published GPT-20B A100 numbers) is a dashed line on its config's panel.
+    GPU and dtype join the line labels when the CSV mixes several. Returns png_path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    points = read_points(csv_path)
+    configs = sorted({p.config for p in points}, key=lambda c: min(i for i, p in enumerate(points) if p.config == c))
+    several_gpus = len({p.gpu for p in points}) > 1
+    several_dtypes = len({p.dtype for p in points}) > 1
+
+    def line_label(p: Point) -> str:
+        extra = [x for x, show in ((p.gpu, several_gpus), (p.dtype, several_dtypes)) if show]
+        return p.cell + (f" ({', '.join(extra)})" if extra else "")
+
+    fig, axes = plt.subplots(1, len(configs), figsize=(6.2 * len(configs), 4.8), dpi=120, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, config in zip(axes[0], configs):
+        mine = [p for p in points if p.config == config]
+        series: dict[tuple, list[Point]] = {}
+        for p in mine:
+            series.setdefault((p.gpu, p.dtype, p.bs, p.n_in, p.n_out), []).append(p)
+        tps = {1, 2, 4, 8}
+        for i, key in enumerate(sorted(series)):  # (gpu, dtype, bs, n_in, n_out)
+            color = colors[i % len(colors)]
+            flat = sorted((p for p in series[key] if p.pp == 1), key=lambda p: p.tp)
+            piped = [p for p in series[key] if p.pp > 1]
+            label = line_label(series[key][0])
+            if flat:
+                ax.plot([p.tp for p in flat], [p.ftlab_ms for p in flat], "o-", color=color, lw=1.6, ms=5,
+                        label=label)
+            for k, p in enumerate(piped):  # same colour as the cell's line; the annotation says T and L
+                ax.plot([p.tp * p.pp], [p.ftlab_ms], "s", mfc="none", mec=color, mew=1.5, ms=8,
+                        label=None if flat or k else f"{label}, L > 1")
+                ax.annotate(f"T{p.tp}xL{p.pp}", (p.tp * p.pp, p.ftlab_ms), textcoords="offset points", xytext=(7, -3),
+                            fontsize=7, color=color)
+            tps |= {p.tp * p.pp for p in series[key]}
+        if any(p.pp > 1 for p in mine):
+            ax.plot([], [], "s", mfc="none", mec="gray", mew=1.5, ms=8, label="T x L > 1: layer-parallel, at T*L")
+        if anchor is not None and anchor.config == config:
+            xs = sorted(anchor.ms_by_tp)
+            ax.plot(xs, [anchor.ms_by_tp[x] for x in xs], "x--", color="black", lw=1.2, ms=6, label=anchor.label)
+            tps |= set(xs)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(tps))
+        ax.set_xticklabels([str(t) for t in sorted(tps)])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("tensor_para_size T = GPUs (squares: T x L GPUs)")
+        ax.set_ylabel("end-to-end latency (ms)")
+        ax.set_title(config)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"ftlab end-to-end latency vs tensor parallelism\n{_summary(p.gpu for p in points)}, "
+                 f"{_summary(p.dtype for p in points)}, measured {_summary(p.date for p in points)}", fontsize=10)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ftlab.plots", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="plot", required=True)
+    scaling = sub.add_parser("scaling", help="latency vs tensor_para_size from a bench CSV")
+    scaling.add_argument("csv", type=Path, help="bench CSV (e.g. data/bench/parallel.csv)")
+    scaling.add_argument("png", type=Path, help="PNG to write")
+    scaling.add_argument("--no-anchor", action="store_true", help="leave out FasterTransformer's published line")
+    args = parser.parse_args(argv)
+    try:
+        out = plot_scaling(args.csv, args.png, anchor=None if args.no_anchor else FT_20B_A100)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"ftlab.plots: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
