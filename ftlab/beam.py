@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .generate import GenerationError, GenerationOutput, RequestParams, validate_prompts
+from .kernels.beam_topk import topk
 from .model import pack_prompts
 from .processing import LogitsProcessor
 
@@ -73,11 +74,12 @@ def beam_search(model, prompts, *, max_new_tokens: int, beam_width: int, len_pen
             logits = processor.process(logits, steps)
         log_probs = torch.log_softmax(logits.float(), dim=-1)  # (B*K, V)
         if beam_search_diversity_rate:
-            # FT's diverse beams: within each beam, the j-th best token pays j * rate
+            # FT's diverse beams: within each beam, the j-th best token pays j * rate. This needs the rank of every
+            # token (a full sort), not a top-k, so it stays in torch rather than the beam top-k kernel.
             order = log_probs.argsort(dim=-1, descending=True).argsort(dim=-1)
             log_probs = log_probs - beam_search_diversity_rate * order.float()
         scores = (log_probs.view(B, K, V) + running[:, :, None]).view(B, K * V)
-        top_scores, top_index = torch.topk(scores, 2 * K, dim=-1)  # (B, 2K), best first
+        top_scores, top_index = topk(scores, 2 * K)  # (B, 2K), best first; equal scores: lowest index first
         top_beam, top_token = top_index // V, top_index % V
         last = step == max_new_tokens - 1
         host_scores, host_beam, host_token = top_scores.tolist(), top_beam.tolist(), top_token.tolist()
