@@ -335,7 +335,7 @@ def _open(model, prompts, max_new_tokens: int, use_cuda_graph, params: dict):
     except TypeError as exc:  # an unknown keyword
         raise GenerationError(f"unknown generation parameter: {exc}") from None
     if hasattr(model, "open_session"):
-        session = model.open_session(prompts, max_new_tokens, request)
+        session = model.open_session(prompts, max_new_tokens, request, use_cuda_graph=use_cuda_graph)
     else:
         session = LocalSession(model, prompts, max_new_tokens, request, use_cuda_graph=use_cuda_graph)
     return session, request, torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
@@ -348,8 +348,8 @@ def stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, retu
     produced max_new_tokens. `params`: the per-request parameters of RequestParams (top_k, top_p, temperature,
     random_seed, end_id, repetition_penalty, presence_penalty, min_length, stop_words, bad_words).
 
-    `model` is a GPT, or any engine with `config`, `device` and `open_session(prompts, max_new_tokens, params)`
-    (ftlab.parallel's tensor/layer-parallel engine). Tokens are handed to the host every `sync_every` steps:
+    `model` is a GPT, or any engine with `config`, `device` and `open_session(prompts, max_new_tokens, params,
+    use_cuda_graph)` (ftlab.parallel's tensor/layer-parallel engine). Tokens are handed to the host every `sync_every` steps:
     1 streams each token as soon as it exists; larger values avoid a host synchronisation per token (the decode
     steps then run back to back on the device) at the price of up to sync_every-1 steps past the last end_id.
     use_cuda_graph: replay the decode step as one CUDA graph (default: on a GPU); False runs kernel by kernel."""

@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from .checkpoint import load_cmodel, random_ft_tensors, resolve_model_dir
 from .config import GPTConfig, compute_dtype
-from .generate import GenerationOutput, LocalSession, RequestParams, generate
+from .generate import GenerationOutput, LocalSession, RequestParams, cache_capacity, generate
 from .processing import LogitsProcessor
 from .kernels.sampling import sample
 from .model import GPT, GPTWeights, device_weights, pack_prompts
@@ -175,6 +175,18 @@ class ParallelEngine:
                                      first_stage=lay.is_first_stage, last_stage=lay.is_last_stage)
         self.model = GPT(self.config, weights, tp_size=lay.tp, tp_rank=lay.tp_rank,
                          all_reduce=self._all_reduce if lay.tp > 1 else None)
+        self.stage_graphs: dict = {}  # StageGraph by (batch, KV capacity), pipeline runs only
+
+    def stage_graph(self, batch_size: int, capacity: int) -> "StageGraph":
+        """This stage's captured decode step for (batch, capacity); least recently used ones beyond
+        MAX_STAGE_GRAPHS are dropped with their caches. Every rank captures at the same calls (same keys)."""
+        key = (batch_size, capacity)
+        graph = self.stage_graphs.pop(key, None) or StageGraph(
+            self.model, batch_size, capacity, self.layout.is_first_stage, self.layout.is_last_stage)
+        self.stage_graphs[key] = graph
+        while len(self.stage_graphs) > MAX_STAGE_GRAPHS:
+            self.stage_graphs.pop(next(iter(self.stage_graphs)))
+        return graph
 
     @classmethod
     def random(cls, config: GPTConfig, *, seed: int = 0, std: float = 0.02, **kwargs) -> "ParallelEngine":
@@ -184,13 +196,13 @@ class ParallelEngine:
     def _all_reduce(self, x: torch.Tensor) -> None:
         dist.all_reduce(x, group=self.tp_group)
 
-    def open_session(self, prompts, max_new_tokens, params: RequestParams):
+    def open_session(self, prompts, max_new_tokens, params: RequestParams, use_cuda_graph: bool | None = None):
         if self.layout.pp == 1:
             # one stage: every tensor-parallel rank holds the same all-reduced logits and samples the same tokens
             # (same seeds, same kernels), so the single-process session runs as is, CUDA graph included (the
             # all-reduces are captured with the rest of the decode step)
-            return LocalSession(self.model, prompts, max_new_tokens, params)
-        return PipelineSession(self, prompts, max_new_tokens, params)
+            return LocalSession(self.model, prompts, max_new_tokens, params, use_cuda_graph=use_cuda_graph)
+        return PipelineSession(self, prompts, max_new_tokens, params, use_cuda_graph=use_cuda_graph)
 
     @torch.no_grad()
     def logits(self, sequences: list[list[int]]) -> list[torch.Tensor] | None:
@@ -212,20 +224,57 @@ def _send(x: torch.Tensor, dst: int):
     return dist.isend(x.view(torch.uint8), dst)
 
 
-def _recv(shape, dtype, device, src: int) -> torch.Tensor:
-    buf = torch.empty(shape, dtype=dtype, device=device)
+def _recv(shape, dtype, device, src: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    buf = torch.empty(shape, dtype=dtype, device=device) if out is None else out
     dist.recv(buf.view(torch.uint8), src)
     return buf
+
+
+class StageGraph:
+    """A pipeline stage's share of the decode step captured as a CUDA graph over static buffers (the stage twin of
+    ftlab.generate.DecodeGraph): embedding (first stage) or the received hidden states, this stage's blocks, and
+    the LM head (last stage). Send/recv, the logits processors and sampling stay outside, so every decoding
+    feature works with it. Kept on the engine per (batch, KV capacity) with its KV cache."""
+
+    def __init__(self, model: GPT, batch_size: int, capacity: int, first: bool, last: bool):
+        dev = model.device
+        self.model, self.first, self.last = model, first, last
+        self.cache = model.new_kv_cache(batch_size, capacity)
+        self.positions = torch.zeros(batch_size, dtype=torch.int32, device=dev)
+        self.tokens = torch.zeros(batch_size, dtype=torch.int64, device=dev)
+        self.hidden_in = torch.zeros(batch_size, model.config.hidden, dtype=model.dtype, device=dev)
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):  # warm-up outside the graph (kernel compilation); the prefill overwrites it
+            self._step()
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._step()  # (B, H) hidden states to send on, or (B, V) logits on the last stage
+
+    def _step(self) -> torch.Tensor:
+        x = self.model.embed(self.tokens, self.positions) if self.first else self.hidden_in
+        x = self.model.run_blocks_decode(x, self.positions, self.cache)
+        self.positions += 1
+        return self.model.lm_logits(x) if self.last else x
+
+
+MAX_STAGE_GRAPHS = 4
 
 
 class PipelineSession:
     """One generate() call across the ranks (the parallel twin of ftlab.generate.LocalSession)."""
 
-    def __init__(self, engine: ParallelEngine, prompts: list[list[int]], max_new_tokens: int, params: RequestParams):
+    def __init__(self, engine: ParallelEngine, prompts: list[list[int]], max_new_tokens: int, params: RequestParams,
+                 use_cuda_graph: bool | None = None):
         self.engine, self.model, self.lay, self.params = engine, engine.model, engine.layout, params
         self.prompts = prompts
         B = len(prompts)
-        self.cache = self.model.new_kv_cache(B, max(map(len, prompts)) + max_new_tokens)
+        capacity = cache_capacity([len(p) for p in prompts], max_new_tokens, engine.config.max_pos_seq_len)
+        if use_cuda_graph is None:
+            use_cuda_graph = engine.device.type == "cuda" and params is not None
+        self.graph = engine.stage_graph(B, capacity) if use_cuda_graph else None
+        self.cache = self.graph.cache if self.graph is not None else self.model.new_kv_cache(B, capacity)
         self.positions = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=engine.device)
         self.steps = torch.zeros(B, dtype=torch.int32, device=engine.device)
         self.pending = []  # (isend handle, tensor) pairs: the tensor must live until its send completes
@@ -285,9 +334,22 @@ class PipelineSession:
             if x is not None:
                 last_hidden.append(x[batch.cu_seqlens[1:].long() - 1])
         logits = self.model.lm_logits(torch.cat(last_hidden)) if self.lay.is_last_stage else None
+        if self.graph is not None:
+            self.graph.positions.copy_(self.positions)
         return self._sample_and_share(logits)
 
     def next(self, tokens: torch.Tensor):
+        lay, graph = self.lay, self.graph
+        if graph is not None:
+            if lay.is_first_stage:
+                graph.tokens.copy_(tokens)
+            else:
+                _recv(None, None, None, src=lay.rank - lay.tp, out=graph.hidden_in)
+            graph.graph.replay()
+            if not lay.is_last_stage:  # graph.out is rewritten by the next replay, which waits for this send
+                self.pending.append((_send(graph.out, dst=lay.rank + lay.tp), graph.out))
+            return self._sample_and_share(graph.out if lay.is_last_stage else None)
+
         def run(x):
             return self.model.run_blocks_decode(x, self.positions, self.cache)
 
