@@ -116,6 +116,17 @@ SHAPES = {  # FasterTransformer's benchmark shapes: (heads, size_per_head, layer
     "345m": (16, 64, 24), "1.3b": (32, 64, 24), "6.7b": (32, 128, 32), "20b": (48, 128, 44)}
 
 
+def shape_config(shape: str):
+    """GPTConfig of one of FT's benchmark SHAPES (GPT-2 vocabulary, 1024 positions)."""
+    from .config import GPTConfig
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
+    heads, size, layers = SHAPES[shape]
+    return GPTConfig(head_num=heads, size_per_head=size, num_layer=layers, vocab_size=50257, max_pos_seq_len=1024,
+                     model_name=f"gpt-{shape}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftlab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -255,11 +266,8 @@ def cmd_bench(args) -> int:
     import os
 
     from . import bench
-    from .config import GPTConfig
 
-    heads, size, layers = SHAPES[args.shape]
-    config = GPTConfig(head_num=heads, size_per_head=size, num_layer=layers, vocab_size=50257, max_pos_seq_len=1024,
-                       model_name=f"gpt-{args.shape}")
+    config = shape_config(args.shape)
     if args.profile_decode:
         print(bench.profile_decode_step(config, dtype=args.dtype))
         return 0

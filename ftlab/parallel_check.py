@@ -4,9 +4,10 @@ In fp16/bf16 a split sums the row-parallel GEMMs in another order, so after a ne
 exact token equality cannot be promised. The honest check compares logits with an fp32 single-GPU reference: a
 correct split is as close to it as the single-GPU run of the same dtype is.
 
-    torchrun --nproc-per-node P -m ftlab.parallel_check run -m DIR/N-gpu -t T -l L --dtype fp16 --out F.pt
+    torchrun --nproc-per-node P -m ftlab.parallel_check run (-m DIR/N-gpu | --shape 1.3b) -t T -l L --dtype fp16
+             --out F.pt
         saves the logits of every position of fixed ragged prompts, and the greedy tokens of a batch
-        (written by the last stage's lead rank);
+        (written by the last stage's lead rank); --shape draws random weights (the same for every split, no files);
     python -m ftlab.parallel_check compare REF.pt F.pt ... [--csv OUT.csv]
         per run: relative logits error against REF (max over prompts), argmax agreement with REF, and greedy token
         agreement with the run of the same dtype at T=1, L=1 when it is among the files.
@@ -29,14 +30,19 @@ def _prompts(lengths, vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def run(model_dir, tensor_para_size: int, layer_para_size: int, dtype: str, out: Path) -> None:
+def run(model_dir, tensor_para_size: int, layer_para_size: int, dtype: str, out: Path, shape: str | None = None) -> None:
     import torch.distributed as dist
 
     from .generate import generate
     from .parallel import ParallelEngine
 
-    engine = ParallelEngine(model_dir, tensor_para_size=tensor_para_size, layer_para_size=layer_para_size,
-                            dtype=dtype)
+    split = dict(tensor_para_size=tensor_para_size, layer_para_size=layer_para_size, dtype=dtype)
+    if shape is not None:
+        from .cli import shape_config
+
+        engine = ParallelEngine.random(shape_config(shape), **split)
+    else:
+        engine = ParallelEngine(model_dir, **split)
     vocab = engine.config.vocab_size
     logits = engine.logits(_prompts(PROMPT_LENGTHS, vocab, seed=1))
     greedy = generate(engine, _prompts([GREEDY_IN] * GREEDY_BATCH, vocab, seed=2), max_new_tokens=GREEDY_OUT)
@@ -75,7 +81,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ftlab.parallel_check", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run")
-    p.add_argument("-m", "--model-dir", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("-m", "--model-dir")
+    source.add_argument("--shape", help="random weights of an `ftlab bench --shape` (345m, 1.3b, 6.7b, 20b)")
     p.add_argument("-t", "--tensor-para-size", type=int, default=1)
     p.add_argument("-l", "--layer-para-size", type=int, default=1)
     p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
@@ -86,7 +94,7 @@ def main(argv=None) -> int:
     c.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.command == "run":
-        run(args.model_dir, args.tensor_para_size, args.layer_para_size, args.dtype, args.out)
+        run(args.model_dir, args.tensor_para_size, args.layer_para_size, args.dtype, args.out, shape=args.shape)
         return 0
     rows = compare(args.reference, args.runs)
     keys = list(dict.fromkeys(k for row in rows for k in row))
