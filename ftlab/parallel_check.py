@@ -4,10 +4,11 @@ In fp16/bf16 a split sums the row-parallel GEMMs in another order, so after a ne
 exact token equality cannot be promised. The honest check compares logits with an fp32 single-GPU reference: a
 correct split is as close to it as the single-GPU run of the same dtype is.
 
-    torchrun --nproc-per-node P -m ftlab.parallel_check run (-m DIR/N-gpu | --shape 1.3b) -t T -l L --dtype fp16
-             --out F.pt
-        saves the logits of every position of fixed ragged prompts, and the greedy tokens of a batch
-        (written by the last stage's lead rank); --shape draws random weights (the same for every split, no files);
+    torchrun --nproc-per-node P -m ftlab.parallel_check run (-m DIR/N-gpu | --shape 1.3b) -t T -l L
+             --dtypes fp16,bf16 --out-dir DIR
+        saves (as DIR/t{T}l{L}-{dtype}.pt) the logits of every position of fixed ragged prompts and the greedy
+        tokens of a batch (written by the last stage's lead rank); --shape draws random weights (the same for every
+        split, no files);
     python -m ftlab.parallel_check compare REF.pt F.pt ... [--csv OUT.csv]
         per run: relative logits error against REF (max over prompts), argmax agreement with REF, and greedy token
         agreement with the run of the same dtype at T=1, L=1 when it is among the files.
@@ -30,26 +31,36 @@ def _prompts(lengths, vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def run(model_dir, tensor_para_size: int, layer_para_size: int, dtype: str, out: Path, shape: str | None = None) -> None:
+def run(model_dir, tensor_para_size: int, layer_para_size: int, dtypes: list[str], out_dir: Path,
+        shape: str | None = None) -> None:
+    """One engine per dtype in this process (one start-up for all): saves out_dir/t{T}l{L}-{dtype}.pt."""
+    import time
+
     import torch.distributed as dist
 
     from .generate import generate
     from .parallel import ParallelEngine
 
-    split = dict(tensor_para_size=tensor_para_size, layer_para_size=layer_para_size, dtype=dtype)
-    if shape is not None:
-        from .cli import shape_config
+    for dtype in dtypes:
+        start = time.perf_counter()
+        split = dict(tensor_para_size=tensor_para_size, layer_para_size=layer_para_size, dtype=dtype)
+        if shape is not None:
+            from .cli import shape_config
 
-        engine = ParallelEngine.random(shape_config(shape), **split)
-    else:
-        engine = ParallelEngine(model_dir, **split)
-    vocab = engine.config.vocab_size
-    logits = engine.logits(_prompts(PROMPT_LENGTHS, vocab, seed=1))
-    greedy = generate(engine, _prompts([GREEDY_IN] * GREEDY_BATCH, vocab, seed=2), max_new_tokens=GREEDY_OUT)
-    if engine.layout.rank == engine.layout.last_stage_lead:
-        torch.save(dict(tp=tensor_para_size, pp=layer_para_size, dtype=dtype, config=engine.config.model_name,
-                        logits=[t.float().cpu() for t in logits], tokens=greedy.output_ids), out)
-        print(f"saved {out}", flush=True)
+            engine = ParallelEngine.random(shape_config(shape), **split)
+        else:
+            engine = ParallelEngine(model_dir, **split)
+        vocab = engine.config.vocab_size
+        logits = engine.logits(_prompts(PROMPT_LENGTHS, vocab, seed=1))
+        greedy = generate(engine, _prompts([GREEDY_IN] * GREEDY_BATCH, vocab, seed=2), max_new_tokens=GREEDY_OUT)
+        if engine.layout.rank == engine.layout.last_stage_lead:
+            out = Path(out_dir) / f"t{tensor_para_size}l{layer_para_size}-{dtype}.pt"
+            torch.save(dict(tp=tensor_para_size, pp=layer_para_size, dtype=dtype, config=engine.config.model_name,
+                            logits=[t.float().cpu() for t in logits], tokens=greedy.output_ids), out)
+            print(f"saved {out} ({time.perf_counter() - start:.1f} s)", flush=True)
+        del engine, logits
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -86,15 +97,16 @@ def main(argv=None) -> int:
     source.add_argument("--shape", help="random weights of an `ftlab bench --shape` (345m, 1.3b, 6.7b, 20b)")
     p.add_argument("-t", "--tensor-para-size", type=int, default=1)
     p.add_argument("-l", "--layer-para-size", type=int, default=1)
-    p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dtypes", default="fp16", help="comma-separated: fp32, fp16, bf16")
+    p.add_argument("--out-dir", type=Path, required=True)
     c = sub.add_parser("compare")
     c.add_argument("reference", type=Path)
     c.add_argument("runs", type=Path, nargs="+")
     c.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.command == "run":
-        run(args.model_dir, args.tensor_para_size, args.layer_para_size, args.dtype, args.out, shape=args.shape)
+        run(args.model_dir, args.tensor_para_size, args.layer_para_size, args.dtypes.split(","), args.out_dir,
+            shape=args.shape)
         return 0
     rows = compare(args.reference, args.runs)
     keys = list(dict.fromkeys(k for row in rows for k in row))
