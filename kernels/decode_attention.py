@@ -185,12 +185,13 @@ def _check(cond: bool, message: str) -> None:
 
 
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                     scale: Optional[float] = None) -> torch.Tensor:
+                     scale: Optional[float] = None, blocks: Optional["DecodeBlocks"] = None) -> torch.Tensor:
     """Append each sequence's new k/v at cache[b, :, positions[b]] and attend over slots 0..positions[b] inclusive.
 
     qkv (B, 3, nh, d) for the new token; k_cache/v_cache (B, nh, S_max, d), last dim contiguous, written in place;
     positions int32 (B,) on qkv's device with 0 <= positions[b] < S_max (not checked: that would need a host sync).
     Returns out (B, nh, d) in qkv's dtype. No host synchronisation; safe to capture in a CUDA graph.
+    blocks: tile/partition sizes (default: pick_decode_blocks; the micro-benchmark's sweep passes its own).
     """
     _check(qkv.dim() == 4 and qkv.shape[1] == 3, f"qkv must be (B, 3, nh, d), got {tuple(qkv.shape)}")
     _check(qkv.dtype in _SUPPORTED_DTYPES, f"qkv dtype must be float32/float16/bfloat16, got {qkv.dtype}")
@@ -218,10 +219,11 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     if batch == 0:
         return out
     num_sms = _num_sms(qkv.device.index or 0) if qkv.is_cuda else 132
-    blocks = pick_decode_blocks(batch, num_heads, s_max, head_dim, num_sms)
-    if not qkv.is_cuda:
-        # Triton's interpreter pays Python overhead per program and per loop step, not per element: one partition
-        blocks = DecodeBlocks(min(128, triton.next_power_of_2(s_max)), triton.cdiv(s_max, 128), blocks.num_warps)
+    if blocks is None:
+        blocks = pick_decode_blocks(batch, num_heads, s_max, head_dim, num_sms)
+        if not qkv.is_cuda:
+            # Triton's interpreter pays Python overhead per program and per loop step, not per element: one partition
+            blocks = DecodeBlocks(min(128, triton.next_power_of_2(s_max)), triton.cdiv(s_max, 128), blocks.num_warps)
     num_parts = triton.cdiv(s_max, blocks.part_size)
     part_max = torch.empty((batch, num_heads, num_parts), dtype=torch.float32, device=qkv.device)
     part_sum = torch.empty_like(part_max)
@@ -308,5 +310,49 @@ def _benchmark() -> None:
     save_rows(rows, "decode_attention_bench.csv")
 
 
+def _sweep() -> None:
+    """Tile, partition and warp choices around the heuristic at decode shapes (fp16, KV caches rotated so each
+    call reads HBM, CUDA-graph timings); prints the best per shape and the heuristic's time."""
+    from ._bench import save_rows, time_us_rotating
+
+    dtype, device = torch.float16, "cuda"
+    rows = []
+    for batch, num_heads, head_dim, context in ((1, 16, 64, 512), (8, 16, 64, 512), (64, 16, 64, 512),
+                                                (1, 32, 128, 512)):
+        s_max = -(-(context + 33) // 256) * 256  # a generate() cache: rounded up to 256 slots
+        kv_bytes = 2 * batch * num_heads * s_max * head_dim * 2
+        copies = max(1, min(64, -(-(160 << 20) // kv_bytes)))
+        caches = [(torch.randn(batch, num_heads, s_max, head_dim, dtype=dtype, device=device),
+                   torch.randn(batch, num_heads, s_max, head_dim, dtype=dtype, device=device)) for _ in range(copies)]
+        qkv = torch.randn(batch, 3, num_heads, head_dim, dtype=dtype, device=device)
+        positions = torch.full((batch,), context, dtype=torch.int32, device=device)
+        block_d = max(16, triton.next_power_of_2(head_dim))
+        results = []
+        for block_s in (16, 32, 64, 128):
+            for tiles in (1, 2, 4, 8):
+                for warps in (2, 4, 8):
+                    if block_s * block_d > 16384 or block_s * tiles > s_max:
+                        continue
+                    cfg = DecodeBlocks(block_s, tiles, warps)
+                    t = time_us_rotating(lambda kv, cfg=cfg: decode_attention(qkv, kv[0], kv[1], positions,
+                                                                              blocks=cfg), caches, rep=10)
+                    results.append((t, cfg))
+        heur = pick_decode_blocks(batch, num_heads, s_max, head_dim, _num_sms(0))
+        t_heur = time_us_rotating(lambda kv: decode_attention(qkv, kv[0], kv[1], positions), caches)
+        needed = 2 * batch * num_heads * (context + 1) * head_dim * 2
+        results.sort(key=lambda r: r[0])
+        print(f"B={batch} nh={num_heads} d={head_dim} ctx={context} S={s_max}: heuristic {heur} {t_heur:.2f} us "
+              f"({needed / t_heur * 1e-3:.0f} GB/s)", flush=True)
+        for t, cfg in results[:5]:
+            print(f"    {t:8.2f} us {needed / t * 1e-3:6.0f} GB/s  {cfg}")
+        rows += [dict(batch=batch, num_heads=num_heads, head_dim=head_dim, context=context, s_max=s_max,
+                      block_s=c.block_s, tiles=c.tiles_per_part, warps=c.num_warps, us=t, gbs=needed / t * 1e-3,
+                      heuristic_us=t_heur) for t, c in results]
+        del caches
+    save_rows(rows, "decode_attention_sweep.csv")
+
+
 if __name__ == "__main__":
-    _benchmark()
+    import sys
+
+    _sweep() if "--sweep" in sys.argv[1:] else _benchmark()

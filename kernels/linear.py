@@ -610,23 +610,9 @@ def _bench_inputs(M, N, K, dtype, variant):
     return weights, kwargs
 
 
-def _time_us(call, weights, rep=20):
-    """Median microseconds of call(weight), cycling through the weight copies (each captured call gets the next)."""
-    from triton.testing import do_bench_cudagraph
-
-    turn = [0]
-
-    def step():
-        turn[0] += 1
-        return call(weights[turn[0] % len(weights)])
-
-    try:
-        return do_bench_cudagraph(step, rep=rep, return_mode="median") * 1e3
-    except TypeError:  # a Triton whose do_bench_cudagraph has no return_mode
-        return do_bench_cudagraph(step, rep=rep, quantiles=[0.5])[0] * 1e3
-
-
 def _benchmark() -> None:
+    from ._bench import time_us_rotating
+
     dtype = torch.float16
     num_sms = _num_sms(torch.device(_BENCH_DEVICE))
     rows = []
@@ -637,7 +623,7 @@ def _benchmark() -> None:
         for M in _BENCH_MS:
             for variant in _BENCH_VARIANTS:
                 weights, kwargs = _bench_inputs(M, N, K, dtype, variant)
-                times = {name: _time_us(lambda w, name=name: linear(weight=w, **kwargs, impl=name), weights)
+                times = {name: time_us_rotating(lambda w, name=name: linear(weight=w, **kwargs, impl=name), weights)
                          for name in ("torch", "gemm") + (("gemv",) if M <= 64 else ())}
                 times.setdefault("gemv", float("nan"))
                 pick = linear_impl_for(M, N, K)
@@ -661,6 +647,8 @@ def _benchmark() -> None:
 
 def _sweep() -> None:
     """Block sizes around the heuristics at decode sizes (bias-only epilogue, fp16); prints the best per shape."""
+    from ._bench import time_us_rotating
+
     dtype = torch.float16
     num_sms = _num_sms(torch.device(_BENCH_DEVICE))
     rows = []
@@ -683,13 +671,13 @@ def _sweep() -> None:
             results = []
             for kind, cfg in candidates:
                 run = _run_gemv if kind == "gemv" else _run_gemm
-                t = _time_us(lambda w, run=run, cfg=cfg: run(x, w, b, None, None, None, 1e-5, False, cfg), weights,
+                t = time_us_rotating(lambda w, run=run, cfg=cfg: run(x, w, b, None, None, None, 1e-5, False, cfg), weights,
                              rep=10)
                 results.append((t, kind, cfg))
             results.sort(key=lambda r: r[0])
             heur = pick_gemv_config(M, N, K, dtype, num_sms)
-            t_heur = _time_us(lambda w: _run_gemv(x, w, b, None, None, None, 1e-5, False, heur), weights)
-            t_torch = _time_us(lambda w: linear(x, w, b, impl="torch"), weights)
+            t_heur = time_us_rotating(lambda w: _run_gemv(x, w, b, None, None, None, 1e-5, False, heur), weights)
+            t_torch = time_us_rotating(lambda w: linear(x, w, b, impl="torch"), weights)
             print(f"K={K} N={N} M={M}: torch {t_torch:.2f} us; gemv heuristic {t_heur:.2f} us "
                   f"({N * K * 2 / (t_heur * 1e-6) / 1e9:.0f} GB/s) {tuple(heur)}", flush=True)
             for t, kind, cfg in results[:5]:
