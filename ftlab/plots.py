@@ -1,6 +1,8 @@
-"""Plots of `ftlab bench` results: latency against tensor parallelism, with FasterTransformer's published anchor.
+"""Plots of `ftlab bench` results: latency against tensor parallelism, with FasterTransformer's published anchor,
+and the single-GPU grid against the baselines measured in the same run.
 
-    python -m ftlab.plots scaling data/bench/parallel.csv data/bench/scaling.png
+    python -m ftlab.plots scaling data/bench/scaling.csv data/bench/scaling.png
+    python -m ftlab.plots grid data/bench/bench.csv data/bench/grid.png
 
 Reads the bench CSV (columns: ftlab.bench.COLUMNS); only end-to-end rows (cell "e2e") are plotted. When a CSV holds
 several measurements of one point (same GPU, dtype, config, cell, T and L), the last row in the file wins: the newest
@@ -177,6 +179,62 @@ def plot_scaling(csv_path: str | Path, png_path: str | Path, *, anchor: Anchor |
     return png_path
 
 
+GRID_SERIES = (("ftlab_ms", "ftlab"), ("peer_ms", "torch.compile peer"), ("hf_ms", "HF eager generate"),
+               ("floor_ms", "physical floor"))
+
+
+def grid_rows(csv_path: str | Path, *, config: str = "gpt-345m") -> list[dict]:
+    """The single-GPU end-to-end rows of one config (T = L = 1), the newest row per (gpu, dtype, bs, n_in, n_out),
+    sorted by batch and lengths; values as floats (None where a baseline was not measured)."""
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in REQUIRED_COLUMNS + tuple(k for k, _ in GRID_SERIES) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{csv_path}: not a bench CSV, missing columns {missing}")
+        latest = {}
+        for row in reader:
+            if row["cell"] == "e2e" and row["tp"] == "1" and row["pp"] == "1" and row["config"] == config:
+                latest[(row["gpu"], row["dtype"], int(row["bs"]), int(row["n_in"]), int(row["n_out"]))] = row
+    if not latest:
+        raise ValueError(f"{csv_path}: no single-GPU e2e rows of config {config!r}")
+    out = []
+    for (gpu, dtype, bs, n_in, n_out), row in sorted(latest.items(), key=lambda kv: kv[0][2:]):
+        values = {k: float(row[k]) if row[k] not in ("", None) else None for k, _ in GRID_SERIES}
+        out.append(dict(gpu=gpu, dtype=dtype, date=row["date"], bs=bs, n_in=n_in, n_out=n_out, **values))
+    return out
+
+
+def plot_grid(csv_path: str | Path, png_path: str | Path, *, config: str = "gpt-345m") -> Path:
+    """FasterTransformer's single-GPU grid as grouped bars: for each (bs, n_in->n_out) cell, ftlab, the
+    torch.compile peer, HF eager generate and the physical floor (ms, log scale), from grid_rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = grid_rows(csv_path, config=config)
+    fig, ax = plt.subplots(figsize=(10, 4.6), dpi=120)
+    width = 0.2
+    for i, (key, label) in enumerate(GRID_SERIES):
+        xs = [j + (i - 1.5) * width for j, r in enumerate(rows) if r[key] is not None]
+        ax.bar(xs, [r[key] for r in rows if r[key] is not None], width, label=label,
+               color=None if key != "floor_ms" else "lightgray", edgecolor="black" if key == "floor_ms" else None)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"bs{r['bs']}\n{r['n_in']}->{r['n_out']}" for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("end-to-end latency (ms, log scale)")
+    ax.grid(axis="y", alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{config}: {_summary(r['gpu'] for r in rows)}, {_summary(r['dtype'] for r in rows)}, "
+                 f"measured {_summary(r['date'] for r in rows)}", fontsize=10)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ftlab.plots", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="plot", required=True)
@@ -184,9 +242,16 @@ def main(argv: list[str] | None = None) -> int:
     scaling.add_argument("csv", type=Path, help="bench CSV (e.g. data/bench/parallel.csv)")
     scaling.add_argument("png", type=Path, help="PNG to write")
     scaling.add_argument("--no-anchor", action="store_true", help="leave out FasterTransformer's published line")
+    grid = sub.add_parser("grid", help="single-GPU grid: ftlab vs peer vs HF vs floor from a bench CSV")
+    grid.add_argument("csv", type=Path, help="bench CSV (e.g. data/bench/bench.csv)")
+    grid.add_argument("png", type=Path, help="PNG to write")
+    grid.add_argument("--config", default="gpt-345m", help="the bench's config label")
     args = parser.parse_args(argv)
     try:
-        out = plot_scaling(args.csv, args.png, anchor=None if args.no_anchor else FT_20B_A100)
+        if args.plot == "grid":
+            out = plot_grid(args.csv, args.png, config=args.config)
+        else:
+            out = plot_scaling(args.csv, args.png, anchor=None if args.no_anchor else FT_20B_A100)
     except (ValueError, FileNotFoundError) as exc:
         print(f"ftlab.plots: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,45 @@
+"""Latency plots from bench CSVs (the shipped H200 results and small synthetic ones)."""
+import csv
+
+import pytest
+
+from ftlab.bench import COLUMNS
+from ftlab.plots import grid_rows, main, plot_grid
+from ftlab.tokenizer import DATA_DIR
+
+
+def _write(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _row(**kw):
+    base = dict(gpu="G", date="2026-01-01", config="gpt-345m", dtype="fp16", tp=1, pp=1, cell="e2e", bs=1, n_in=128,
+                n_out=8, ftlab_ms=5.0, peer_ms=9.0, hf_ms="", floor_ms=1.5)
+    return dict(base, **kw)
+
+
+def test_grid_rows_keep_the_newest_single_gpu_row_per_cell(tmp_path):
+    path = _write(tmp_path / "b.csv", [_row(bs=8, ftlab_ms=7.0), _row(ftlab_ms=6.0), _row(ftlab_ms=5.5),
+                                       _row(tp=2, ftlab_ms=1.0), _row(cell="decode_step", ftlab_ms=0.5),
+                                       _row(config="gpt-1.3b", ftlab_ms=2.0)])
+    rows = grid_rows(path)
+    assert [(r["bs"], r["ftlab_ms"]) for r in rows] == [(1, 5.5), (8, 7.0)]
+    assert rows[0]["hf_ms"] is None and rows[0]["peer_ms"] == 9.0
+
+
+def test_plot_grid_of_the_shipped_h200_results(tmp_path):
+    out = plot_grid(DATA_DIR / "bench" / "bench.csv", tmp_path / "grid.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_plot_grid_errors_name_the_problem(tmp_path, capsys):
+    with pytest.raises(ValueError, match="no single-GPU e2e rows of config 'gpt-9b'"):
+        grid_rows(DATA_DIR / "bench" / "bench.csv", config="gpt-9b")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    assert main(["grid", str(bad), str(tmp_path / "x.png")]) == 2
+    assert "missing columns" in capsys.readouterr().err
