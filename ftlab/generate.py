@@ -164,6 +164,33 @@ def sample_step(logits: torch.Tensor, params: RequestParams, steps: torch.Tensor
     return tokens, log_probs, (processor.observe(tokens) if processor is not None else None)
 
 
+def capture_cuda_graph(step: Callable[[], object], device) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Run `step` once outside the graph on a side stream (compiles every kernel variant, sets up cuBLAS
+    workspaces), then capture it: (graph, what step returned inside the capture: static buffers each replay
+    rewrites)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
+def lru_get(cache: dict, key, make: Callable[[], object], limit: int):
+    """cache[key], made by make() on a miss; the dict is kept most recently used last, and the least recently used
+    entries beyond `limit` are dropped (captured graphs hold their KV caches and memory pools)."""
+    value = cache.pop(key, None)
+    if value is None:
+        value = make()
+    cache[key] = value
+    while len(cache) > limit:
+        cache.pop(next(iter(cache)))
+    return value
+
+
 class DecodeGraph:
     """The whole decode step (embedding, every block, LM head, sampling) captured once as a CUDA graph over static
     buffers: one launch per token and no host synchronisation. Kept on the model per (batch, capacity) so that
@@ -182,14 +209,7 @@ class DecodeGraph:
         self.model = model
         self.prefill_graphs: dict = {}  # PrefillGraph by (total tokens, longest prompt)
         self.prefill_seen: set = set()
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):  # warm-up outside the graph: compiles every kernel variant first
-            self._step()
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out_tokens, self.out_log_probs = self._step()
+        self.graph, (self.out_tokens, self.out_log_probs) = capture_cuda_graph(self._step, dev)
 
     def _step(self):
         logits = self.model.decode(self.tokens, self.positions, self.cache)
@@ -215,15 +235,12 @@ class DecodeGraph:
         ~150 launches, whose host cost exceeds their GPU time for short prompts, while capturing a shape that
         never comes back would only cost time."""
         key = (len(batch.token_ids), batch.max_seqlen)
-        graph = self.prefill_graphs.pop(key, None)
-        if graph is None and key not in self.prefill_seen:
+        if key not in self.prefill_graphs and key not in self.prefill_seen:
             self.prefill_seen.add(key)
             return self.model.prefill(batch.token_ids, batch.positions, batch.cu_seqlens, batch.max_seqlen,
                                       self.cache)
-        graph = graph or PrefillGraph(self.model, self.cache, batch)
-        self.prefill_graphs[key] = graph  # most recently used last
-        while len(self.prefill_graphs) > MAX_PREFILL_GRAPHS:
-            self.prefill_graphs.pop(next(iter(self.prefill_graphs)))
+        graph = lru_get(self.prefill_graphs, key, lambda: PrefillGraph(self.model, self.cache, batch),
+                        MAX_PREFILL_GRAPHS)
         return graph.run(batch)
 
 
@@ -234,19 +251,11 @@ class PrefillGraph:
         self.token_ids, self.positions = torch.empty_like(batch.token_ids), torch.empty_like(batch.positions)
         self.cu_seqlens = torch.empty_like(batch.cu_seqlens)
         self._copy_in(batch)
-        dev = model.device
 
         def prefill():
             return model.prefill(self.token_ids, self.positions, self.cu_seqlens, batch.max_seqlen, cache)
 
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):  # warm-up outside the graph (kernel compilation, cuBLAS workspaces)
-            prefill()
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = prefill()
+        self.graph, self.logits = capture_cuda_graph(prefill, model.device)
 
     def _copy_in(self, batch: PackedPrompts) -> None:
         self.token_ids.copy_(batch.token_ids)
@@ -265,15 +274,10 @@ MAX_PREFILL_GRAPHS = 4  # per decode graph
 
 def decode_graph(model: GPT, batch_size: int, capacity: int) -> DecodeGraph:
     """The model's captured decode step for this (batch, capacity), capturing it on first use (least recently
-    used ones beyond MAX_GRAPHS_PER_MODEL are dropped with their KV caches). Calls sharing a graph share its cache, so a
-    model runs one CUDA-graph generate() at a time."""
-    graphs = model.graph_cache
-    key = (batch_size, capacity)
-    graph = graphs.pop(key, None) or DecodeGraph(model, batch_size, capacity)
-    graphs[key] = graph  # most recently used last
-    while len(graphs) > MAX_GRAPHS_PER_MODEL:
-        graphs.pop(next(iter(graphs)))
-    return graph
+    used ones beyond MAX_GRAPHS_PER_MODEL are dropped with their KV caches). Calls sharing a graph share its cache,
+    so a model runs one CUDA-graph generate() at a time."""
+    return lru_get(model.graph_cache, (batch_size, capacity), lambda: DecodeGraph(model, batch_size, capacity),
+                   MAX_GRAPHS_PER_MODEL)
 
 
 class LocalSession:

@@ -38,7 +38,8 @@ import torch.distributed as dist
 
 from .checkpoint import load_cmodel, random_ft_tensors, resolve_model_dir
 from .config import GPTConfig, compute_dtype
-from .generate import GenerationOutput, LocalSession, RequestParams, cache_capacity, generate
+from .generate import (GenerationOutput, LocalSession, RequestParams, cache_capacity, capture_cuda_graph, generate,
+                       lru_get)
 from .processing import LogitsProcessor
 from .kernels.sampling import sample
 from .model import GPT, GPTWeights, device_weights, pack_prompts
@@ -180,13 +181,10 @@ class ParallelEngine:
     def stage_graph(self, batch_size: int, capacity: int) -> "StageGraph":
         """This stage's captured decode step for (batch, capacity); least recently used ones beyond
         MAX_STAGE_GRAPHS are dropped with their caches. Every rank captures at the same calls (same keys)."""
-        key = (batch_size, capacity)
-        graph = self.stage_graphs.pop(key, None) or StageGraph(
-            self.model, batch_size, capacity, self.layout.is_first_stage, self.layout.is_last_stage)
-        self.stage_graphs[key] = graph
-        while len(self.stage_graphs) > MAX_STAGE_GRAPHS:
-            self.stage_graphs.pop(next(iter(self.stage_graphs)))
-        return graph
+        lay = self.layout
+        return lru_get(self.stage_graphs, (batch_size, capacity),
+                       lambda: StageGraph(self.model, batch_size, capacity, lay.is_first_stage, lay.is_last_stage),
+                       MAX_STAGE_GRAPHS)
 
     @classmethod
     def random(cls, config: GPTConfig, *, seed: int = 0, std: float = 0.02, **kwargs) -> "ParallelEngine":
@@ -243,14 +241,8 @@ class StageGraph:
         self.positions = torch.zeros(batch_size, dtype=torch.int32, device=dev)
         self.tokens = torch.zeros(batch_size, dtype=torch.int64, device=dev)
         self.hidden_in = torch.zeros(batch_size, model.config.hidden, dtype=model.dtype, device=dev)
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):  # warm-up outside the graph (kernel compilation); the prefill overwrites it
-            self._step()
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self._step()  # (B, H) hidden states to send on, or (B, V) logits on the last stage
+        # (the warm-up run writes cache slot 0; the context phase overwrites it before any replay)
+        self.graph, self.out = capture_cuda_graph(self._step, dev)  # out: (B, H) to send on, or (B, V) logits
 
     def _step(self) -> torch.Tensor:
         x = self.model.embed(self.tokens, self.positions) if self.first else self.hidden_in

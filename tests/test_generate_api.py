@@ -7,7 +7,7 @@ import torch
 from ftlab.checkpoint import random_ft_tensors, write_cmodel
 from ftlab.cli import main
 from ftlab.config import GPTConfig
-from ftlab.generate import GenerationError, cache_capacity, generate, stream
+from ftlab.generate import GenerationError, cache_capacity, generate, lru_get, stream
 from ftlab.model import GPT
 
 CFG = GPTConfig(head_num=2, size_per_head=8, num_layer=2, vocab_size=61, max_pos_seq_len=24, start_id=0, end_id=60)
@@ -158,3 +158,16 @@ def test_cli_decoding_features(model_dir, capsys):
     assert main(base + ["--repetition-penalty", "0"]) == 2
     assert "repetition_penalty" in capsys.readouterr().err
 
+
+
+def test_lru_get_makes_once_and_drops_the_least_recently_used():
+    made, cache = [], {}
+
+    def make(key):
+        made.append(key)
+        return f"graph {key}"
+
+    for key in (1, 2, 1, 3, 2, 4):
+        assert lru_get(cache, key, lambda key=key: make(key), limit=3) == f"graph {key}"
+    assert made == [1, 2, 3, 4]  # hits make nothing
+    assert list(cache) == [3, 2, 4]  # 1 was the least recently used when 4 came
