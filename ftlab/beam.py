@@ -29,8 +29,13 @@ def beam_search(model, prompts, *, max_new_tokens: int, beam_width: int, len_pen
     """Returns the best hypothesis of every request in output_ids (prompt + generated), with every kept hypothesis
     in `beams` / `beam_scores` and cum_log_probs the best hypothesis' summed log-probability."""
     cfg = model.config
-    if hasattr(model, "open_session"):
-        raise GenerationError("beam search runs in a single process for now (not under tensor/layer parallelism)")
+    if hasattr(model, "open_session"):  # ftlab.parallel's engine
+        if model.layout.pp > 1:
+            raise GenerationError("beam search runs in one process or under tensor parallelism, not under layer "
+                                  "parallelism (layer_para_size > 1)")
+        # every tensor-parallel rank holds the same all-reduced logits, so each rank runs the same search over its
+        # shard of the model (the all-reduces inside keep them in step)
+        model = model.model
     if isinstance(beam_width, bool) or not isinstance(beam_width, int) or not 1 <= beam_width <= MAX_BEAM_WIDTH:
         raise GenerationError(f"beam_width must be an integer in [1, {MAX_BEAM_WIDTH}], got {beam_width!r}")
     if 2 * beam_width > cfg.vocab_size:

@@ -376,8 +376,18 @@ def run_workers(model_dir, jobs: list[dict], *, tensor_para_size: int = 1, layer
             errors = [line for line in proc.stderr.splitlines() if "error:" in line] or proc.stderr.splitlines()[-20:]
             raise ParallelError(f"parallel workers failed (exit {proc.returncode}):\n" + "\n".join(errors))
         outputs = json.loads(result.read_text())
-    return [GenerationOutput(**out) if "generate" in job else [torch.tensor(t) for t in out]
+    return [_generation_output(out) if "generate" in job else [torch.tensor(t) for t in out]
             for job, out in zip(jobs, outputs)]
+
+
+def _generation_output(fields: dict) -> GenerationOutput:
+    """A worker's GenerationOutput.__dict__ back as the object, extras (beam search's beams) as attributes."""
+    known = {f.name for f in dataclasses.fields(GenerationOutput)}
+    out = GenerationOutput(**{k: v for k, v in fields.items() if k in known})
+    for k, v in fields.items():
+        if k not in known:
+            setattr(out, k, v)
+    return out
 
 
 def launch(model_dir, prompts: list[list[int]], *, tensor_para_size: int = 1, layer_para_size: int = 1,

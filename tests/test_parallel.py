@@ -2,13 +2,14 @@
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 from ftlab.checkpoint import random_ft_tensors, write_cmodel
 from ftlab.config import GPTConfig
 from ftlab.model import GPT
-from ftlab.generate import generate
+from ftlab.generate import GenerationError, generate
 from ftlab.parallel import ParallelError, run_workers
 from tests.util import assert_rel_close
 
@@ -16,6 +17,7 @@ CFG = GPTConfig(head_num=4, size_per_head=8, num_layer=2, vocab_size=61, max_pos
 PROMPTS = [[3, 14, 15, 9, 2], [6], [5, 35, 8]]
 GREEDY = dict(max_new_tokens=6)
 SAMPLED = dict(max_new_tokens=6, top_k=0, top_p=0.95, temperature=1.3, random_seed=[1, 2, 3])
+BEAMS = dict(max_new_tokens=6, beam_width=3, len_penalty=0.8)
 
 
 @pytest.fixture(scope="module")
@@ -28,21 +30,35 @@ def model_dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single_process(model_dirs):
     model = GPT.from_cmodel(model_dirs[1], dtype="fp32", device="cpu")
-    return (generate(model, PROMPTS, **GREEDY), generate(model, PROMPTS, **SAMPLED), model.logits(PROMPTS))
+    return (generate(model, PROMPTS, **GREEDY), generate(model, PROMPTS, **SAMPLED), model.logits(PROMPTS),
+            generate(model, PROMPTS, **BEAMS))
 
 
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)])
 def test_parallel_matches_single_process(model_dirs, single_process, tp, pp):
     jobs = [{"generate": dict(GREEDY, prompts=PROMPTS)}, {"generate": dict(SAMPLED, prompts=PROMPTS)},
             {"logits": PROMPTS}]
-    greedy, sampled, logits = run_workers(model_dirs[tp], jobs, tensor_para_size=tp, layer_para_size=pp,
-                                          dtype="fp32", layer_para_batch_size=2, timeout_s=240)
-    ref_greedy, ref_sampled, ref_logits = single_process
+    if pp == 1:  # beam search runs under tensor parallelism (not layer parallelism)
+        jobs.append({"generate": dict(BEAMS, prompts=PROMPTS)})
+    greedy, sampled, logits, *beams = run_workers(model_dirs[tp], jobs, tensor_para_size=tp, layer_para_size=pp,
+                                                  dtype="fp32", layer_para_batch_size=2, timeout_s=240)
+    ref_greedy, ref_sampled, ref_logits, ref_beams = single_process
     assert greedy.output_ids == ref_greedy.output_ids
     assert sampled.output_ids == ref_sampled.output_ids
     assert sampled.output_ids != greedy.output_ids  # the sampled run really sampled
     for got, ref in zip(logits, ref_logits):
         assert_rel_close(got, ref, tol=1e-5, what=f"logits T={tp} L={pp}")
+    if beams:
+        assert beams[0].output_ids == ref_beams.output_ids and beams[0].beams == ref_beams.beams
+        for got, ref in zip(beams[0].beam_scores, ref_beams.beam_scores):
+            assert got == pytest.approx(ref, rel=1e-5)
+        assert any(len(hyps) == 3 for hyps in beams[0].beams)
+
+
+def test_beam_search_under_layer_parallelism_is_refused():
+    engine = SimpleNamespace(open_session=None, layout=SimpleNamespace(pp=2), config=CFG)
+    with pytest.raises(GenerationError, match="not under layer parallelism"):
+        generate(engine, PROMPTS, **BEAMS)
 
 
 def test_files_split_for_another_n(model_dirs):
