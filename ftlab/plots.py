@@ -106,6 +106,17 @@ def _summary(values) -> str:
     return ", ".join(values) if len(values) <= 3 else f"{values[0]} .. {values[-1]}"
 
 
+def _save(fig, png_path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path
+
+
 def plot_scaling(csv_path: str | Path, png_path: str | Path, *, anchor: Anchor | None = FT_20B_A100) -> Path:
     """One panel per model config: ftlab's end-to-end latency (ms, log scale) against tensor_para_size T (log2
     axis), one line per (bs, n_in->n_out) cell over the rows with layer_para_size L = 1. Rows with L > 1 are
@@ -171,12 +182,7 @@ def plot_scaling(csv_path: str | Path, png_path: str | Path, *, anchor: Anchor |
         ax.legend(fontsize=7)
     fig.suptitle(f"ftlab end-to-end latency vs tensor parallelism\n{_summary(p.gpu for p in points)}, "
                  f"{_summary(p.dtype for p in points)}, measured {_summary(p.date for p in points)}", fontsize=10)
-    fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path)
-    plt.close(fig)
-    return png_path
+    return _save(fig, png_path)
 
 
 GRID_SERIES = (("ftlab_ms", "ftlab"), ("peer_ms", "torch.compile peer"), ("hf_ms", "HF eager generate"),
@@ -227,12 +233,7 @@ def plot_grid(csv_path: str | Path, png_path: str | Path, *, config: str = "gpt-
     ax.legend(fontsize=8)
     ax.set_title(f"{config}: {_summary(r['gpu'] for r in rows)}, {_summary(r['dtype'] for r in rows)}, "
                  f"measured {_summary(r['date'] for r in rows)}", fontsize=10)
-    fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path)
-    plt.close(fig)
-    return png_path
+    return _save(fig, png_path)
 
 
 def main(argv: list[str] | None = None) -> int:
