@@ -361,4 +361,3 @@ def print_row(r: dict) -> None:
           f"{_fmt(r['ftlab_spread'] * 100, '.0f') + '%':>5} {_fmt(r.get('peer_ms')):>9} "
           f"{_fmt(r.get('hf_ms'), '.1f'):>9} {_fmt(r.get('floor_ms')):>9} {_fmt(r.get('ftlab_vs_peer'), '.2f'):>7} "
           f"{_fmt(r.get('ftlab_vs_floor'), '.2f'):>7}", flush=True)
-

@@ -269,8 +269,9 @@ def cmd_bench(args) -> int:
     from . import bench
 
     config = shape_config(args.shape)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
     if args.profile_decode:
-        for batch in (int(b) for b in args.batch_sizes.split(",")):
+        for batch in batches:
             print(f"decode step of {config.model_name}, batch {batch}, context 512, {args.dtype}:")
             print(bench.profile_decode_step(config, batch=batch, dtype=args.dtype))
         return 0
@@ -287,10 +288,10 @@ def cmd_bench(args) -> int:
         # without -m every rank draws its share of random weights of --shape on its GPU: no c-model on disk
         bench.run_parallel(args.model_dir, config=config, tensor_para_size=args.tensor_para_size,
                            layer_para_size=args.layer_para_size, dtype=args.dtype,
-                           batches=[int(b) for b in args.batch_sizes.split(",")], cells=cells, repeats=args.repeats,
+                           batches=batches, cells=cells, repeats=args.repeats,
                            csv_path=args.csv or bench.DEFAULT_CSV, tokens_path=args.tokens_json)
         return 0
-    bench.run(config, args.model_dir, dtype=args.dtype, batches=[int(b) for b in args.batch_sizes.split(",")],
+    bench.run(config, args.model_dir, dtype=args.dtype, batches=batches,
               cells=cells, repeats=args.repeats, with_peer=not args.no_peer, with_hf=not args.no_hf,
               csv_path=args.csv or bench.DEFAULT_CSV)
     return 0
