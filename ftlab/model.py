@@ -65,6 +65,9 @@ class KVCache:
     """Keys and values of every sequence, written in place by the attention kernels."""
     k: torch.Tensor  # (L_local, B, nh_local, capacity, hs)
     v: torch.Tensor  # (L_local, B, nh_local, capacity, hs)
+    # (B, nh_local) int32, zero between launches: decode attention's combine counters, shared by the layers (they run
+    # one after another) so no step spends a memset launch per layer on them
+    counters: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -76,7 +79,8 @@ class KVCache:
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """Views of sequences start..stop-1 (micro-batches of the layer-parallel context phase)."""
-        return KVCache(self.k[:, start:stop], self.v[:, start:stop])
+        counters = None if self.counters is None else self.counters[start:stop]
+        return KVCache(self.k[:, start:stop], self.v[:, start:stop], counters)
 
 
 def _device_block(ft: dict, layer: int, *, dtype, device, rank: int, tp: int, is_shard: bool, config: GPTConfig):
@@ -175,7 +179,8 @@ class GPT:
     def new_kv_cache(self, batch_size: int, capacity: int) -> KVCache:
         shape = (self.num_local_layers, batch_size, self.local_heads, capacity, self.config.size_per_head)
         return KVCache(torch.empty(shape, dtype=self.dtype, device=self.device),
-                       torch.empty(shape, dtype=self.dtype, device=self.device))
+                       torch.empty(shape, dtype=self.dtype, device=self.device),
+                       torch.zeros((batch_size, self.local_heads), dtype=torch.int32, device=self.device))
 
     # --- stage pieces -------------------------------------------------------------------------------------------
     def embed(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -211,10 +216,14 @@ class GPT:
         return x
 
     def run_blocks_decode(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One token per sequence (B, H) at `positions` (B,) through this stage's blocks."""
+        """One token per sequence (B, H) at `positions` (B,) through this stage's blocks.
+
+        `positions` and the cache rows below them must have been written before x was (x comes from the step's
+        embedding or a receive, ordinary launches): decode attention then reads them before its PDL wait."""
         for i, block in enumerate(self.weights.blocks):
             def attend(qkv, i=i):
-                return decode_attention(qkv, cache.k[i], cache.v[i], positions)
+                return decode_attention(qkv, cache.k[i], cache.v[i], positions, counter=cache.counters,
+                                        history_ready=True)
             x = self._block(block, x, attend)
         return x
 

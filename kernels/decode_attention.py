@@ -7,8 +7,9 @@ whose partition starts after positions[b] exit at once. Cached keys are read str
 key/value are taken from qkv in registers by the one program whose partition holds positions[b], and that program
 alone writes them to the cache slot, so no program ever reads the slot being written in the same launch.
 Each program then bumps a per-(sequence, head) counter (atomic, acquire-release); the program that finishes its
-head's last valid partition rescales and sums all of them into out. This replaces a second reduction launch, which
-cost ~3 us per layer at batch 1 on the H200 (8.6 % of a GPT-345M decode step).
+head's last valid partition rescales and sums all of them into out, and resets the counter to zero. This replaces
+a second reduction launch, which cost ~3 us per layer at batch 1 on the H200 (8.6 % of a GPT-345M decode step).
+With PDL (kernels/_pdl.py) the first tile of cached keys/values can be loaded while the QKV GEMV still runs.
 Scores are kept in log2 units (scale folded with log2(e)) so exp2 can be used; everything accumulates in fp32.
 """
 import math
@@ -20,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
 from .attention import LOG2E
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -38,10 +40,15 @@ def _decode_partition_kernel(
     stride_out_b, stride_out_h,
     head_dim, s_max, num_heads, num_parts,
     BLOCK_S: tl.constexpr, TILES_PER_PART: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    USE_PDL: tl.constexpr, HISTORY_READY: tl.constexpr,
 ):
     part = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.program_id(2)
+    if USE_PDL:
+        gdc_launch_dependents()
+        if not HISTORY_READY:
+            gdc_wait()
     pos = tl.load(positions_ptr + seq)
     part_lo = part * (BLOCK_S * TILES_PER_PART)
     if part_lo > pos:  # beyond this sequence's keys: the reduction never reads this partition
@@ -51,13 +58,21 @@ def _decode_partition_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
     offs_s = tl.arange(0, BLOCK_S)
+    kc = k_cache_ptr + seq.to(tl.int64) * stride_kc_b + head * stride_kc_h
+    vc = v_cache_ptr + seq.to(tl.int64) * stride_vc_b + head * stride_vc_h
+    # cached keys [part_lo, min(part_hi, pos)): every tile visited holds >= 1 valid key, so m_i turns finite at once.
+    # The loop is software-pipelined (the next tile's keys and values are loaded before the current tile is used);
+    # the first tile is loaded here, before the new token's q/k/v, and with HISTORY_READY before the PDL wait.
+    kv_hi = tl.minimum(tl.minimum(part_hi, pos), s_max)
+    k_next, v_next = _load_kv_tile(kc, vc, part_lo + offs_s, kv_hi, offs_d, d_mask, stride_kc_s, stride_vc_s)
+    if USE_PDL:
+        if HISTORY_READY:
+            gdc_wait()  # qkv comes from the previous kernel; the cache slot written below may be read by others
     qkv_base = qkv_ptr + seq.to(tl.int64) * stride_qkv_b + head * stride_qkv_h + offs_d
     q = tl.load(qkv_base, mask=d_mask, other=0.0).to(tl.float32) * qk_scale  # (BLOCK_D,)
     k_new = tl.load(qkv_base + stride_qkv_part, mask=d_mask, other=0.0)
     v_new = tl.load(qkv_base + 2 * stride_qkv_part, mask=d_mask, other=0.0)
 
-    kc = k_cache_ptr + seq.to(tl.int64) * stride_kc_b + head * stride_kc_h
-    vc = v_cache_ptr + seq.to(tl.int64) * stride_vc_b + head * stride_vc_h
     # a position past the cache is dropped rather than written out of bounds; the mask is built per lane because the
     # interpreter rejects a vector & scalar mask
     owns_new = (pos < part_hi) & (pos < s_max)
@@ -65,22 +80,20 @@ def _decode_partition_kernel(
     tl.store(kc + pos * stride_kc_s + offs_d, k_new, mask=new_mask)
     tl.store(vc + pos * stride_vc_s + offs_d, v_new, mask=new_mask)
 
-    # cached keys [part_lo, min(part_hi, pos)): every tile visited holds >= 1 valid key, so m_i turns finite at once
     m_i = float("-inf")
     l_i = 0.0
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    kv_hi = tl.minimum(tl.minimum(part_hi, pos), s_max)
     for kv_lo in range(part_lo, kv_hi, BLOCK_S):
-        offs_kv = kv_lo + offs_s
-        kv_mask = offs_kv < kv_hi
-        tile_mask = kv_mask[:, None] & d_mask[None, :]
-        k = tl.load(kc + offs_kv[:, None] * stride_kc_s + offs_d[None, :], mask=tile_mask, other=0.0)
+        k = k_next
+        v = v_next
+        k_next, v_next = _load_kv_tile(kc, vc, kv_lo + BLOCK_S + offs_s, kv_hi, offs_d, d_mask, stride_kc_s,
+                                       stride_vc_s)
+        kv_mask = kv_lo + offs_s < kv_hi
         s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # (BLOCK_S,)
         s = tl.where(kv_mask, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new)
-        v = tl.load(vc + offs_kv[:, None] * stride_vc_s + offs_d[None, :], mask=tile_mask, other=0.0)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         m_i = m_new
@@ -110,6 +123,16 @@ def _decode_partition_kernel(
         _combine_partitions(part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr, ws_head,
                             seq.to(tl.int64) * stride_out_b + head * stride_out_h, head_dim, n_valid,
                             BLOCK_P, BLOCK_D)
+        tl.store(counter, 0)  # every partition has counted: leave the counter zero for the next launch
+
+
+@triton.jit
+def _load_kv_tile(kc, vc, offs_kv, kv_hi, offs_d, d_mask, stride_kc_s, stride_vc_s):
+    # keys and values of cache slots offs_kv (BLOCK_S,), nothing at or beyond kv_hi
+    tile_mask = (offs_kv < kv_hi)[:, None] & d_mask[None, :]
+    k = tl.load(kc + offs_kv[:, None] * stride_kc_s + offs_d[None, :], mask=tile_mask, other=0.0)
+    v = tl.load(vc + offs_kv[:, None] * stride_vc_s + offs_d[None, :], mask=tile_mask, other=0.0)
+    return k, v
 
 
 @triton.jit
@@ -188,13 +211,20 @@ def _check(cond: bool, message: str) -> None:
 
 
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                     scale: Optional[float] = None, blocks: Optional["DecodeBlocks"] = None) -> torch.Tensor:
+                     scale: Optional[float] = None, blocks: Optional["DecodeBlocks"] = None, *,
+                     counter: Optional[torch.Tensor] = None, history_ready: bool = False) -> torch.Tensor:
     """Append each sequence's new k/v at cache[b, :, positions[b]] and attend over slots 0..positions[b] inclusive.
 
     qkv (B, 3, nh, d) for the new token; k_cache/v_cache (B, nh, S_max, d), last dim contiguous, written in place;
     positions int32 (B,) on qkv's device with 0 <= positions[b] < S_max (not checked: that would need a host sync).
     Returns out (B, nh, d) in qkv's dtype. No host synchronisation; safe to capture in a CUDA graph.
     blocks: tile/partition sizes (default: pick_decode_blocks; the micro-benchmark's sweep passes its own).
+    counter: int32 (B, nh) workspace that is zero before the call; the kernel leaves it zero again, so a caller can
+    keep one for every call (it saves a memset launch per call, which would also end the PDL overlap). Calls that
+    share a counter must not run concurrently (on other streams). Default: a zeroed one per call.
+    history_ready: the caller promises that `positions` and the cache slots below them were written by work that
+    had finished before the previous kernel in the stream started (in a decode step: before the step's embedding),
+    so with PDL they are read before waiting for that kernel.
     """
     _check(qkv.dim() == 4 and qkv.shape[1] == 3, f"qkv must be (B, 3, nh, d), got {tuple(qkv.shape)}")
     _check(qkv.dtype in _SUPPORTED_DTYPES, f"qkv dtype must be float32/float16/bfloat16, got {qkv.dtype}")
@@ -213,6 +243,11 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
            f"positions must be (B={batch},), got {tuple(positions.shape)}")
     _check(positions.dtype == torch.int32, f"positions must be int32, got {positions.dtype}")
     _check(positions.device == qkv.device, f"positions is on {positions.device}, qkv on {qkv.device}")
+    if counter is not None:
+        _check(counter.shape == (batch, num_heads) and counter.dtype == torch.int32 and counter.is_contiguous(),
+               f"counter must be a contiguous int32 (B={batch}, nh={num_heads}) tensor, got "
+               f"{counter.dtype} {tuple(counter.shape)}")
+        _check(counter.device == qkv.device, f"counter is on {counter.device}, qkv on {qkv.device}")
     s_max = k_cache.shape[2]
     _check(s_max >= 1, "k_cache has no slots (S_max = 0)")
     if scale is None:
@@ -233,7 +268,9 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     part_acc = torch.empty((batch, num_heads, num_parts, head_dim), dtype=torch.float32, device=qkv.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
 
-    counter = torch.zeros((batch, num_heads), dtype=torch.int32, device=qkv.device)
+    if counter is None:
+        counter = torch.zeros((batch, num_heads), dtype=torch.int32, device=qkv.device)
+    use_pdl = pdl_for(qkv.device)
     _decode_partition_kernel[(num_parts, num_heads, batch)](
         qkv, k_cache, v_cache, positions,
         part_max, part_sum, part_acc, counter, out,
@@ -245,8 +282,8 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         out.stride(0), out.stride(1),
         head_dim, s_max, num_heads, num_parts,
         BLOCK_S=blocks.block_s, TILES_PER_PART=blocks.tiles_per_part, BLOCK_D=block_d,
-        BLOCK_P=max(4, min(32, triton.next_power_of_2(num_parts))),
-        num_warps=blocks.num_warps,
+        BLOCK_P=max(4, min(32, triton.next_power_of_2(num_parts))), USE_PDL=use_pdl, HISTORY_READY=history_ready,
+        num_warps=blocks.num_warps, **launch_options(use_pdl),
     )
     return out
 

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
+
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACTIVATIONS = (None, "gelu")
 _IMPLS = (None, "gemv", "gemm", "torch")
@@ -167,7 +169,7 @@ def _gemv_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, ln_w_ptr, ln_b_ptr, out_ptr, part_ptr,
     M, N, K, k_per_split, ln_eps,
     HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_LN: tl.constexpr,
-    WRITE_PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
     BLOCK_K: tl.constexpr,  # = LANES * VEC
 ):
@@ -192,9 +194,16 @@ def _gemv_kernel(
     # even when the launch did not specialise it
     k_lo = tl.multiple_of(split * k_per_split, BLOCK_K)
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    # software pipelining in registers: each iteration issues the next chunk's weight load before it consumes the
-    # current one (two chunks in flight per program), and the first load goes out before the LN statistics
+    # software pipelining in registers: each iteration issues the weight load two chunks ahead before it consumes
+    # the current one, and the first two loads go out before anything else. With PDL they go out even before the
+    # previous kernel has finished (weights are never written by it): at GPT sizes K spans at most two chunks, so
+    # a program's whole share of the weight is in flight while it waits for its input x.
+    if USE_PDL:
+        gdc_launch_dependents()
     w_next = _load_weight_chunk(w_tile, k_lo, k_hi, chunk4)
+    w_after = _load_weight_chunk(w_tile, k_lo + BLOCK_K, k_hi, chunk4)
+    if USE_PDL:
+        gdc_wait()  # x, the residual and the output buffer belong to the kernel chain: touched only after this
     if HAS_LN:
         mean, rstd = _ln_row_stats(x_rows[:, None], K, ln_eps, BLOCK_M, BLOCK_K)
         mean4 = mean[:, None, None, None]
@@ -203,7 +212,8 @@ def _gemv_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N, LANES), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         w = w_next
-        w_next = _load_weight_chunk(w_tile, k0 + BLOCK_K, k_hi, chunk4)
+        w_next = w_after
+        w_after = _load_weight_chunk(w_tile, k0 + 2 * BLOCK_K, k_hi, chunk4)
         if EVEN_K:
             xk = tl.load(x_tile + k0).to(tl.float32)
         else:
@@ -413,14 +423,15 @@ def _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, c
     part = _workspace_or_out(out, split_k, M, N)
     has_ln = ln_weight is not None
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), split_k)
+    use_pdl = pdl_for(x.device)
     _gemv_kernel[grid](
         x, weight, bias if bias is not None else out, residual if residual is not None else out,
         ln_weight if has_ln else out, ln_bias if has_ln else out, out, part,
         M, N, K, k_per_split, float(ln_eps),
         HAS_BIAS=bias is not None, ACT_GELU=act_gelu, HAS_RES=residual is not None, HAS_LN=has_ln,
-        WRITE_PARTIAL=split_k > 1, EVEN_K=K % cfg.block_k == 0,
+        WRITE_PARTIAL=split_k > 1, EVEN_K=K % cfg.block_k == 0, USE_PDL=use_pdl,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, LANES=cfg.lanes, VEC=cfg.vec, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, **launch_options(use_pdl),
     )
     if split_k > 1:
         _finish_split(part, out, bias, residual, act_gelu, split_k)

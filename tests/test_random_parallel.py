@@ -79,6 +79,7 @@ def single_process():
     return generate(model, PROMPTS, **GREEDY), model.logits(PROMPTS)
 
 
+@pytest.mark.cpu_only
 def test_one_process_engine_without_files(single_process):
     engine = ParallelEngine.random(CFG, seed=SEED, std=STD, dtype="fp32")
     assert engine.config.tensor_para_size == 1 and engine.config.model_name == CFG.model_name
@@ -91,6 +92,7 @@ def test_one_process_engine_without_files(single_process):
         ParallelEngine.random(CFG, layer_para_size=2, dtype="fp32")
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
 def test_random_parallel_matches_single_process(single_process, tp, pp):
     jobs = [{"generate": dict(GREEDY, prompts=PROMPTS)}, {"logits": PROMPTS}]
@@ -103,6 +105,7 @@ def test_random_parallel_matches_single_process(single_process, tp, pp):
         assert_rel_close(got, ref, tol=1e-5, what=f"logits T={tp} L={pp}")
 
 
+@pytest.mark.cpu_only
 def test_random_parallel_validates_the_split_on_every_rank():
     with pytest.raises(ParallelError, match="head_num=3 is not divisible by tensor_para_size=2"):
         run_workers(None, [{"logits": PROMPTS}], config=CFG.replace(head_num=3), tensor_para_size=2, dtype="fp32",

@@ -94,10 +94,12 @@ def test_decode_attention_strided_views(device):
     assert torch.isnan(k_all[0]).all() and torch.isnan(v_all[0]).all(), "layer 0 was written"
 
 
+@pytest.mark.parametrize("shared_counter", [False, True])
 @pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
-def test_prefill_then_decode_reproduces_causal_attention(dtype_name, device):
+def test_prefill_then_decode_reproduces_causal_attention(dtype_name, shared_counter, device):
     # context_attention fills the cache for a prompt, decode steps extend it; every output row must equal causal
-    # attention over the whole sequence (torch SDPA as an independent oracle), so both kernels agree on the layout
+    # attention over the whole sequence (torch SDPA as an independent oracle), so both kernels agree on the layout.
+    # With one counter for all steps (as the model passes it), each launch must leave it zero for the next one.
     dtype = DTYPES[dtype_name]
     prompt_lens, steps, num_heads, head_dim, s_max = [5, 9], 4, 2, 24, 15
     total = [n + steps for n in prompt_lens]
@@ -112,7 +114,12 @@ def test_prefill_then_decode_reproduces_causal_attention(dtype_name, device):
     for step in range(steps):
         positions = torch.tensor([n + step for n in prompt_lens], dtype=torch.int32, device=device)
         step_qkv = torch.stack([seq[n + step] for seq, n in zip(seqs, prompt_lens)])
-        step_out = decode_attention(step_qkv, k_cache, v_cache, positions)
+        if shared_counter:
+            counter = torch.zeros((2, num_heads), dtype=torch.int32, device=device) if step == 0 else counter
+            step_out = decode_attention(step_qkv, k_cache, v_cache, positions, counter=counter, history_ready=True)
+            assert not counter.any(), "the counter was not left zero"
+        else:
+            step_out = decode_attention(step_qkv, k_cache, v_cache, positions)
         for b in range(2):
             outs[b].append(step_out[b:b + 1])
 
@@ -135,11 +142,12 @@ def test_decode_attention_replays_in_cuda_graph(dtype_name):
     k_cache, v_cache = _cache_with_history([s_max] * batch, num_heads, s_max, head_dim, dtype, device)
     qkv = torch.randn(batch, 3, num_heads, head_dim, dtype=dtype, device=device)
     positions = torch.tensor(history[0], dtype=torch.int32, device=device)
-    decode_attention(qkv, k_cache, v_cache, positions)  # compile outside the capture
+    counter = torch.zeros((batch, num_heads), dtype=torch.int32, device=device)  # reused by every replay
+    decode_attention(qkv, k_cache, v_cache, positions, counter=counter)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = decode_attention(qkv, k_cache, v_cache, positions)
+        out = decode_attention(qkv, k_cache, v_cache, positions, counter=counter, history_ready=True)
     for pos in history:
         qkv.copy_(torch.randn_like(qkv))
         positions.copy_(torch.tensor(pos, dtype=torch.int32))
@@ -172,6 +180,10 @@ BAD_INPUTS = [
     ("cache empty", lambda a: a.update(k_cache=a["k_cache"][:, :, :0], v_cache=a["v_cache"][:, :, :0]), "S_max"),
     ("positions int64", lambda a: a.update(positions=a["positions"].long()), "positions"),
     ("positions length", lambda a: a.update(positions=a["positions"][:1]), "positions"),
+    ("counter shape", lambda a: a.update(counter=torch.zeros(2, 3, dtype=torch.int32, device=a["qkv"].device)),
+     "counter"),
+    ("counter int64", lambda a: a.update(counter=torch.zeros(2, 2, dtype=torch.int64, device=a["qkv"].device)),
+     "counter"),
 ]
 
 
