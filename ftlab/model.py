@@ -187,37 +187,32 @@ class GPT:
         """(T,) token ids and positions -> (T, H) residual stream."""
         return embedding(token_ids, positions, self.weights.wte, self.weights.wpe, out_dtype=self.dtype)
 
-    def _row_parallel(self, x_local: torch.Tensor, weight, bias, residual: torch.Tensor, prefetch) -> torch.Tensor:
+    def _row_parallel(self, x_local: torch.Tensor, weight, bias, residual: torch.Tensor) -> torch.Tensor:
         if self.all_reduce is None:
-            return linear(x_local, weight, bias, residual=residual, prefetch=prefetch)
+            return linear(x_local, weight, bias, residual=residual)
         lead = self.tp_rank == 0  # the lead rank adds bias + residual once; the others contribute partial sums
-        out = linear(x_local, weight, bias if lead else None, residual=residual if lead else None, prefetch=prefetch)
+        out = linear(x_local, weight, bias if lead else None, residual=residual if lead else None)
         self.all_reduce(out)
         return out
 
-    def _block(self, i: int, x: torch.Tensor, attend: Callable) -> torch.Tensor:
-        # each GEMM is handed the next GEMM's weight to pull into L2 (the decode GEMVs do so; kernels/linear.py):
-        # QKV -> attention output projection -> FC1 -> FC2 -> the next block's QKV
-        blocks = self.weights.blocks
-        block = blocks[i]
-        next_qkv = blocks[i + 1].qkv_weight if i + 1 < len(blocks) else None
+    def _block(self, block: BlockWeights, x: torch.Tensor, attend: Callable) -> torch.Tensor:
         eps = self.config.layernorm_eps
         T = x.shape[0]
         qkv = linear(x, block.qkv_weight, block.qkv_bias, ln_weight=block.ln1_weight, ln_bias=block.ln1_bias,
-                     ln_eps=eps, prefetch=block.attn_out_weight)  # (T, 3*nh*hs)
+                     ln_eps=eps)  # (T, 3*nh*hs)
         attn = attend(qkv.view(T, 3, self.local_heads, self.config.size_per_head))  # (T, nh, hs)
-        x = self._row_parallel(attn.view(T, -1), block.attn_out_weight, block.attn_out_bias, x, block.fc1_weight)
+        x = self._row_parallel(attn.view(T, -1), block.attn_out_weight, block.attn_out_bias, x)
         h = linear(x, block.fc1_weight, block.fc1_bias, activation="gelu", ln_weight=block.ln2_weight,
-                   ln_bias=block.ln2_bias, ln_eps=eps, prefetch=block.fc2_weight)  # (T, I_local)
-        return self._row_parallel(h, block.fc2_weight, block.fc2_bias, x, next_qkv)
+                   ln_bias=block.ln2_bias, ln_eps=eps)  # (T, I_local)
+        return self._row_parallel(h, block.fc2_weight, block.fc2_bias, x)
 
     def run_blocks_prefill(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                            cache: KVCache) -> torch.Tensor:
         """Packed prompts (T, H) through this stage's blocks, filling cache rows 0..len-1 of each sequence."""
-        for i in range(self.num_local_layers):
+        for i, block in enumerate(self.weights.blocks):
             def attend(qkv, i=i):
                 return context_attention(qkv, cu_seqlens, max_seqlen, k_cache=cache.k[i], v_cache=cache.v[i])
-            x = self._block(i, x, attend)
+            x = self._block(block, x, attend)
         return x
 
     def run_blocks_decode(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -225,11 +220,11 @@ class GPT:
 
         `positions` and the cache rows below them must have been written before x was (x comes from the step's
         embedding or a receive, ordinary launches): decode attention then reads them before its PDL wait."""
-        for i in range(self.num_local_layers):
+        for i, block in enumerate(self.weights.blocks):
             def attend(qkv, i=i):
                 return decode_attention(qkv, cache.k[i], cache.v[i], positions, counter=cache.counters,
                                         history_ready=True)
-            x = self._block(i, x, attend)
+            x = self._block(block, x, attend)
         return x
 
     def lm_logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,6 @@ Block sizes come from small heuristics of the shapes (no autotuning, so everythi
 """
 import functools
 import math
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -49,7 +48,6 @@ _IMPLS = (None, "gemv", "gemm", "torch")
 #    torch ops; but cuBLAS is slow for odd N, e.g. the 50257-row LM head (M = 64: 135 us vs 33 us for the gemm;
 #    M = 512: 562 vs 129 us), where the gemm (with its LN prologue) wins.
 GEMV_MAX_M = 4
-_L2_LINE_BYTES = 128
 # Split-K aims for at least this many programs per SM before it splits (gemv) / fills one wave (gemm).
 _GEMV_PROGRAMS_PER_SM = 2
 _DEFAULT_SM_COUNT = 132  # H200; used where no CUDA device is visible (interpreter)
@@ -160,19 +158,6 @@ def _ln_stats_kernel(x_ptr, mean_ptr, rstd_ptr, M, K, eps, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def _prefetch_l2(base_ptr, first_line, n_lines, total_lines, LINE_ELEMS: tl.constexpr, BLOCK: tl.constexpr):
-    # ask L2 to fetch, and keep (evict_last), 128-byte lines [first_line, first_line + n_lines) of base (clamped to
-    # total_lines). No registers wait on a prefetch, so it costs the program one instruction per line and thread.
-    last = tl.minimum(first_line + n_lines, total_lines) - 1
-    if first_line <= last:
-        for i in range(0, n_lines, BLOCK):
-            line = tl.minimum(first_line + i + tl.arange(0, BLOCK), last)
-            addr = (base_ptr + line.to(tl.int64) * LINE_ELEMS).to(tl.int64)
-            tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; // $0", "=r,l", [addr], dtype=tl.int32,
-                                      is_pure=False, pack=1)
-
-
-@triton.jit
 def _load_weight_chunk(w_tile, k, k_hi, chunk4):
     # chunk [k, k + BLOCK_K) of the program's weight rows, nothing at or beyond the split's end k_hi (k_hi is a
     # chunk boundary or K, so this one compare also masks the K tail)
@@ -183,12 +168,10 @@ def _load_weight_chunk(w_tile, k, k_hi, chunk4):
 def _gemv_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, ln_w_ptr, ln_b_ptr, out_ptr, part_ptr,
     M, N, K, k_per_split, ln_eps,
-    next_ptr, next_lines, lines_per_program,  # L2 prefetch of the weight the next kernel reads (PREFETCH)
     HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_LN: tl.constexpr,
-    WRITE_PARTIAL: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
     BLOCK_K: tl.constexpr,  # = LANES * VEC
-    LINE_ELEMS: tl.constexpr, PREFETCH_BLOCK: tl.constexpr,
 ):
     # A K chunk is LANES vectors of VEC contiguous elements (16 bytes each), so tiles are 4-D:
     # x (BM, 1, LANES, VEC), weight (1, BN, LANES, VEC). With LANES >= the program's thread count, Triton gives
@@ -246,11 +229,6 @@ def _gemv_kernel(
             xk = (xk - mean4) * rstd4 * g + b
         acc += tl.sum(xk * w.to(tl.float32), axis=3)  # (BM, BN, LANES)
     out = tl.sum(acc, axis=2)  # (BM, BN)
-    if PREFETCH:
-        # this program's own weight has arrived: while the GEMV's last programs still stream theirs, start pulling
-        # its slice of the next kernel's weight into L2, so HBM stays busy across the kernel boundary
-        pid = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * split)
-        _prefetch_l2(next_ptr, pid * lines_per_program, lines_per_program, next_lines, LINE_ELEMS, PREFETCH_BLOCK)
 
     if WRITE_PARTIAL:
         _store_partial(out, offs_m, offs_n, M, N, part_ptr, split)
@@ -437,7 +415,7 @@ def _finish_split(part, out, bias, residual, act_gelu, split_k):
     )
 
 
-def _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg: GemvConfig, prefetch=None):
+def _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg: GemvConfig):
     M, K = x.shape
     N = weight.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -446,21 +424,13 @@ def _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, c
     has_ln = ln_weight is not None
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), split_k)
     use_pdl = pdl_for(x.device)
-    line_elems = _L2_LINE_BYTES // weight.element_size()
-    if prefetch is not None:
-        next_lines = triton.cdiv(prefetch.numel(), line_elems)
-        lines_per_program = triton.cdiv(next_lines, grid[0] * grid[1] * grid[2])
-    else:
-        prefetch, next_lines, lines_per_program = weight, 0, 0
     _gemv_kernel[grid](
         x, weight, bias if bias is not None else out, residual if residual is not None else out,
         ln_weight if has_ln else out, ln_bias if has_ln else out, out, part,
         M, N, K, k_per_split, float(ln_eps),
-        prefetch, next_lines, lines_per_program,
         HAS_BIAS=bias is not None, ACT_GELU=act_gelu, HAS_RES=residual is not None, HAS_LN=has_ln,
-        WRITE_PARTIAL=split_k > 1, EVEN_K=K % cfg.block_k == 0, USE_PDL=use_pdl, PREFETCH=next_lines > 0,
+        WRITE_PARTIAL=split_k > 1, EVEN_K=K % cfg.block_k == 0, USE_PDL=use_pdl,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, LANES=cfg.lanes, VEC=cfg.vec, BLOCK_K=cfg.block_k,
-        LINE_ELEMS=line_elems, PREFETCH_BLOCK=32 * cfg.num_warps,
         num_warps=cfg.num_warps, **launch_options(use_pdl),
     )
     if split_k > 1:
@@ -558,12 +528,6 @@ def _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
 
 
-def l2_prefetch_for(device: torch.device) -> bool:
-    """Whether the GEMV honours `prefetch=` on this device: CUDA only (inline PTX), FTLAB_L2_PREFETCH=0 turns it
-    off (for measuring what it gives)."""
-    return device.type == "cuda" and os.environ.get("FTLAB_L2_PREFETCH", "1") != "0"
-
-
 def linear_impl_for(M: int, N: int, K: int) -> str:
     """The default dispatch (see GEMV_MAX_M): "gemv" for M <= GEMV_MAX_M; else "gemm" when N is not a multiple of 8
     (cuBLAS's slow case), "torch" (cuBLAS) otherwise."""
@@ -575,17 +539,9 @@ def linear_impl_for(M: int, N: int, K: int) -> str:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
            activation: Optional[str] = None, residual: Optional[torch.Tensor] = None,
            ln_weight: Optional[torch.Tensor] = None, ln_bias: Optional[torch.Tensor] = None,
-           ln_eps: float = 1e-5, impl: Optional[str] = None,
-           prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = act(LN?(x) @ weight.T + bias) + residual -> (M, N) in x.dtype. See the module docstring.
-
-    prefetch: the weight the next kernel will read. The GEMV path on a GPU pulls it into L2 once its own weight
-    has arrived (see l2_prefetch_for); elsewhere it is ignored. It never changes the result."""
+           ln_eps: float = 1e-5, impl: Optional[str] = None) -> torch.Tensor:
+    """y = act(LN?(x) @ weight.T + bias) + residual -> (M, N) in x.dtype. See the module docstring."""
     _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps, impl)
-    if prefetch is not None and not (isinstance(prefetch, torch.Tensor) and prefetch.device == x.device
-                                     and prefetch.is_contiguous()):
-        raise ValueError(f"prefetch must be a contiguous tensor on {x.device}, got "
-                         f"{getattr(prefetch, 'device', type(prefetch).__name__)}")
     M, K = x.shape
     N = weight.shape[0]
     act_gelu = activation == "gelu"
@@ -604,9 +560,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             widest = max(4, (1 << 20) // (cfg.block_m * lanes * cfg.vec))
             cfg = cfg._replace(lanes=lanes, num_warps=max(1, min(4, lanes // 32)),
                                block_n=min(triton.next_power_of_2(N), widest), split_k=1)
-        if not l2_prefetch_for(x.device):
-            prefetch = None
-        return _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg, prefetch)
+        return _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg)
     cfg = pick_gemm_config(M, N, K, x.dtype, num_sms)
     if x.device.type == "cpu":  # as above: fewer, larger tiles under the interpreter
         cfg = cfg._replace(block_m=min(triton.next_power_of_2(M), 64), block_n=min(triton.next_power_of_2(N), 64),

@@ -204,27 +204,3 @@ def test_argument_errors(device):
         linear(x, w, activation="relu")
     with pytest.raises(ValueError, match="impl"):
         linear(x, w, impl="cublas")
-    with pytest.raises(ValueError, match="prefetch"):
-        linear(x, w, prefetch=torch.randn(8, 32).to(device).t())
-    with pytest.raises(ValueError, match="prefetch"):
-        linear(x, w, prefetch="the next weight")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype_name", ["fp16", "bf16"])
-@pytest.mark.parametrize("M,N,K,next_numel", [(1, 1024, 1024, 4096 * 1024), (3, 257, 33, 7), (1, 50257, 64, 1),
-                                               (4, 13, 4096, 3 * 1024 * 1024 + 5)])
-def test_l2_prefetch_never_changes_the_result(M, N, K, next_numel, dtype_name, device, monkeypatch):
-    # the prefetch of the next weight (lines spread over the programs, clamped at its end) is a hint: the output
-    # must be bit-identical with and without it, and the prefetched tensor untouched
-    dtype = DTYPES[dtype_name]
-    x, weight, kwargs = _make_inputs(M, N, K, dtype, device, bias=True, residual=True, ln=True)
-    nxt = torch.randn(next_numel, device=device).to(dtype)
-    nxt_before = nxt.clone()
-    monkeypatch.setenv("FTLAB_L2_PREFETCH", "0")
-    plain = linear(x, weight, **kwargs, impl="gemv")
-    monkeypatch.setenv("FTLAB_L2_PREFETCH", "1")
-    fetched = linear(x, weight, **kwargs, impl="gemv", prefetch=nxt)
-    assert torch.equal(plain, fetched)
-    assert torch.equal(nxt, nxt_before)
-    assert_rel_close(fetched, _reference64(x, weight, kwargs), dtype=dtype)
