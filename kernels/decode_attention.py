@@ -186,21 +186,26 @@ def _num_sms(device_index: int) -> int:
 def pick_decode_blocks(batch: int, num_heads: int, s_max: int, head_dim: int, num_sms: int = 132) -> DecodeBlocks:
     """Tile and partition sizes from the shapes only (the grid must not depend on positions), from the H200 sweep
     (`python -m ftlab.kernels.decode_attention --sweep`, fp16, caches of 768 slots, data/bench/
-    decode_attention_sweep.csv).
+    decode_attention_sweep.csv; 2026-11-30, the KV loop pipelined).
 
     2 warps and a (BLOCK_S, BLOCK_D) tile of ~4K elements (64 keys for d <= 64, 32 for d = 128) won at every
-    batch. Tiles shrink (down to 16 keys) while there are fewer than two programs per SM, so small batches still
-    spread over the GPU; partitions grow to several tiles only while ~24 programs per SM remain (large batches:
-    fewer partial results to write and combine). Chosen vs best measured (us): B=1 nh=16 d=64 8.6/8.5; B=8
-    11.6/11.6; B=64 50.0/50.0; B=1 nh=32 d=128 12.6/12.4 (the previous heuristic: 8.5, 14.4, 68.4, 13.4).
+    batch. Tiles shrink (down to 16 keys) only while there would be fewer programs than SMs. Since the loop loads
+    the next tile while it uses this one, a partition pays to have two tiles whenever that still leaves two
+    programs per SM, and four or eight while 16 per SM remain (large batches: fewer partials to combine).
+    Chosen vs best measured (us): B=1 nh=16 d=64 6.7/6.7; B=8 11.3/11.3; B=64 42.7/42.7; B=1 nh=32 d=128
+    9.4/9.4 (the previous heuristic: 7.1, 12.8, 45.7, 10.7).
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_s = max(16, min(64, 4096 // block_d))
     heads = batch * num_heads
-    while block_s > 16 and heads * triton.cdiv(s_max, block_s) < 2 * num_sms:
+
+    def programs(tiles: int) -> int:
+        return heads * triton.cdiv(s_max, block_s * tiles)
+
+    while block_s > 16 and programs(1) < num_sms:
         block_s //= 2
-    tiles = 1
-    while tiles < 8 and heads * triton.cdiv(s_max, block_s * tiles * 2) >= 24 * num_sms:
+    tiles = 2 if programs(2) >= 2 * num_sms else 1
+    while 2 <= tiles < 8 and programs(tiles * 2) >= 16 * num_sms:
         tiles *= 2
     return DecodeBlocks(block_s, tiles, 2)
 

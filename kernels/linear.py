@@ -27,6 +27,7 @@ Block sizes come from small heuristics of the shapes (no autotuning, so everythi
 """
 import functools
 import math
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -702,10 +703,81 @@ def _sweep() -> None:
     save_rows(rows, "linear_sweep.csv")
 
 
+def _chain_sweep() -> None:
+    """The decode GEMVs of a whole GPT-345M step (24 layers x QKV+LN, out+residual, FC1+LN+GELU, FC2+residual,
+    M = 1, fp16, distinct weights per layer so every one streams from HBM) captured as one CUDA graph, under
+    block-size policies applied to every shape, with PDL on and off. In a chain what matters is how consecutive
+    kernels overlap (PDL: the next one's programs load weights while the last ones of this one finish), which
+    the one-kernel sweep cannot see. Prints us per layer, best first."""
+    from triton.testing import do_bench_cudagraph
+
+    from ._bench import save_rows
+
+    dtype, device, H, layers = torch.float16, torch.device(_BENCH_DEVICE), 1024, 24
+    num_sms = _num_sms(device)
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device).to(dtype) * 0.02
+
+    x = torch.randn(1, H, device=device).to(dtype)
+    ln_w, ln_b = 1 + rand(H), rand(H)
+    chain = []  # (weight, bias, N, K, act_gelu, uses LN, adds residual)
+    for _ in range(layers):
+        chain += [(rand(3 * H, H), rand(3 * H), True, False, False), (rand(H, H), rand(H), False, True, False),
+                  (rand(4 * H, H), rand(4 * H), True, False, True), (rand(H, 4 * H), rand(H), False, True, False)]
+
+    def policies():
+        yield "heuristic", lambda N, K: pick_gemv_config(1, N, K, dtype, num_sms)
+        # uniform blocks (K chunk = a whole, half or quarter row), and grids of a few fat programs per SM, which
+        # leave room for the next kernel's programs to be resident (and loading) before this one ends
+        for div in (1, 2, 4):
+            for warps in (1, 2, 4, 8):
+                for block_n in (1, 2, 4):
+                    def pick(N, K, div=div, warps=warps, block_n=block_n):
+                        lanes = max(32 * warps, min(512, triton.next_power_of_2(K) // (div * 8)))
+                        return GemvConfig(1, block_n, lanes, 8, warps, 1)
+                    yield f"row/{div} warps={warps} block_n={block_n}", pick
+        for per_sm in (1, 2, 4):
+            for warps_cap in (2, 4, 8):
+                for div in (1, 2):
+                    def pick(N, K, per_sm=per_sm, warps_cap=warps_cap, div=div):
+                        block_n = max(1, min(16, triton.next_power_of_2(triton.cdiv(N, per_sm * num_sms))))
+                        lanes = max(4, min(512, triton.next_power_of_2(K) // (div * 8)))
+                        return GemvConfig(1, block_n, lanes, 8, max(1, min(warps_cap, lanes // 32)), 1)
+                    yield f"{per_sm}/SM warps<={warps_cap} row/{div}", pick
+
+    def run_chain(pick):
+        h, h4 = x, None
+        for w, b, has_ln, has_res, gelu in chain:
+            N, K = w.shape
+            src = h if K == H else h4
+            out = _run_gemv(src, w, b, h if has_res else None, ln_w if has_ln else None, ln_b if has_ln else None,
+                            1e-5, gelu, pick(N, K))
+            if N == 4 * H:
+                h4 = out
+            else:
+                h = out if N == H else h
+        return h
+
+    rows = []
+    for pdl in ("1", "0"):
+        os.environ["FTLAB_PDL"] = pdl
+        for name, pick in policies():
+            us = do_bench_cudagraph(lambda: run_chain(pick), rep=20, return_mode="median") * 1e3 / layers
+            rows.append(dict(pdl=pdl, policy=name, us_per_layer=us))
+            print(f"PDL={pdl} {name:32s} {us:7.2f} us/layer", flush=True)
+    os.environ.pop("FTLAB_PDL")
+    rows.sort(key=lambda r: r["us_per_layer"])
+    print("best:", *(f"{r['policy']} PDL={r['pdl']} {r['us_per_layer']:.2f}" for r in rows[:8]), sep="\n  ")
+    save_rows(rows, "linear_chain_sweep.csv")
+
+
 if __name__ == "__main__":
     import sys
 
     if "--sweep" in sys.argv[1:]:
         _sweep()
+    elif "--chain" in sys.argv[1:]:
+        _chain_sweep()
     else:
         _benchmark()

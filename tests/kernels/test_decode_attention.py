@@ -111,11 +111,11 @@ def test_prefill_then_decode_reproduces_causal_attention(dtype_name, shared_coun
     prompt_qkv = torch.cat([seq[:n] for seq, n in zip(seqs, prompt_lens)])
     prefill_out = context_attention(prompt_qkv, cu_seqlens, max(prompt_lens), k_cache=k_cache, v_cache=v_cache)
     outs = [[prefill_out[:prompt_lens[0]]], [prefill_out[prompt_lens[0]:]]]
+    counter = torch.zeros((2, num_heads), dtype=torch.int32, device=device)
     for step in range(steps):
         positions = torch.tensor([n + step for n in prompt_lens], dtype=torch.int32, device=device)
         step_qkv = torch.stack([seq[n + step] for seq, n in zip(seqs, prompt_lens)])
         if shared_counter:
-            counter = torch.zeros((2, num_heads), dtype=torch.int32, device=device) if step == 0 else counter
             step_out = decode_attention(step_qkv, k_cache, v_cache, positions, counter=counter, history_ready=True)
             assert not counter.any(), "the counter was not left zero"
         else:
