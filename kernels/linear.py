@@ -23,7 +23,15 @@ Three implementations, picked by `linear_impl_for(M, N, K)` or forced with impl=
   "torch" F.layer_norm + F.linear (cuBLAS) + the epilogue in torch: the baseline, and the default where the
           benchmark measured it faster (M > GEMV_MAX_M with N a multiple of 8; see linear_impl_for).
 Block sizes come from small heuristics of the shapes (no autotuning, so everything also runs in the interpreter);
-`python -m ftlab.kernels.linear` times all three paths (--sweep also tries other block sizes).
+`python -m ftlab.kernels.linear` times all three paths (--sweep also tries other block sizes; --chain a whole
+decode step's GEMVs under block policies with PDL on/off; --gemm tensor-core tiles at decode batches).
+On the GPU the gemv is launched with programmatic dependent launch (kernels/_pdl.py): its weight loads go out
+while the previous kernel finishes. In a GPT-345M step's GEMV chain (H200, data/bench/linear_chain_sweep.csv)
+that took 20.2 -> 16.9 us per layer; no other block policy beat the heuristic by more than 1 %, and grids of a
+few fat programs per SM (room for the next kernel to be resident early) were 7-25 % slower.
+At M = 8..64 (data/bench/linear_gemm_sweep.csv) the best tensor-core tile (BLOCK_N 32, BLOCK_K 128, 5 stages)
+beats cuBLAS only without the LN prologue, and clearly only at K = N = 1024 (4.7 vs 6.2 us); with it, the
+in-loop normalisation of every x tile costs ~9 us, so the torch path stays the default there.
 """
 import functools
 import math
@@ -772,6 +780,52 @@ def _chain_sweep() -> None:
     save_rows(rows, "linear_chain_sweep.csv")
 
 
+def _gemm_sweep() -> None:
+    """Tensor-core tiles for decode batches (M = 8, 64) at the GPT-345M layer shapes, bias-only epilogue (one
+    compiled variant per tile), then the best tile on the layer's real fusion (LN prologue, GELU, residual)
+    against torch (cuBLAS + separate LayerNorm/elementwise kernels), as a model step runs them."""
+    from ._bench import save_rows, time_us_rotating
+
+    dtype, rows = torch.float16, []
+    layer_variants = {(1024, 3072): "ln+bias", (1024, 1024): "bias+res", (1024, 4096): "ln+bias+gelu",
+                      (4096, 1024): "bias+res"}
+    for (K, N), variant in layer_variants.items():
+        for M in (8, 64):
+            weights, kwargs = _bench_inputs(M, N, K, dtype, "bias")
+            x, b = kwargs["x"], kwargs["bias"]
+            results = []
+            for block_n in (32, 64, 128):
+                for block_k in (64, 128):
+                    for stages in (3, 5):
+                        for split_k in (1, 2, 4):
+                            cfg = GemmConfig(max(16, min(64, triton.next_power_of_2(M))), block_n, block_k, 8,
+                                             split_k, 4, stages)
+                            try:
+                                t = time_us_rotating(lambda w, cfg=cfg: _run_gemm(x, w, b, None, None, None, 1e-5,
+                                                                                  False, cfg), weights, rep=10)
+                            except triton.runtime.errors.OutOfResources:  # too many stages of large tiles
+                                continue
+                            results.append((t, cfg))
+            results.sort(key=lambda r: r[0])
+            best = results[0][1]
+            real_w, real_kwargs = _bench_inputs(M, N, K, dtype, variant)
+            t_best = time_us_rotating(lambda w: _run_gemm_kwargs(w, real_kwargs, best), real_w)
+            t_heur = time_us_rotating(lambda w: linear(weight=w, **real_kwargs, impl="gemm"), real_w)
+            t_torch = time_us_rotating(lambda w: linear(weight=w, **real_kwargs, impl="torch"), real_w)
+            print(f"K={K} N={N} M={M} {variant}: torch {t_torch:.2f} us, gemm heuristic {t_heur:.2f}, best tile "
+                  f"{tuple(best)} {t_best:.2f} (bias only: {results[0][0]:.2f})", flush=True)
+            rows += [dict(K=K, N=N, M=M, variant="bias", cfg=str(tuple(c)), us=t) for t, c in results]
+            rows += [dict(K=K, N=N, M=M, variant=variant, cfg=name, us=t)
+                     for name, t in (("torch", t_torch), ("heuristic", t_heur), (str(tuple(best)), t_best))]
+            del weights, real_w
+    save_rows(rows, "linear_gemm_sweep.csv")
+
+
+def _run_gemm_kwargs(weight, kwargs, cfg):
+    return _run_gemm(kwargs["x"], weight, kwargs.get("bias"), kwargs.get("residual"), kwargs.get("ln_weight"),
+                     kwargs.get("ln_bias"), 1e-5, kwargs.get("activation") == "gelu", cfg)
+
+
 if __name__ == "__main__":
     import sys
 
@@ -779,5 +833,7 @@ if __name__ == "__main__":
         _sweep()
     elif "--chain" in sys.argv[1:]:
         _chain_sweep()
+    elif "--gemm" in sys.argv[1:]:
+        _gemm_sweep()
     else:
         _benchmark()
