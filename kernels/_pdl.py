@@ -44,4 +44,3 @@ def pdl_for(device: torch.device) -> bool:
 def launch_options(use_pdl: bool) -> dict:
     """Extra keyword arguments for `kernel[grid](...)`: none unless PDL is on (the interpreter takes no such option)."""
     return {"launch_pdl": True} if use_pdl else {}
-
