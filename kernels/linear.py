@@ -12,7 +12,8 @@ Three implementations, picked by `linear_impl_for(M, N, K)` or forced with impl=
           and weight row (1024 fp16 per chunk at 4 warps), fp32 FMAs on CUDA cores (at a few rows the GEMM is
           purely bandwidth bound) into per-thread partial sums; the loop has no barriers or shuffles (4-D tiles,
           see _gemv_kernel) and the reduction across threads happens once at the end. The LN statistics of its
-          rows are computed inside the program (x is tiny). When N / BLOCK_N programs cannot fill the GPU, K is
+          rows are computed inside the program (x is tiny), from the row already in registers when it spans at
+          most two K chunks (every GPT width up to 4096), so x is read once. When N / BLOCK_N programs cannot fill the GPU, K is
           split over SPLIT_K programs that write fp32 partial sums to a workspace; a second small kernel adds the
           partials in a fixed order and applies the epilogue, so results are deterministic and never depend on
           other rows of the batch.
@@ -174,11 +175,23 @@ def _load_weight_chunk(w_tile, k, k_hi, chunk4):
 
 
 @triton.jit
+def _load_x_chunk(x_tile, k, K, chunk4):
+    # chunk [k, k + BLOCK_K) of the program's rows of x in fp32, zero at and beyond K
+    return tl.load(x_tile + k, mask=(k + chunk4) < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _sum_chunk(v):
+    # (BM, 1, LANES, VEC) -> (BM,)
+    return tl.sum(tl.sum(tl.sum(v, axis=3), axis=2), axis=1)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, ln_w_ptr, ln_b_ptr, out_ptr, part_ptr,
     M, N, K, k_per_split, ln_eps,
     HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_LN: tl.constexpr,
-    WRITE_PARTIAL: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, ROW_IN_REGS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
     BLOCK_K: tl.constexpr,  # = LANES * VEC
 ):
@@ -213,9 +226,19 @@ def _gemv_kernel(
     w_after = _load_weight_chunk(w_tile, k_lo + BLOCK_K, k_hi, chunk4)
     if USE_PDL:
         gdc_wait()  # x, the residual and the output buffer belong to the kernel chain: touched only after this
+    # x is pipelined the same way; its first two chunks are requested together, right after the wait
+    x_next = _load_x_chunk(x_tile, k_lo, K, chunk4)
+    x_after = _load_x_chunk(x_tile, k_lo + BLOCK_K, K, chunk4)
     if HAS_LN:
-        mean, rstd = _ln_row_stats(x_rows[:, None], K, ln_eps, BLOCK_M, BLOCK_K)
-        mean4 = mean[:, None, None, None]
+        if ROW_IN_REGS:  # no split and K <= 2 chunks: the whole row is in x_next/x_after already (zero past K)
+            mean = (_sum_chunk(x_next) + _sum_chunk(x_after)) / K  # (BM,)
+            mean4 = mean[:, None, None, None]
+            dev_next = tl.where(chunk4 < K, x_next - mean4, 0.0)
+            dev_after = tl.where(BLOCK_K + chunk4 < K, x_after - mean4, 0.0)
+            rstd = 1.0 / tl.sqrt((_sum_chunk(dev_next * dev_next) + _sum_chunk(dev_after * dev_after)) / K + ln_eps)
+        else:
+            mean, rstd = _ln_row_stats(x_rows[:, None], K, ln_eps, BLOCK_M, BLOCK_K)
+            mean4 = mean[:, None, None, None]
         rstd4 = rstd[:, None, None, None]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N, LANES), dtype=tl.float32)
@@ -223,16 +246,15 @@ def _gemv_kernel(
         w = w_next
         w_next = w_after
         w_after = _load_weight_chunk(w_tile, k0 + 2 * BLOCK_K, k_hi, chunk4)
-        if EVEN_K:
-            xk = tl.load(x_tile + k0).to(tl.float32)
-        else:
-            k_ok = (k0 + chunk4) < K
-            xk = tl.load(x_tile + k0, mask=k_ok, other=0.0).to(tl.float32)
+        xk = x_next
+        x_next = x_after
+        x_after = _load_x_chunk(x_tile, k0 + 2 * BLOCK_K, K, chunk4)
         if HAS_LN:
             if EVEN_K:
                 g = tl.load(ln_w_ptr + k0 + chunk4).to(tl.float32)
                 b = tl.load(ln_b_ptr + k0 + chunk4).to(tl.float32)
             else:  # g = b = 0 beyond K, so the padded columns stay exactly 0
+                k_ok = (k0 + chunk4) < K
                 g = tl.load(ln_w_ptr + k0 + chunk4, mask=k_ok, other=0.0).to(tl.float32)
                 b = tl.load(ln_b_ptr + k0 + chunk4, mask=k_ok, other=0.0).to(tl.float32)
             xk = (xk - mean4) * rstd4 * g + b
@@ -439,6 +461,7 @@ def _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, c
         M, N, K, k_per_split, float(ln_eps),
         HAS_BIAS=bias is not None, ACT_GELU=act_gelu, HAS_RES=residual is not None, HAS_LN=has_ln,
         WRITE_PARTIAL=split_k > 1, EVEN_K=K % cfg.block_k == 0, USE_PDL=use_pdl,
+        ROW_IN_REGS=split_k == 1 and K <= 2 * cfg.block_k,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, LANES=cfg.lanes, VEC=cfg.vec, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, **launch_options(use_pdl),
     )

@@ -63,10 +63,14 @@ def test_torch_impl_matches_reference(dtype_name, device):
 
 
 # forced configs with split-K (the heuristics only split for shapes too large for the interpreter), uneven K so the
-# last split is short, and every optional part on
+# last split is short, and every optional part on; and unsplit gemv rows of many K chunks (LN statistics by the
+# loop), of two chunks with a tail and of less than one chunk (statistics from the row held in registers)
 SPLIT_CASES = [
     ("gemv", GemvConfig(block_m=4, block_n=8, lanes=8, vec=4, num_warps=1, split_k=3), (5, 19, 200)),
     ("gemv", GemvConfig(block_m=2, block_n=4, lanes=16, vec=4, num_warps=1, split_k=2), (3, 9, 256)),
+    ("gemv", GemvConfig(block_m=2, block_n=4, lanes=8, vec=4, num_warps=1, split_k=1), (3, 9, 200)),
+    ("gemv", GemvConfig(block_m=2, block_n=4, lanes=8, vec=4, num_warps=1, split_k=1), (3, 9, 50)),
+    ("gemv", GemvConfig(block_m=2, block_n=4, lanes=8, vec=4, num_warps=1, split_k=1), (1, 9, 20)),
     ("gemm", GemmConfig(block_m=16, block_n=32, block_k=32, group_m=2, split_k=4, num_warps=4, num_stages=2),
      (21, 40, 200)),
     ("gemm", GemmConfig(block_m=16, block_n=16, block_k=64, group_m=8, split_k=2, num_warps=4, num_stages=2),
