@@ -27,7 +27,8 @@ MAX_BEAM_WIDTH = 64
 def beam_search(model, prompts, *, max_new_tokens: int, beam_width: int, len_penalty: float = 1.0,
                 beam_search_diversity_rate: float = 0.0, **params) -> GenerationOutput:
     """Returns the best hypothesis of every request in output_ids (prompt + generated), with every kept hypothesis
-    in `beams` / `beam_scores` and cum_log_probs the best hypothesis' summed log-probability."""
+    in `beams` / `beam_scores` / `beam_log_probs` (summed log-probabilities) and cum_log_probs the best
+    hypothesis' summed log-probability."""
     cfg = model.config
     if hasattr(model, "open_session"):  # ftlab.parallel's engine
         if model.layout.pp > 1:
@@ -126,16 +127,17 @@ def beam_search(model, prompts, *, max_new_tokens: int, beam_width: int, len_pen
         steps += 1
         logits = model.decode(tokens, positions, cache)
         positions += 1
-    outputs, scores, cum, all_beams = [], [], [], []
+    outputs, scores, cum, all_beams, beam_log_probs = [], [], [], [], []
     for b, prompt in enumerate(prompts):
         hyps = sorted(finished[b], key=lambda f: -f[0])
         all_beams.append([prompt + h[1] for h in hyps])
         scores.append([h[0] for h in hyps])
+        beam_log_probs.append([h[2] for h in hyps])
         outputs.append(prompt + hyps[0][1])
         cum.append(hyps[0][2])
     result = GenerationOutput(output_ids=outputs, sequence_length=[len(o) for o in outputs],
                               input_length=[len(p) for p in prompts], cum_log_probs=cum)
-    result.beams, result.beam_scores = all_beams, scores
+    result.beams, result.beam_scores, result.beam_log_probs = all_beams, scores, beam_log_probs
     return result
 
 

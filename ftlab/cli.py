@@ -4,6 +4,8 @@
                    [--top-p P] [--temperature T] [--seed S] [--dtype fp32|fp16|bf16] [--json] [--stream]
     ftlab convert hf -i HF_DIR -o OUT_DIR -i_g N [--weight-data-type fp32|fp16] [--force]
     ftlab convert megatron -i CKPT_DIR -o OUT_DIR [-t_g T] -i_g N [--head-num H] [--weight-data-type ..] [--force]
+    ftlab bench [--shape 345m | -m MODEL_DIR] [--batch-sizes 1,8] [--cells 128x8,512x32] [--profile-decode]
+    ftlab serve [-m MODEL_DIR] [--host H] [--port 8000] [--max-batch-size N] [--max-queue-delay-us US]
 """
 from __future__ import annotations
 
@@ -128,12 +130,28 @@ def shape_config(shape: str):
                      model_name=f"gpt-{shape}")
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a c-model to Triton clients (HTTP, FasterTransformer's model tensors)")
+    p.add_argument("-m", "--model-dir", type=Path, default=None,
+                   help="c-model directory (<out>/<N>-gpu or its parent); default: the bundled demo model")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (Triton's default 8000)")
+    p.add_argument("--model-name", default="fastertransformer", help="the name clients ask for")
+    p.add_argument("--max-batch-size", type=int, default=64, help="sequences per batch (dynamic batching)")
+    p.add_argument("--max-queue-delay-us", type=int, default=1000,
+                   help="how long the first request of a batch waits for more")
+    p.add_argument("--dtype", default="auto", help="fp32 | fp16 | bf16 (default: fp16 on a GPU, fp32 on the CPU)")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.set_defaults(tensor_para_size=1, layer_para_size=1, layer_para_batch_size=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftlab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_convert(sub)
     _add_bench(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -297,6 +315,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import InferenceServer
+
+    model, model_dir = _load_model(args)
+    server = InferenceServer(model, model_name=args.model_name, host=args.host, port=args.port,
+                             max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us)
+    print(f"ftlab serve: {model_dir or 'random weights'} as '{args.model_name}' on http://{server.url} "
+          f"(KServe v2 / Triton HTTP; Ctrl-C stops)", file=sys.stderr, flush=True)
+    server.serve_forever()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -306,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_convert(args)
         if args.command == "bench":
             return cmd_bench(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        if args.command == "serve":
+            return cmd_serve(args)
+    except (ValueError, OSError) as exc:  # OSError: missing or existing files, a port in use
         import os
 
         where = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
