@@ -316,8 +316,12 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import os
+
     from .serve import InferenceServer
 
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ValueError("ftlab serve runs in one process: serving a tensor/layer-parallel engine is not supported yet")
     model, model_dir = _load_model(args)
     server = InferenceServer(model, model_name=args.model_name, host=args.host, port=args.port,
                              max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us)

@@ -212,6 +212,7 @@ def test_server_arguments_are_checked(model):
 
 
 def test_cli_serves_a_cmodel(tmp_path, model):
+    import os
     import subprocess
     import sys
 
@@ -234,3 +235,6 @@ def test_cli_serves_a_cmodel(tmp_path, model):
     bad = subprocess.run([sys.executable, "-m", "ftlab", "serve", "-m", str(model_dir), "--port", url.split(":")[1],
                            "--max-batch-size", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "max_batch_size" in bad.stderr
+    torchrun = subprocess.run([sys.executable, "-m", "ftlab", "serve", "-m", str(model_dir)], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "2"})
+    assert torchrun.returncode == 2 and "one process" in torchrun.stderr
