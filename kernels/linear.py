@@ -175,9 +175,9 @@ def _load_weight_chunk(w_tile, k, k_hi, chunk4):
 
 
 @triton.jit
-def _load_x_chunk(x_tile, k, K, chunk4):
-    # chunk [k, k + BLOCK_K) of the program's rows of x in fp32, zero at and beyond K
-    return tl.load(x_tile + k, mask=(k + chunk4) < K, other=0.0).to(tl.float32)
+def _load_x_chunk(x_tile, k, k_hi, chunk4):
+    # chunk [k, k + BLOCK_K) of the program's rows of x in fp32, zero at and beyond the split's end k_hi (<= K)
+    return tl.load(x_tile + k, mask=(k + chunk4) < k_hi, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -227,8 +227,8 @@ def _gemv_kernel(
     if USE_PDL:
         gdc_wait()  # x, the residual and the output buffer belong to the kernel chain: touched only after this
     # x is pipelined the same way; its first two chunks are requested together, right after the wait
-    x_next = _load_x_chunk(x_tile, k_lo, K, chunk4)
-    x_after = _load_x_chunk(x_tile, k_lo + BLOCK_K, K, chunk4)
+    x_next = _load_x_chunk(x_tile, k_lo, k_hi, chunk4)
+    x_after = _load_x_chunk(x_tile, k_lo + BLOCK_K, k_hi, chunk4)
     if HAS_LN:
         if ROW_IN_REGS:  # no split and K <= 2 chunks: the whole row is in x_next/x_after already (zero past K)
             mean = (_sum_chunk(x_next) + _sum_chunk(x_after)) / K  # (BM,)
@@ -248,7 +248,7 @@ def _gemv_kernel(
         w_after = _load_weight_chunk(w_tile, k0 + 2 * BLOCK_K, k_hi, chunk4)
         xk = x_next
         x_next = x_after
-        x_after = _load_x_chunk(x_tile, k0 + 2 * BLOCK_K, K, chunk4)
+        x_after = _load_x_chunk(x_tile, k0 + 2 * BLOCK_K, k_hi, chunk4)
         if HAS_LN:
             if EVEN_K:
                 g = tl.load(ln_w_ptr + k0 + chunk4).to(tl.float32)
