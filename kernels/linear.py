@@ -752,7 +752,7 @@ def _chain_sweep() -> None:
 
     x = torch.randn(1, H, device=device).to(dtype)
     ln_w, ln_b = 1 + rand(H), rand(H)
-    chain = []  # (weight, bias, N, K, act_gelu, uses LN, adds residual)
+    chain = []  # (weight, bias, LN prologue, residual, GELU) of QKV, attention output, FC1, FC2
     for _ in range(layers):
         chain += [(rand(3 * H, H), rand(3 * H), True, False, False), (rand(H, H), rand(H), False, True, False),
                   (rand(4 * H, H), rand(4 * H), True, False, True), (rand(H, 4 * H), rand(H), False, True, False)]
