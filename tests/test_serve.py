@@ -90,6 +90,9 @@ def test_health_metadata_and_config(client, server):
     config = client.get_model_config(MODEL)
     assert config["max_batch_size"] == 8 and config["parameters"]["vocab_size"]["string_value"] == "61"
     assert not client.is_model_ready("gpt-other")
+    with urllib.request.urlopen(f"http://{server.url}/v2/models/{MODEL}/stats", timeout=60) as response:
+        stats = json.loads(response.read())["model_stats"][0]
+    assert stats["name"] == MODEL and set(stats) >= {"requests", "batches", "failed", "rejected"}
 
 
 def test_per_sequence_sampling_parameters_and_log_probs(client, model):

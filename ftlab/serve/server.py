@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 
 from .. import __version__
-from ..generate import generate, stream
+from ..generate import GenerationOutput, generate, stream
 from . import fastertransformer as ft
 from .protocol import HEADER_LENGTH, ProtocolError, decode_request, encode_response
 
@@ -96,6 +96,10 @@ class InferenceServer:
     def count(self, key: str) -> None:
         with self._lock:
             self.stats[key] += 1
+
+    def stats_snapshot(self) -> dict:
+        with self._lock:
+            return dict(self.stats)
 
     # --- the model's thread ------------------------------------------------------------------------------------
     def submit(self, job: ft.Job, events: queue.Queue | None = None) -> Future:
@@ -180,8 +184,6 @@ def _fits(works: list[_Work], model) -> bool:
 
 def _rows(result, start: int, count: int):
     """The GenerationOutput of sequences start..start+count-1 of a merged batch."""
-    from ..generate import GenerationOutput
-
     part = GenerationOutput(result.output_ids[start:start + count], result.sequence_length[start:start + count],
                             result.input_length[start:start + count])
     if result.output_log_probs is not None:
@@ -251,9 +253,8 @@ class _Handler(BaseHTTPRequestHandler):
         if rest == "/config":
             return self._json(200, self._config())
         if rest == "/stats":
-            with s._lock:
-                stats = dict(s.stats)
-            return self._json(200, {"model_stats": [{"name": s.model_name, "version": s.version, **stats}]})
+            return self._json(200, {"model_stats": [{"name": s.model_name, "version": s.version,
+                                                     **s.stats_snapshot()}]})
         return self._error(404, f"no route GET {path}")
 
     def _config(self) -> dict:
