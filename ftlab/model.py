@@ -22,12 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import os
+
 import torch
 
 from .checkpoint import LM_HEAD, layer_prefix, load_cmodel, split_tensor, tensor_specs
 from .config import GPTConfig, compute_dtype
 from .kernels.attention import context_attention
 from .kernels.decode_attention import decode_attention
+from .kernels.decode_block import MAX_BATCH as FUSED_MAX_BATCH, decode_block, new_sync_state
 from .kernels.embedding import embedding
 from .kernels.linear import linear
 
@@ -68,6 +71,8 @@ class KVCache:
     # (B, nh_local) int32, zero between launches: decode attention's combine counters, shared by the layers (they run
     # one after another) so no step spends a memset launch per layer on them
     counters: torch.Tensor | None = None
+    # int32 (2 + B*nh_local,), zero between launches: the fused decode block's grid barrier and combine counters
+    sync: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -145,13 +150,17 @@ class GPT:
     """A GPT decoder on the device. Holds no per-request state: the KV cache belongs to each generate() call."""
 
     def __init__(self, config: GPTConfig, weights: GPTWeights, *, tp_size: int = 1, tp_rank: int = 0,
-                 all_reduce: Callable[[torch.Tensor], None] | None = None):
+                 all_reduce: Callable[[torch.Tensor], None] | None = None, fused_decode: bool = True):
         if config.head_num % tp_size:
             raise ValueError(f"head_num={config.head_num} is not divisible by tensor_para_size={tp_size}")
         self.config = config
         self.weights = weights
         self.tp_size, self.tp_rank = tp_size, tp_rank
         self.all_reduce = all_reduce  # in-place sum over the tensor-parallel group; None when tp_size == 1
+        # FTLAB_FUSED_BLOCK=1: decode steps of <= FUSED_MAX_BATCH sequences run each block as one persistent launch
+        # (kernels/decode_block.py; off by default: measured slower than the five kernels, see there). Only in a
+        # single process: its grid barrier must never wait on SMs held by a peer's communication kernels.
+        self.fused_decode = fused_decode and tp_size == 1
         self.local_heads = config.head_num // tp_size
         some = weights.blocks[0].qkv_weight if weights.blocks else (weights.wte if weights.wte is not None
                                                                       else weights.lm_head)
@@ -180,7 +189,8 @@ class GPT:
         shape = (self.num_local_layers, batch_size, self.local_heads, capacity, self.config.size_per_head)
         return KVCache(torch.empty(shape, dtype=self.dtype, device=self.device),
                        torch.empty(shape, dtype=self.dtype, device=self.device),
-                       torch.zeros((batch_size, self.local_heads), dtype=torch.int32, device=self.device))
+                       torch.zeros((batch_size, self.local_heads), dtype=torch.int32, device=self.device),
+                       new_sync_state(batch_size, self.local_heads, self.device))
 
     # --- stage pieces -------------------------------------------------------------------------------------------
     def embed(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -220,12 +230,26 @@ class GPT:
 
         `positions` and the cache rows below them must have been written before x was (x comes from the step's
         embedding or a receive, ordinary launches): decode attention then reads them before its PDL wait."""
+        if self._use_fused_block(x, cache):
+            for i, b in enumerate(self.weights.blocks):
+                x = decode_block(x, positions, cache.k[i], cache.v[i], sync=cache.sync, num_heads=self.local_heads,
+                                 eps=self.config.layernorm_eps, ln1_weight=b.ln1_weight, ln1_bias=b.ln1_bias,
+                                 qkv_weight=b.qkv_weight, qkv_bias=b.qkv_bias, attn_out_weight=b.attn_out_weight,
+                                 attn_out_bias=b.attn_out_bias, ln2_weight=b.ln2_weight, ln2_bias=b.ln2_bias,
+                                 fc1_weight=b.fc1_weight, fc1_bias=b.fc1_bias, fc2_weight=b.fc2_weight,
+                                 fc2_bias=b.fc2_bias)
+            return x
         for i, block in enumerate(self.weights.blocks):
             def attend(qkv, i=i):
                 return decode_attention(qkv, cache.k[i], cache.v[i], positions, counter=cache.counters,
                                         history_ready=True)
             x = self._block(block, x, attend)
         return x
+
+    def _use_fused_block(self, x: torch.Tensor, cache: KVCache) -> bool:
+        # read per call, so a benchmark or test can compare both paths in one process
+        return (self.fused_decode and cache.sync is not None and x.shape[0] <= FUSED_MAX_BATCH
+                and os.environ.get("FTLAB_FUSED_BLOCK", "0") == "1")
 
     def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(M, H) last hidden states -> (M, V) logits: final LayerNorm folded into the LM-head GEMM."""

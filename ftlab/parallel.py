@@ -175,7 +175,7 @@ class ParallelEngine:
                                      tp_rank=lay.tp_rank, tp_size=lay.tp, is_shard=True, layers=layers,
                                      first_stage=lay.is_first_stage, last_stage=lay.is_last_stage)
         self.model = GPT(self.config, weights, tp_size=lay.tp, tp_rank=lay.tp_rank,
-                         all_reduce=self._all_reduce if lay.tp > 1 else None)
+                         all_reduce=self._all_reduce if lay.tp > 1 else None, fused_decode=lay.world == 1)
         self.stage_graphs: dict = {}  # StageGraph by (batch, KV capacity), pipeline runs only
 
     def stage_graph(self, batch_size: int, capacity: int) -> "StageGraph":
