@@ -599,7 +599,7 @@ def _unfused_block(x, positions, k, v, w, num_heads, counter):
     return linear(h, w["fc2_weight"], w["fc2_bias"], residual=x)
 
 
-def _benchmark() -> None:
+def _benchmark(splits=((8, 1), (16, 1), (4, 2)), breakdown: bool = True) -> None:
     """The grid barrier alone, then a 24-block chain (GPT-345M shapes, fp16, context 512, distinct weights per
     block so they stream from HBM) fused vs the five-kernel blocks, in CUDA graphs; us per block. At batch 1 a few
     warp counts and programs per SM, then the best at batch 2 and 4 and stage by stage (stages 1..k only)."""
@@ -659,7 +659,7 @@ def _benchmark() -> None:
     # program (safe) to read its registers; 8 warps x 2 programs per SM at 128 registers (exactly the register
     # file) hung on the H200, so a split runs only with a quarter of the register file to spare.
     results = {}
-    for warps, per_sm in ((8, 1), (16, 1), (4, 2)):
+    for warps, per_sm in splits:
         probe = {}
         knobs = dict(num_warps=warps, tile_bytes=64 << 10, programs=sms * per_sm)
         decode_block(torch.randn(1, H, dtype=dtype, device=dev), torch.zeros(1, dtype=torch.int32, device=dev),
@@ -674,10 +674,11 @@ def _benchmark() -> None:
         results[tuple(knobs.items())] = chain(1, **knobs)
     best = dict(min(results, key=results.get))
     print("best at batch 1:", best)
-    for stages in (1, 2, 3, 4):
-        chain(1, stages=stages, **best)
-    for B in (2, 4):
-        chain(B, **best)
+    if breakdown:
+        for stages in (1, 2, 3, 4):
+            chain(1, stages=stages, **best)
+        for B in (2, 4):
+            chain(B, **best)
     save_rows(rows, "decode_block_bench.csv")
 
 
@@ -691,4 +692,11 @@ def _random_block(H, inter, dtype, device):
 
 
 if __name__ == "__main__":
-    _benchmark()
+    import sys
+
+    # --splits 4x2,4x4: only these (warps x programs per SM) at batch 1, no stage breakdown
+    if "--splits" in sys.argv:
+        chosen = sys.argv[sys.argv.index("--splits") + 1].split(",")
+        _benchmark(tuple(tuple(int(v) for v in c.split("x")) for c in chosen), breakdown=False)
+    else:
+        _benchmark()
