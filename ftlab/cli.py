@@ -6,6 +6,8 @@
     ftlab convert megatron -i CKPT_DIR -o OUT_DIR [-t_g T] -i_g N [--head-num H] [--weight-data-type ..] [--force]
     ftlab bench [--shape 345m | -m MODEL_DIR] [--batch-sizes 1,8] [--cells 128x8,512x32] [--profile-decode]
     ftlab serve [-m MODEL_DIR] [--host H] [--port 8000] [--max-batch-size N] [--max-queue-delay-us US]
+    ftlab sweep [-m MODEL_DIR] [--prompt TEXT ...] [--top-k 1,8,40,0] [--top-p 0.5,0.9,1] [--seeds N] [--csv F]
+                [--plot F.png]
 """
 from __future__ import annotations
 
@@ -145,6 +147,34 @@ def _add_serve(sub) -> None:
     p.set_defaults(tensor_para_size=1, layer_para_size=1, layer_para_batch_size=None)
 
 
+def _csv_list(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated {kind.__name__} values") from None
+    return parse
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="sweep top-k x top-p on a c-model: what the sampler keeps, and what it writes")
+    p.add_argument("-m", "--model-dir", type=Path, default=None,
+                   help="c-model directory (<out>/<N>-gpu or its parent); default: the bundled demo model")
+    p.add_argument("--prompt", nargs="+", default=["def main():\n    ", "import os\n"],
+                   help="contexts whose next-token distributions are filtered (the first is also continued)")
+    p.add_argument("--top-k", type=_csv_list(int), default=[1, 8, 40, 0], help="values to sweep (0 = no limit)")
+    p.add_argument("--top-p", type=_csv_list(float), default=[0.5, 0.9, 1.0], help="values to sweep (1 = no limit)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seeds", type=int, default=0,
+                   help="also continue the first prompt with every (top_k, top_p) under this many seeds")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--csv", type=Path, default=None, help="write the rows here (the generation rows beside it)")
+    p.add_argument("--plot", type=Path, default=None, help="write heatmaps over top_k x top_p (PNG) here")
+    p.add_argument("--dtype", default="auto", help="fp32 | fp16 | bf16 (default: fp16 on a GPU, fp32 on the CPU)")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.set_defaults(tensor_para_size=1, layer_para_size=1, layer_para_batch_size=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftlab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_bench(sub)
     _add_serve(sub)
+    _add_sweep(sub)
     return parser
 
 
@@ -331,6 +362,38 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweeps import generation_sweep, plot_sampling_sweep, sampling_sweep, write_csv
+    from .tokenizer import load_tokenizer
+
+    model, model_dir = _load_model(args)
+    tokenizer = load_tokenizer()
+    contexts = [tokenizer.encode(p) for p in args.prompt]
+    rows = sampling_sweep(model, contexts, args.top_k, args.top_p, temperature=args.temperature)
+    print(f"next-token distributions after {len(contexts)} prompt(s), {model_dir or 'random weights'}, "
+          f"temperature {args.temperature}:")
+    print(f"{'top_k':>6} {'top_p':>6} {'kept tokens':>12} {'kept mass':>10} {'entropy':>8} {'P(greedy)':>10}")
+    for r in rows:
+        print(f"{r['top_k'] or 'none':>6} {r['top_p']:>6g} {r['kept_tokens']:>12.1f} {r['kept_mass']:>10.3f} "
+              f"{r['entropy_nats']:>8.3f} {r['greedy_prob']:>10.3f}")
+    if args.csv:
+        print("wrote", write_csv(rows, args.csv))
+    if args.plot:
+        print("wrote", plot_sampling_sweep(rows, args.plot, title=f"temperature {args.temperature:g}"))
+    if args.seeds > 0:
+        configs = [dict(top_k=k, top_p=p, temperature=args.temperature) for k in args.top_k for p in args.top_p]
+        gen = generation_sweep(model, contexts[0], configs, seeds=args.seeds, max_new_tokens=args.max_new_tokens,
+                               tokenizer=tokenizer)
+        print(f"\ncontinuations of {args.prompt[0]!r}, {args.seeds} seeds each:")
+        for r in gen:
+            print(f"top_k {r['top_k'] or 'none':>4} top_p {r['top_p']:<4g} distinct-2 {r['distinct_2']:.2f} "
+                  f"unique {r['unique_continuations']}/{args.seeds} mean log-prob {r['mean_log_prob']:.2f}  "
+                  f"{r['first_continuation']!r}")
+        if args.csv:
+            print("wrote", write_csv(gen, args.csv.with_name(args.csv.stem + "-generation.csv")))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -342,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "sweep":
+            return cmd_sweep(args)
     except (ValueError, OSError) as exc:  # OSError: missing or existing files, a port in use
         import os
 

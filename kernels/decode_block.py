@@ -32,7 +32,10 @@ model uses it only with FTLAB_FUSED_BLOCK=1. Batch 1: 33.2 us per block at 8 war
 98.8 vs 47.4. Stage by stage at batch 1 (cumulative, 8 warps): QKV 6.8 us (with the launch), + attention 13.4,
 + out-proj 17.2, + FC1 26.6, + FC2 33.4, while streaming a block's 25 MB takes ~6 us: each GEMV stage runs at
 1-2 TB/s (likely: one program of 8 warps per SM, 193 registers per thread, keeps too few loads in flight), and the grid barrier costs 0.90 us. Reaching the bandwidth inside one persistent program per SM is the
-open problem (more programs per SM risk non-resident programs and a hang; see _benchmark).
+open problem (more programs per SM risk non-resident programs and a hang; see _benchmark). A lead: at 4 warps the
+compiled kernel keeps 156-168 registers per thread whether a program's weight tile is 64 KB or 16 KB (splits of 2
+and 4 programs per SM), so something other than the tile (the attention stage's state, the prefetched KV tile and
+out-proj weight held across the barrier) sets the register use, and with it how many programs fit per SM.
 
 Sync state: `sync` int32 (1 + B*nh,), zero before the first launch: [arrivals, per-head combine counters]; every
 launch leaves it zero again, so one buffer serves every layer of every step with no memset launch.
