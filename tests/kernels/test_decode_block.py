@@ -127,4 +127,5 @@ def test_model_decodes_the_same_fused_or_not(dtype_name, device, monkeypatch):
         results[fused] = generate(model, prompts, max_new_tokens=6, top_k=1, return_log_probs=True)
     assert results["1"].output_ids == results["0"].output_ids
     for a, b in zip(results["1"].output_log_probs, results["0"].output_log_probs):
-        assert_rel_close(torch.tensor(a), torch.tensor(b), dtype=DTYPES[dtype_name], what="log probs of the generated tokens")
+        assert_rel_close(torch.tensor(a), torch.tensor(b), dtype=DTYPES[dtype_name],
+                         what="log probs of the generated tokens")
