@@ -27,15 +27,16 @@ split `programs` is independent of the grid, which lets the CPU tests cover awkw
 
 Measured (H200, fp16, GPT-345M shapes, context 512, a CUDA graph of 24 blocks with distinct weights; `python -m
 ftlab.kernels.decode_block`, data/bench/decode_block_bench.csv): SLOWER than the five-kernel block, which is why the
-model uses it only with FTLAB_FUSED_BLOCK=1. Batch 1: 33.2 us per block at 8 warps x 1 program per SM (4 warps:
-90 us; 16 warps: 43.8; 4 warps x 2 per SM: 27.7) vs 22.0 us; batch 2: 44.6 vs 29.8; batch 4:
-98.8 vs 47.4. Stage by stage at batch 1 (cumulative, 8 warps): QKV 6.8 us (with the launch), + attention 13.4,
-+ out-proj 17.2, + FC1 26.6, + FC2 33.4, while streaming a block's 25 MB takes ~6 us: each GEMV stage runs at
-1-2 TB/s (likely: one program of 8 warps per SM, 193 registers per thread, keeps too few loads in flight), and
-the grid barrier costs 0.90 us. Reaching the bandwidth inside one persistent program per SM is the open problem (more programs per SM risk non-resident programs and a hang; see _benchmark). A lead: at 4 warps the
-compiled kernel keeps 156-168 registers per thread whether a program's weight tile is 64 KB or 16 KB (splits of 2
-and 4 programs per SM), so something other than the tile (the attention stage's state, the prefetched KV tile and
-out-proj weight held across the barrier) sets the register use, and with it how many programs fit per SM.
+model uses it only with FTLAB_FUSED_BLOCK=1. Batch 1: 33.2 us per block at 8 warps x 1 program per SM (4 warps: 90
+us; 16 warps: 43.8; 4 warps x 2 per SM: 27.7) vs 22.0 us; batch 2: 44.6 vs 29.8; batch 4: 98.8 vs 47.4. Stage by
+stage at batch 1 (cumulative, 8 warps): QKV 6.8 us (with the launch), + attention 13.4, + out-proj 17.2, + FC1 26.6,
++ FC2 33.4, while streaming a block's 25 MB takes ~6 us: each GEMV stage runs at 1-2 TB/s (likely: one program of 8
+warps per SM, 193 registers per thread, keeps too few loads in flight), and the grid barrier costs 0.90 us. Reaching
+the bandwidth inside one persistent program per SM is the open problem (more programs per SM risk non-resident
+programs and a hang; see _benchmark). A lead: at 4 warps the compiled kernel keeps 156-168 registers per thread
+whether a program's weight tile is 64 KB or 16 KB (splits of 2 and 4 programs per SM), so something other than the
+tile (the attention stage's state, the prefetched KV tile and out-proj weight held across the barrier) sets the
+register use, and with it how many programs fit per SM.
 
 Sync state: `sync` int32 (1 + B*nh,), zero before the first launch: [arrivals, per-head combine counters]; every
 launch leaves it zero again, so one buffer serves every layer of every step with no memset launch.
