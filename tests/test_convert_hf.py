@@ -86,3 +86,25 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(HFConversionError, match=r"'wte.weight' has shape \(53, 24\), expected \(53, 32\)"):
         convert_hf(tmp_path / "hf", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_export_hf_round_trip(tmp_path, tied):
+    # c-model (split for 2 GPUs) -> HF directory -> c-model: the same tensors; HF loads it and computes the
+    # logits of the original HF model
+    from ftlab.convert.huggingface import export_hf
+
+    hf = make_hf_dir(tmp_path / "hf", tie_word_embeddings=tied)
+    first = convert_hf(tmp_path / "hf", tmp_path / "ft", infer_gpu_num=2, progress=False)
+    exported = export_hf(first, tmp_path / "hf2")
+    again = convert_hf(exported, tmp_path / "ft2", infer_gpu_num=1, progress=False)
+    (config1, w1), (config2, w2) = load_cmodel(first), load_cmodel(again)
+    assert set(w1) == set(w2) and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert config2.replace(tensor_para_size=2) == config1.replace(model_name=config2.model_name)
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(exported).eval()
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, hf(ids).logits, rtol=0, atol=0)
+    with pytest.raises(HFConversionError, match="already exists"):
+        export_hf(first, tmp_path / "hf2")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind

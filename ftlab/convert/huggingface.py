@@ -160,3 +160,46 @@ def convert_hf(hf_dir: str | Path, out_root: str | Path, *, infer_gpu_num: int =
     extra = [hf_dir / name for name in TOKENIZER_FILES if (hf_dir / name).is_file()]
     return write_cmodel(out_root, config, weights, tensor_para_size=infer_gpu_num, weight_data_type=weight_data_type,
                         force=force, extra_files=extra, progress=progress)
+
+
+def hf_config_from(config: GPTConfig, *, tied: bool = True) -> dict:
+    """The GPT-2 config.json of a GPTConfig (the inverse of config_from_hf); tied: the LM head is the embedding."""
+    return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], _name_or_path=config.model_name,
+                tie_word_embeddings=tied,
+                n_embd=config.hidden, n_head=config.head_num, n_layer=config.num_layer, n_inner=config.inter_size,
+                vocab_size=config.vocab_size, n_positions=config.max_pos_seq_len,
+                layer_norm_epsilon=config.layernorm_eps, activation_function="gelu_new",
+                bos_token_id=config.start_id, eos_token_id=config.end_id)
+
+
+def export_hf(model_dir: str | Path, hf_dir: str | Path, *, force: bool = False) -> Path:
+    """A c-model directory -> an HF GPT-2 directory (config.json + model.safetensors, fp32), loadable with
+    transformers' GPT2LMHeadModel.from_pretrained: to check a conversion against HF, or to hand a model back.
+    Written to a temporary directory beside hf_dir and renamed at the end."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from ..checkpoint import load_cmodel
+
+    hf_dir = Path(hf_dir)
+    if hf_dir.exists() and not force:
+        raise HFConversionError(f"{hf_dir}: already exists (force=True / --force to replace it)")
+    config, weights = load_cmodel(model_dir)
+    state = {k: v.float().contiguous() for k, v in ft_to_hf_state_dict(weights, config).items()}
+    if LM_HEAD not in weights:  # tied: safetensors refuses shared storage, and HF re-ties on load
+        del state["lm_head.weight"]
+    hf_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{hf_dir.name}-", dir=hf_dir.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf_config_from(config, tied=LM_HEAD not in weights), indent=2)
+                                         + "\n")
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        if hf_dir.exists():
+            shutil.rmtree(hf_dir)
+        tmp.rename(hf_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return hf_dir
