@@ -80,7 +80,7 @@ def test_tensor_parallel_sweep_agrees_across_splits():
 def test_sweep_cli_on_the_demo_model(tmp_path, capsys):
     from ftlab.cli import main
 
-    assert main(["sweep", "--top-k", "1,0", "--top-p", "0.9,1", "--seeds", "2", "--max-new-tokens", "3",
+    assert main(["sweep", "--top-k", "1,0", "--top-p", "0.9,1", "--seeds", "1", "--max-new-tokens", "2",
                  "--prompt", "import os\n", "--csv", str(tmp_path / "s.csv"), "--plot", str(tmp_path / "s.png")]) == 0
     out = capsys.readouterr().out
     assert "kept tokens" in out and "continuations of 'import os\\n'" in out
