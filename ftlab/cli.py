@@ -5,7 +5,8 @@
     ftlab convert hf -i HF_DIR -o OUT_DIR -i_g N [--weight-data-type fp32|fp16] [--force]
     ftlab convert megatron -i CKPT_DIR -o OUT_DIR [-t_g T] -i_g N [--head-num H] [--weight-data-type ..] [--force]
     ftlab bench [--shape 345m | -m MODEL_DIR] [--batch-sizes 1,8] [--cells 128x8,512x32] [--profile-decode]
-    ftlab serve [-m MODEL_DIR] [--host H] [--port 8000] [--max-batch-size N] [--max-queue-delay-us US]
+    ftlab serve [-m MODEL_DIR] [--host H] [--port 8000] [--grpc-port 8001] [--max-batch-size N]
+                [--max-queue-delay-us US]
     ftlab sweep [-m MODEL_DIR] [--prompt TEXT ...] [--top-k 1,8,40,0] [--top-p 0.5,0.9,1] [--seeds N] [--csv F]
                 [--plot F.png]
 """
@@ -138,6 +139,9 @@ def _add_serve(sub) -> None:
                    help="c-model directory (<out>/<N>-gpu or its parent); default: the bundled demo model")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (Triton's default 8000)")
+    p.add_argument("--grpc-port", type=int, default=None,
+                   help="also serve Triton's gRPC protocol on this port (Triton's default 8001; needs "
+                        "tritonclient[grpc]); FT's decoupled streaming is gRPC only")
     p.add_argument("--model-name", default="fastertransformer", help="the name clients ask for")
     p.add_argument("--max-batch-size", type=int, default=64, help="sequences per batch (dynamic batching)")
     p.add_argument("--max-queue-delay-us", type=int, default=1000,
@@ -355,9 +359,12 @@ def cmd_serve(args) -> int:
         raise ValueError("ftlab serve runs in one process: serving a tensor/layer-parallel engine is not supported yet")
     model, model_dir = _load_model(args)
     server = InferenceServer(model, model_name=args.model_name, host=args.host, port=args.port,
-                             max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us)
-    print(f"ftlab serve: {model_dir or 'random weights'} as '{args.model_name}' on http://{server.url} "
-          f"(KServe v2 / Triton HTTP; Ctrl-C stops)", file=sys.stderr, flush=True)
+                             max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
+                             grpc_port=args.grpc_port)
+    server.start()
+    grpc = f" and grpc://{server.grpc_url}" if server.grpc_url else ""
+    print(f"ftlab serve: {model_dir or 'random weights'} as '{args.model_name}' on http://{server.url}{grpc} "
+          f"(KServe v2 / Triton protocols; Ctrl-C stops)", file=sys.stderr, flush=True)
     server.serve_forever()
     return 0
 

@@ -8,6 +8,8 @@ the oldest request and, for up to max_queue_delay_us, more sampling requests unt
 (dynamic batching: every parameter is per sequence, so batched sequences give what they give alone). If a batch
 fails, its requests are retried one by one, so only the one at fault gets the error; the server keeps serving.
 
+With grpc_port, Triton's gRPC protocol is served too (grpc_server.py), feeding the same queue.
+
 Endpoints: GET /v2, /v2/health/live, /v2/health/ready, /v2/models/<m>[/versions/<v>], .../ready, .../config,
 .../stats; POST /v2/repository/index, /v2/models/<m>[/versions/<v>]/infer, /v2/models/<m>/generate_stream
 (Triton's generate extension: a JSON object of tensor-named values for one sequence in, server-sent events out,
@@ -30,7 +32,7 @@ import numpy as np
 from .. import __version__
 from ..generate import GenerationOutput, generate, stream
 from . import fastertransformer as ft
-from .protocol import HEADER_LENGTH, ProtocolError, decode_request, encode_response
+from .protocol import HEADER_LENGTH, InferRequest, ProtocolError, decode_request, encode_response
 
 _MODEL_PATH = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/[a-z_]+)?$")
 
@@ -46,7 +48,7 @@ class InferenceServer:
     """Serve `model` (a GPT, or anything generate() takes) at http://host:port. Use start()/stop(), or a `with`."""
 
     def __init__(self, model, *, model_name: str = "fastertransformer", host: str = "127.0.0.1", port: int = 8000,
-                 max_batch_size: int = 64, max_queue_delay_us: int = 1000):
+                 max_batch_size: int = 64, max_queue_delay_us: int = 1000, grpc_port: int | None = None):
         if max_batch_size < 1 or max_queue_delay_us < 0:
             raise ValueError(f"max_batch_size must be >= 1 and max_queue_delay_us >= 0, got {max_batch_size} and "
                              f"{max_queue_delay_us}")
@@ -59,13 +61,26 @@ class InferenceServer:
         self._httpd = ThreadingHTTPServer((host, port), handler)
         self._httpd.daemon_threads = True
         self._threads: list[threading.Thread] = []
+        # gRPC (grpc_server.py, Triton's default port is 8001; 0 = any free one), started with the rest
+        self._grpc_address, self._grpc, self.grpc_port = (host, grpc_port), None, grpc_port
 
     @property
     def url(self) -> str:
         host, port = self._httpd.server_address[:2]
         return f"{host}:{port}"
 
+    @property
+    def grpc_url(self) -> str | None:
+        return None if self._grpc is None else f"{self._grpc_address[0]}:{self.grpc_port}"
+
     def start(self) -> "InferenceServer":
+        if self.grpc_port is not None:
+            try:
+                from .grpc_server import start_grpc
+            except ImportError as exc:
+                raise ImportError(f"serving gRPC needs grpcio and tritonclient's stubs: pip install "
+                                  f"'tritonclient[grpc]' ({exc})") from None
+            self._grpc, self.grpc_port = start_grpc(self, self._grpc_address[0], self.grpc_port)
         self._threads = [threading.Thread(target=self._work_loop, name="ftlab-model", daemon=True),
                          threading.Thread(target=self._httpd.serve_forever, name="ftlab-http", daemon=True)]
         for t in self._threads:
@@ -73,6 +88,8 @@ class InferenceServer:
         return self
 
     def stop(self) -> None:
+        if self._grpc is not None:
+            self._grpc.stop(grace=1).wait()
         self._httpd.shutdown()
         self._httpd.server_close()
         self._queue.put(_STOP)
@@ -86,7 +103,8 @@ class InferenceServer:
         self.stop()
 
     def serve_forever(self) -> None:
-        self.start()
+        if not self._threads:
+            self.start()
         try:
             while True:
                 time.sleep(3600)
@@ -100,6 +118,43 @@ class InferenceServer:
     def stats_snapshot(self) -> dict:
         with self._lock:
             return dict(self.stats)
+
+    def model_config(self) -> dict:
+        """Triton's model configuration of the served model (JSON form; the gRPC side builds its message from it)."""
+        cfg = self.model.config
+        parameters = {"model_name": cfg.model_name, "head_num": cfg.head_num, "size_per_head": cfg.size_per_head,
+                      "num_layer": cfg.num_layer, "vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_pos_seq_len,
+                      "start_id": cfg.start_id, "end_id": cfg.end_id,
+                      "tensor_para_size": getattr(cfg, "tensor_para_size", 1),
+                      "data_type": str(getattr(self.model, "dtype", "")).replace("torch.", "")}
+        return {"name": self.model_name, "platform": "ftlab", "backend": "fastertransformer",
+                "max_batch_size": self.max_batch_size,
+                "input": [t.as_config() for t in ft.INPUTS], "output": [t.as_config() for t in ft.OUTPUTS],
+                "dynamic_batching": {"max_queue_delay_microseconds": self.max_queue_delay_us},
+                "parameters": {k: {"string_value": str(v)} for k, v in parameters.items()}}
+
+    def check_model(self, name: str, version: str | None) -> str | None:
+        """None when (name, version) is this server's model, else the message to answer (not found)."""
+        if name != self.model_name or version not in (None, "", self.version):
+            return (f"unknown model '{name}' version {version!r}; this server has '{self.model_name}' version "
+                    f"{self.version}")
+        return None
+
+    def prepare(self, request: InferRequest) -> ft.Job:
+        """A decoded infer request -> the job to run; ProtocolError / ValueError name what is wrong (counted)."""
+        try:
+            job = ft.parse_job(request.inputs, self.model.config, self.max_batch_size)
+            if request.requested is not None:
+                unknown = sorted(set(request.requested) - {t.name for t in ft.OUTPUTS})
+                if unknown:
+                    raise ProtocolError(f"unknown output(s) {unknown}; the model gives "
+                                        f"{[t.name for t in ft.OUTPUTS]}")
+                if {"cum_log_probs", "output_log_probs"} & set(request.requested):
+                    job.return_log_probs = True
+        except (ProtocolError, ValueError):
+            self.count("rejected")
+            raise
+        return job
 
     # --- the model's thread ------------------------------------------------------------------------------------
     def submit(self, job: ft.Job, events: queue.Queue | None = None) -> Future:
@@ -222,10 +277,9 @@ class _Handler(BaseHTTPRequestHandler):
         return body
 
     def _model(self, match) -> bool:
-        s = self.server_state
-        if match.group("model") != s.model_name or match.group("version") not in (None, s.version):
-            self._error(404, f"unknown model '{match.group('model')}' version {match.group('version')!r}; "
-                             f"this server has '{s.model_name}' version {s.version}")
+        problem = self.server_state.check_model(match.group("model"), match.group("version"))
+        if problem is not None:
+            self._error(404, problem)
             return False
         return True
 
@@ -251,24 +305,11 @@ class _Handler(BaseHTTPRequestHandler):
         if rest == "/ready":
             return self._send(200, b"", {})
         if rest == "/config":
-            return self._json(200, self._config())
+            return self._json(200, s.model_config())
         if rest == "/stats":
             return self._json(200, {"model_stats": [{"name": s.model_name, "version": s.version,
                                                      **s.stats_snapshot()}]})
         return self._error(404, f"no route GET {path}")
-
-    def _config(self) -> dict:
-        s, cfg = self.server_state, self.server_state.model.config
-        parameters = {"model_name": cfg.model_name, "head_num": cfg.head_num, "size_per_head": cfg.size_per_head,
-                      "num_layer": cfg.num_layer, "vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_pos_seq_len,
-                      "start_id": cfg.start_id, "end_id": cfg.end_id,
-                      "tensor_para_size": getattr(cfg, "tensor_para_size", 1),
-                      "data_type": str(getattr(s.model, "dtype", "")).replace("torch.", "")}
-        return {"name": s.model_name, "platform": "ftlab", "backend": "fastertransformer",
-                "max_batch_size": s.max_batch_size,
-                "input": [t.as_config() for t in ft.INPUTS], "output": [t.as_config() for t in ft.OUTPUTS],
-                "dynamic_batching": {"max_queue_delay_microseconds": s.max_queue_delay_us},
-                "parameters": {k: {"string_value": str(v)} for k, v in parameters.items()}}
 
     def do_POST(self):  # noqa: N802
         s, path = self.server_state, self.path.split("?")[0].rstrip("/")
@@ -289,16 +330,12 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             header = self.headers.get(HEADER_LENGTH)
             request = decode_request(body, int(header) if header is not None else None)
-            job = ft.parse_job(request.inputs, s.model.config, s.max_batch_size)
-            if request.requested is not None:
-                unknown = sorted(set(request.requested) - {t.name for t in ft.OUTPUTS})
-                if unknown:
-                    raise ProtocolError(f"unknown output(s) {unknown}; the model gives "
-                                        f"{[t.name for t in ft.OUTPUTS]}")
-                if {"cum_log_probs", "output_log_probs"} & set(request.requested):
-                    job.return_log_probs = True
         except (ProtocolError, ValueError) as exc:
             s.count("rejected")
+            return self._error(400, str(exc))
+        try:
+            job = s.prepare(request)
+        except (ProtocolError, ValueError) as exc:
             return self._error(400, str(exc))
         try:
             outputs = ft.outputs_of(job, s.submit(job).result())
