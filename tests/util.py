@@ -26,3 +26,15 @@ def skip_if_interpreter_bf16(dtype, device):
 
     if dtype == torch.bfloat16 and device == "cpu":
         pytest.skip("bf16 tl.dot is unreliable in the Triton interpreter; checked on the GPU")
+
+
+def cache_with_history(positions, num_heads, s_max, head_dim, dtype, device):
+    """(k, v) caches (B, nh, S_max, d) whose slots [0, positions[b]) hold random keys/values and every other slot
+    is NaN, so a kernel that reads a slot it should not shows it."""
+    batch = len(positions)
+    k_cache = torch.full((batch, num_heads, s_max, head_dim), float("nan"), dtype=dtype, device=device)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    for b, pos in enumerate(positions):
+        k_cache[b, :, :pos] = torch.randn(num_heads, pos, head_dim).to(dtype=dtype, device=device)
+        v_cache[b, :, :pos] = torch.randn(num_heads, pos, head_dim).to(dtype=dtype, device=device)
+    return k_cache, v_cache

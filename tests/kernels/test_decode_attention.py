@@ -5,18 +5,7 @@ import torch.nn.functional as F
 from ftlab.kernels import decode_attention as decode_module
 from ftlab.kernels.attention import context_attention
 from ftlab.kernels.decode_attention import DecodeBlocks, decode_attention, decode_attention_reference
-from tests.util import DTYPES, assert_rel_close
-
-
-def _cache_with_history(positions, num_heads, s_max, head_dim, dtype, device):
-    """Caches whose slots [0, positions[b]) hold random keys/values and everything else is NaN."""
-    batch = len(positions)
-    k_cache = torch.full((batch, num_heads, s_max, head_dim), float("nan"), dtype=dtype, device=device)
-    v_cache = torch.full_like(k_cache, float("nan"))
-    for b, pos in enumerate(positions):
-        k_cache[b, :, :pos] = torch.randn(num_heads, pos, head_dim).to(dtype=dtype, device=device)
-        v_cache[b, :, :pos] = torch.randn(num_heads, pos, head_dim).to(dtype=dtype, device=device)
-    return k_cache, v_cache
+from tests.util import DTYPES, assert_rel_close, cache_with_history
 
 
 def _assert_cache_equal(cache, ref_cache, what):
@@ -27,7 +16,7 @@ def _assert_cache_equal(cache, ref_cache, what):
 def _check_against_reference(positions, num_heads, head_dim, s_max, dtype, device, scale=None):
     batch = len(positions)
     qkv = torch.randn(batch, 3, num_heads, head_dim).to(dtype=dtype, device=device)
-    k_cache, v_cache = _cache_with_history(positions, num_heads, s_max, head_dim, dtype, device)
+    k_cache, v_cache = cache_with_history(positions, num_heads, s_max, head_dim, dtype, device)
     ref_k, ref_v = k_cache.double(), v_cache.double()
     positions_t = torch.tensor(positions, dtype=torch.int32, device=device)
 
@@ -81,7 +70,7 @@ def test_decode_attention_strided_views(device):
     assert not qkv.is_contiguous()
     k_all = torch.full((2, 3, num_heads, s_max, head_dim), float("nan"), device=device)
     v_all = torch.full_like(k_all, float("nan"))
-    k_all[1], v_all[1] = _cache_with_history(positions, num_heads, s_max, head_dim, torch.float32, device)
+    k_all[1], v_all[1] = cache_with_history(positions, num_heads, s_max, head_dim, torch.float32, device)
     ref_k, ref_v = k_all[1].double(), v_all[1].double()
     positions_t = torch.tensor(positions, dtype=torch.int32, device=device)
 
@@ -139,7 +128,7 @@ def test_decode_attention_replays_in_cuda_graph(dtype_name):
     dtype, device = DTYPES[dtype_name], "cuda"
     batch, num_heads, head_dim, s_max = 3, 4, 64, 300
     history = [[0, 100, 250], [1, 260, 299]]
-    k_cache, v_cache = _cache_with_history([s_max] * batch, num_heads, s_max, head_dim, dtype, device)
+    k_cache, v_cache = cache_with_history([s_max] * batch, num_heads, s_max, head_dim, dtype, device)
     qkv = torch.randn(batch, 3, num_heads, head_dim, dtype=dtype, device=device)
     positions = torch.tensor(history[0], dtype=torch.int32, device=device)
     counter = torch.zeros((batch, num_heads), dtype=torch.int32, device=device)  # reused by every replay

@@ -8,7 +8,7 @@ from ftlab.generate import generate
 from ftlab.kernels.decode_block import (MAX_BATCH, decode_block, decode_block_reference, new_sync_state,
                                         split_attention, split_gemv)
 from ftlab.model import GPT
-from tests.util import DTYPES, assert_rel_close
+from tests.util import DTYPES, assert_rel_close, cache_with_history
 
 
 def _block_weights(H, inter, dtype, device):
@@ -23,21 +23,10 @@ def _block_weights(H, inter, dtype, device):
                 fc2_weight=r(H, inter, scale=inter ** -0.5), fc2_bias=r(H, scale=0.2))
 
 
-def _caches(positions, num_heads, cap, head_dim, dtype, device):
-    # slots below each position hold random history; every other slot is NaN, so a read of one shows
-    B = len(positions)
-    k = torch.full((B, num_heads, cap, head_dim), float("nan"), dtype=dtype, device=device)
-    v = torch.full_like(k, float("nan"))
-    for b, pos in enumerate(positions):
-        k[b, :, :pos] = torch.randn(num_heads, pos, head_dim).to(dtype=dtype, device=device)
-        v[b, :, :pos] = torch.randn(num_heads, pos, head_dim).to(dtype=dtype, device=device)
-    return k, v
-
-
 def _check_block(B, H, nh, inter, cap, positions, dtype, device, programs, sync=None, **knobs):
     weights = _block_weights(H, inter, dtype, device)
     x = torch.randn(B, H).to(dtype=dtype, device=device)
-    k, v = _caches(positions, nh, cap, H // nh, dtype, device)
+    k, v = cache_with_history(positions, nh, cap, H // nh, dtype, device)
     ref_k, ref_v = k.double(), v.double()
     pos = torch.tensor(positions, dtype=torch.int32, device=device)
     out = decode_block(x, pos, k, v, num_heads=nh, programs=programs, sync=sync, **knobs, **weights)
@@ -99,7 +88,7 @@ def test_splits_cover_every_feature_and_slot():
 def test_bad_inputs_name_the_tensor(device):
     H, nh, inter = 32, 2, 64
     w = _block_weights(H, inter, torch.float32, device)
-    k, v = _caches([1], nh, 4, H // nh, torch.float32, device)
+    k, v = cache_with_history([1], nh, 4, H // nh, torch.float32, device)
     pos = torch.tensor([1], dtype=torch.int32, device=device)
     x = torch.randn(1, H, device=device)
     with pytest.raises(ValueError, match="x must be"):
