@@ -18,11 +18,10 @@ gives each stage a contiguous range of blocks; `embed`, `run_blocks_*` and `lm_l
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-
-import os
 
 import torch
 
@@ -71,7 +70,7 @@ class KVCache:
     # (B, nh_local) int32, zero between launches: decode attention's combine counters, shared by the layers (they run
     # one after another) so no step spends a memset launch per layer on them
     counters: torch.Tensor | None = None
-    # int32 (2 + B*nh_local,), zero between launches: the fused decode block's grid barrier and combine counters
+    # int32 (1 + B*nh_local,), zero between launches: the fused decode block's grid barrier and combine counters
     sync: torch.Tensor | None = None
 
     @property
@@ -231,13 +230,9 @@ class GPT:
         `positions` and the cache rows below them must have been written before x was (x comes from the step's
         embedding or a receive, ordinary launches): decode attention then reads them before its PDL wait."""
         if self._use_fused_block(x, cache):
-            for i, b in enumerate(self.weights.blocks):
+            for i, block in enumerate(self.weights.blocks):  # BlockWeights' fields are decode_block's weight names
                 x = decode_block(x, positions, cache.k[i], cache.v[i], sync=cache.sync, num_heads=self.local_heads,
-                                 eps=self.config.layernorm_eps, ln1_weight=b.ln1_weight, ln1_bias=b.ln1_bias,
-                                 qkv_weight=b.qkv_weight, qkv_bias=b.qkv_bias, attn_out_weight=b.attn_out_weight,
-                                 attn_out_bias=b.attn_out_bias, ln2_weight=b.ln2_weight, ln2_bias=b.ln2_bias,
-                                 fc1_weight=b.fc1_weight, fc1_bias=b.fc1_bias, fc2_weight=b.fc2_weight,
-                                 fc2_bias=b.fc2_bias)
+                                 eps=self.config.layernorm_eps, **vars(block))
             return x
         for i, block in enumerate(self.weights.blocks):
             def attend(qkv, i=i):
