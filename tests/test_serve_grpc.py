@@ -110,7 +110,7 @@ def test_stream_one_response_per_token_ending_with_the_infer_result(client, serv
 
 def test_bad_requests_name_the_tensor_and_the_server_keeps_serving(client, server):
     bad_top_p = _inputs(PROMPTS[:1], 2, runtime_top_p=np.array([[1.5]], dtype=np.float32))
-    with pytest.raises(InferenceServerException, match="top_p") as info:
+    with pytest.raises(InferenceServerException, match="input 'runtime_top_p': top_p") as info:
         client.infer(MODEL, bad_top_p)
     assert "INVALID_ARGUMENT" in str(info.value.status())
     missing = [t for t in _inputs(PROMPTS[:1], 2) if t.name() != "input_lengths"]

@@ -13,6 +13,7 @@ FT's sampling conventions: runtime_top_p = 0 means no top-p limit, and runtime_t
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -177,7 +178,15 @@ def _check_values(job: Job, config: GPTConfig) -> None:
         validate_prompts(job.prompts, max(job.output_lens), config.vocab_size, config.max_pos_seq_len)
         RequestParams.build(job.batch_size, config.vocab_size, "cpu", **job.params)
     except GenerationError as exc:
-        raise ProtocolError(str(exc)) from None
+        raise ProtocolError(_named_by_tensor(str(exc))) from None
+
+
+def _named_by_tensor(message: str) -> str:
+    """generate()'s message names its parameter (top_p[0] = ...): say which request tensor that is."""
+    for tensor, key in (*_PER_SEQUENCE.items(), ("stop_words_list", "stop_words"), ("bad_words_list", "bad_words")):
+        if tensor != key and re.match(rf"{key}\b", message):
+            return f"input '{tensor}': {message}"
+    return message
 
 
 def merge(jobs: list[Job]) -> Job:
