@@ -196,24 +196,26 @@ class GPT:
         """(T,) token ids and positions -> (T, H) residual stream."""
         return embedding(token_ids, positions, self.weights.wte, self.weights.wpe, out_dtype=self.dtype)
 
-    def _row_parallel(self, x_local: torch.Tensor, weight, bias, residual: torch.Tensor) -> torch.Tensor:
+    def _row_parallel(self, x_local: torch.Tensor, weight, bias, residual: torch.Tensor, prefetch=None) -> torch.Tensor:
         if self.all_reduce is None:
-            return linear(x_local, weight, bias, residual=residual)
+            return linear(x_local, weight, bias, residual=residual, prefetch=prefetch)
         lead = self.tp_rank == 0  # the lead rank adds bias + residual once; the others contribute partial sums
-        out = linear(x_local, weight, bias if lead else None, residual=residual if lead else None)
+        out = linear(x_local, weight, bias if lead else None, residual=residual if lead else None, prefetch=prefetch)
         self.all_reduce(out)
         return out
 
-    def _block(self, block: BlockWeights, x: torch.Tensor, attend: Callable) -> torch.Tensor:
+    def _block(self, block: BlockWeights, x: torch.Tensor, attend: Callable,
+               prefetch: tuple = (None, None, None, None)) -> torch.Tensor:
+        """prefetch: for the QKV, out-proj, FC1 and FC2 GEMVs, a later kernel's weight to pull into L2 (decode)."""
         eps = self.config.layernorm_eps
         T = x.shape[0]
         qkv = linear(x, block.qkv_weight, block.qkv_bias, ln_weight=block.ln1_weight, ln_bias=block.ln1_bias,
-                     ln_eps=eps)  # (T, 3*nh*hs)
+                     ln_eps=eps, prefetch=prefetch[0])  # (T, 3*nh*hs)
         attn = attend(qkv.view(T, 3, self.local_heads, self.config.size_per_head))  # (T, nh, hs)
-        x = self._row_parallel(attn.view(T, -1), block.attn_out_weight, block.attn_out_bias, x)
+        x = self._row_parallel(attn.view(T, -1), block.attn_out_weight, block.attn_out_bias, x, prefetch[1])
         h = linear(x, block.fc1_weight, block.fc1_bias, activation="gelu", ln_weight=block.ln2_weight,
-                   ln_bias=block.ln2_bias, ln_eps=eps)  # (T, I_local)
-        return self._row_parallel(h, block.fc2_weight, block.fc2_bias, x)
+                   ln_bias=block.ln2_bias, ln_eps=eps, prefetch=prefetch[2])  # (T, I_local)
+        return self._row_parallel(h, block.fc2_weight, block.fc2_bias, x, prefetch[3])
 
     def run_blocks_prefill(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                            cache: KVCache) -> torch.Tensor:
@@ -234,12 +236,26 @@ class GPT:
                 x = decode_block(x, positions, cache.k[i], cache.v[i], sync=cache.sync, num_heads=self.local_heads,
                                  eps=self.config.layernorm_eps, **vars(block))
             return x
+        targets = self._prefetch_targets()
         for i, block in enumerate(self.weights.blocks):
-            def attend(qkv, i=i):
+            qkv_pf, attn_pf, out_pf, fc1_pf, fc2_pf = targets[5 * i:5 * i + 5]
+
+            def attend(qkv, i=i, attn_pf=attn_pf):
                 return decode_attention(qkv, cache.k[i], cache.v[i], positions, counter=cache.counters,
-                                        history_ready=True)
-            x = self._block(block, x, attend)
+                                        history_ready=True, prefetch=attn_pf)
+            x = self._block(block, x, attend, (qkv_pf, out_pf, fc1_pf, fc2_pf))
         return x
+
+    def _prefetch_targets(self) -> list:
+        """For each kernel of a decode step in launch order (per block: QKV, attention, out-proj, FC1, FC2), the
+        weight it asks L2 to fetch: that of the kernel FTLAB_PREFETCH_AHEAD (default 2) launches later, so every
+        block weight is in flight two kernels before it is read, and decode attention, which reads no weight,
+        keeps HBM busy with the FC1 weight (kernels/_prefetch.py). 0 turns it off. The LM head is never
+        prefetched: it is twice the L2. Read per call, like FTLAB_FUSED_BLOCK, so a benchmark can compare."""
+        ahead = int(os.environ.get("FTLAB_PREFETCH_AHEAD", "2"))
+        order = [w for b in self.weights.blocks for w in (b.qkv_weight, None, b.attn_out_weight, b.fc1_weight,
+                                                           b.fc2_weight)]
+        return [order[k + ahead] if ahead > 0 and k + ahead < len(order) else None for k in range(len(order))]
 
     def _use_fused_block(self, x: torch.Tensor, cache: KVCache) -> bool:
         # read per call, so a benchmark or test can compare both paths in one process

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
+from ._prefetch import l2_prefetch, prefetch_plan
 from .attention import LOG2E
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -32,6 +33,7 @@ def _decode_partition_kernel(
     qkv_ptr, k_cache_ptr, v_cache_ptr, positions_ptr,
     part_max_ptr, part_sum_ptr, part_acc_ptr,  # workspace (B, nh, NP) and (B, nh, NP, d), fp32
     counter_ptr, out_ptr,  # counter (B, nh) int32, zero at launch; out (B, nh, d)
+    pf_ptr, pf_bytes, pf_share,  # L2 prefetch of a later kernel's weight (kernels/_prefetch.py)
     qk_scale,  # softmax scale * log2(e)
     stride_qkv_b, stride_qkv_part, stride_qkv_h,
     stride_kc_b, stride_kc_h, stride_kc_s,
@@ -40,13 +42,16 @@ def _decode_partition_kernel(
     stride_out_b, stride_out_h,
     head_dim, s_max, num_heads, num_parts,
     BLOCK_S: tl.constexpr, TILES_PER_PART: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-    USE_PDL: tl.constexpr, HISTORY_READY: tl.constexpr,
+    USE_PDL: tl.constexpr, HISTORY_READY: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     part = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.program_id(2)
     if USE_PDL:
         gdc_launch_dependents()
+    if PREFETCH:  # every program, before the early exit below: HBM is otherwise idle while attention runs
+        l2_prefetch(pf_ptr, pf_bytes, pf_share, PREFETCH, 128)
+    if USE_PDL:
         if not HISTORY_READY:
             gdc_wait()
     pos = tl.load(positions_ptr + seq)
@@ -217,7 +222,8 @@ def _check(cond: bool, message: str) -> None:
 
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
                      scale: Optional[float] = None, blocks: Optional["DecodeBlocks"] = None, *,
-                     counter: Optional[torch.Tensor] = None, history_ready: bool = False) -> torch.Tensor:
+                     counter: Optional[torch.Tensor] = None, history_ready: bool = False,
+                     prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Append each sequence's new k/v at cache[b, :, positions[b]] and attend over slots 0..positions[b] inclusive.
 
     qkv (B, 3, nh, d) for the new token; k_cache/v_cache (B, nh, S_max, d), last dim contiguous, written in place;
@@ -230,6 +236,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     history_ready: the caller promises that `positions` and the cache slots below them were written by work that
     had finished before the previous kernel in the stream started (in a decode step: before the step's embedding),
     so with PDL they are read before waiting for that kernel.
+    prefetch: a tensor a later kernel reads (a weight): L2 fetches it while attention runs (a hint, GPU only).
     """
     _check(qkv.dim() == 4 and qkv.shape[1] == 3, f"qkv must be (B, 3, nh, d), got {tuple(qkv.shape)}")
     _check(qkv.dtype in _SUPPORTED_DTYPES, f"qkv dtype must be float32/float16/bfloat16, got {qkv.dtype}")
@@ -276,9 +283,10 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     if counter is None:
         counter = torch.zeros((batch, num_heads), dtype=torch.int32, device=qkv.device)
     use_pdl = pdl_for(qkv.device)
+    pf = prefetch_plan(prefetch, num_parts * num_heads * batch, out)
     _decode_partition_kernel[(num_parts, num_heads, batch)](
         qkv, k_cache, v_cache, positions,
-        part_max, part_sum, part_acc, counter, out,
+        part_max, part_sum, part_acc, counter, out, pf.target, pf.nbytes, pf.share,
         float(scale) * LOG2E,
         qkv.stride(0), qkv.stride(1), qkv.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -288,7 +296,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         head_dim, s_max, num_heads, num_parts,
         BLOCK_S=blocks.block_s, TILES_PER_PART=blocks.tiles_per_part, BLOCK_D=block_d,
         BLOCK_P=max(4, min(32, triton.next_power_of_2(num_parts))), USE_PDL=use_pdl, HISTORY_READY=history_ready,
-        num_warps=blocks.num_warps, **launch_options(use_pdl),
+        PREFETCH=pf.mode, num_warps=blocks.num_warps, **launch_options(use_pdl),
     )
     return out
 

@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
+from ._prefetch import l2_prefetch, prefetch_plan
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACTIVATIONS = (None, "gelu")
@@ -188,10 +189,11 @@ def _sum_chunk(v):
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, ln_w_ptr, ln_b_ptr, out_ptr, part_ptr,
-    M, N, K, k_per_split, ln_eps,
+    x_ptr, w_ptr, bias_ptr, res_ptr, ln_w_ptr, ln_b_ptr, out_ptr, part_ptr, pf_ptr,
+    M, N, K, k_per_split, ln_eps, pf_bytes, pf_share,
     HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_LN: tl.constexpr,
     WRITE_PARTIAL: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, ROW_IN_REGS: tl.constexpr,
+    PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
     BLOCK_K: tl.constexpr,  # = LANES * VEC
 ):
@@ -224,6 +226,8 @@ def _gemv_kernel(
         gdc_launch_dependents()
     w_next = _load_weight_chunk(w_tile, k_lo, k_hi, chunk4)
     w_after = _load_weight_chunk(w_tile, k_lo + BLOCK_K, k_hi, chunk4)
+    if PREFETCH:  # the next kernel's weight into L2 (kernels/_prefetch.py), behind this program's own loads
+        l2_prefetch(pf_ptr, pf_bytes, pf_share, PREFETCH, 128)
     if USE_PDL:
         gdc_wait()  # x, the residual and the output buffer belong to the kernel chain: touched only after this
     # x is pipelined the same way; its first two chunks are requested together, right after the wait
@@ -446,7 +450,7 @@ def _finish_split(part, out, bias, residual, act_gelu, split_k):
     )
 
 
-def _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg: GemvConfig):
+def _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg: GemvConfig, prefetch=None):
     M, K = x.shape
     N = weight.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -455,13 +459,14 @@ def _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, c
     has_ln = ln_weight is not None
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), split_k)
     use_pdl = pdl_for(x.device)
+    pf = prefetch_plan(prefetch, grid[0] * grid[1] * grid[2], weight)
     _gemv_kernel[grid](
         x, weight, bias if bias is not None else out, residual if residual is not None else out,
-        ln_weight if has_ln else out, ln_bias if has_ln else out, out, part,
-        M, N, K, k_per_split, float(ln_eps),
+        ln_weight if has_ln else out, ln_bias if has_ln else out, out, part, pf.target,
+        M, N, K, k_per_split, float(ln_eps), pf.nbytes, pf.share,
         HAS_BIAS=bias is not None, ACT_GELU=act_gelu, HAS_RES=residual is not None, HAS_LN=has_ln,
         WRITE_PARTIAL=split_k > 1, EVEN_K=K % cfg.block_k == 0, USE_PDL=use_pdl,
-        ROW_IN_REGS=split_k == 1 and K <= 2 * cfg.block_k,
+        ROW_IN_REGS=split_k == 1 and K <= 2 * cfg.block_k, PREFETCH=pf.mode,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, LANES=cfg.lanes, VEC=cfg.vec, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, **launch_options(use_pdl),
     )
@@ -571,9 +576,14 @@ def linear_impl_for(M: int, N: int, K: int) -> str:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
            activation: Optional[str] = None, residual: Optional[torch.Tensor] = None,
            ln_weight: Optional[torch.Tensor] = None, ln_bias: Optional[torch.Tensor] = None,
-           ln_eps: float = 1e-5, impl: Optional[str] = None) -> torch.Tensor:
-    """y = act(LN?(x) @ weight.T + bias) + residual -> (M, N) in x.dtype. See the module docstring."""
+           ln_eps: float = 1e-5, impl: Optional[str] = None, prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = act(LN?(x) @ weight.T + bias) + residual -> (M, N) in x.dtype. See the module docstring.
+
+    prefetch: a tensor the next kernel will read (its weight); the gemv asks L2 to fetch it while it runs
+    (kernels/_prefetch.py). A hint only: ignored by the other paths, off the GPU, and with FTLAB_PREFETCH=0."""
     _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps, impl)
+    if prefetch is not None and not isinstance(prefetch, torch.Tensor):
+        raise ValueError(f"prefetch must be a torch.Tensor or None, got {type(prefetch).__name__}")
     M, K = x.shape
     N = weight.shape[0]
     act_gelu = activation == "gelu"
@@ -592,7 +602,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             widest = max(4, (1 << 20) // (cfg.block_m * lanes * cfg.vec))
             cfg = cfg._replace(lanes=lanes, num_warps=max(1, min(4, lanes // 32)),
                                block_n=min(triton.next_power_of_2(N), widest), split_k=1)
-        return _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg)
+        return _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg, prefetch)
     cfg = pick_gemm_config(M, N, K, x.dtype, num_sms)
     if x.device.type == "cpu":  # as above: fewer, larger tiles under the interpreter
         cfg = cfg._replace(block_m=min(triton.next_power_of_2(M), 64), block_n=min(triton.next_power_of_2(N), 64),
@@ -734,12 +744,13 @@ def _sweep() -> None:
     save_rows(rows, "linear_sweep.csv")
 
 
-def _chain_sweep() -> None:
+def _chain_sweep(prefetch_only: bool = False) -> None:
     """The decode GEMVs of a whole GPT-345M step (24 layers x QKV+LN, out+residual, FC1+LN+GELU, FC2+residual,
     M = 1, fp16, distinct weights per layer so every one streams from HBM) captured as one CUDA graph, under
     block-size policies applied to every shape, with PDL on and off. In a chain what matters is how consecutive
     kernels overlap (PDL: the next one's programs load weights while the last ones of this one finish), which
-    the one-kernel sweep cannot see. Prints us per layer, best first."""
+    the one-kernel sweep cannot see. First the heuristic with L2 prefetch of a later GEMV's weight (off, bulk,
+    per line; 1 or 2 GEMVs ahead), then (unless prefetch_only) the block policies. Prints us per layer, best first."""
     from triton.testing import do_bench_cudagraph
 
     from ._bench import save_rows
@@ -777,27 +788,40 @@ def _chain_sweep() -> None:
                         return GemvConfig(1, block_n, lanes, 8, max(1, min(warps_cap, lanes // 32)), 1)
                     yield f"{per_sm}/SM warps<={warps_cap} row/{div}", pick
 
-    def run_chain(pick):
+    def run_chain(pick, ahead=0):
         h, h4 = x, None
-        for w, b, has_ln, has_res, gelu in chain:
+        for i, (w, b, has_ln, has_res, gelu) in enumerate(chain):
             N, K = w.shape
             src = h if K == H else h4
+            prefetch = chain[i + ahead][0] if ahead and i + ahead < len(chain) else None
             out = _run_gemv(src, w, b, h if has_res else None, ln_w if has_ln else None, ln_b if has_ln else None,
-                            1e-5, gelu, pick(N, K))
+                            1e-5, gelu, pick(N, K), prefetch)
             if N == 4 * H:
                 h4 = out
             else:
                 h = out if N == H else h
         return h
 
+    def time_chain(pick, ahead=0):
+        return do_bench_cudagraph(lambda: run_chain(pick, ahead), rep=20, return_mode="median") * 1e3 / layers
+
     rows = []
-    for pdl in ("1", "0"):
+    # L2 prefetch (kernels/_prefetch.py): each GEMV fetches the weight `ahead` GEMVs later, bulk or per line
+    heuristic = next(policies())[1]
+    for mode in ("0", "1", "2"):
+        os.environ["FTLAB_PREFETCH"] = mode
+        for ahead in ((0,) if mode == "0" else (1, 2)):
+            us = time_chain(heuristic, ahead)
+            rows.append(dict(pdl="1", policy=f"heuristic prefetch={mode} ahead={ahead}", us_per_layer=us))
+            print(f"PDL=1 heuristic, prefetch mode {mode}, {ahead} ahead: {us:7.2f} us/layer", flush=True)
+    os.environ.pop("FTLAB_PREFETCH")
+    for pdl in (() if prefetch_only else ("1", "0")):
         os.environ["FTLAB_PDL"] = pdl
         for name, pick in policies():
-            us = do_bench_cudagraph(lambda: run_chain(pick), rep=20, return_mode="median") * 1e3 / layers
+            us = time_chain(pick)
             rows.append(dict(pdl=pdl, policy=name, us_per_layer=us))
             print(f"PDL={pdl} {name:32s} {us:7.2f} us/layer", flush=True)
-    os.environ.pop("FTLAB_PDL")
+        os.environ.pop("FTLAB_PDL")
     rows.sort(key=lambda r: r["us_per_layer"])
     print("best:", *(f"{r['policy']} PDL={r['pdl']} {r['us_per_layer']:.2f}" for r in rows[:8]), sep="\n  ")
     save_rows(rows, "linear_chain_sweep.csv")
@@ -855,7 +879,7 @@ if __name__ == "__main__":
     if "--sweep" in sys.argv[1:]:
         _sweep()
     elif "--chain" in sys.argv[1:]:
-        _chain_sweep()
+        _chain_sweep(prefetch_only="--prefetch-only" in sys.argv[1:])
     elif "--gemm" in sys.argv[1:]:
         _gemm_sweep()
     else:

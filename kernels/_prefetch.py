@@ -1,0 +1,84 @@
+"""L2 prefetch of the next kernel's weights: keep HBM busy across kernel boundaries.
+
+A batch-1 decode step streams ~0.7 GB of weights through ~120 kernels of a few microseconds each. Every kernel
+ramps up and drains: at its start its loads have not reached HBM yet, at its end the last programs wait on their
+last loads while most SMs idle, and between the GEMVs decode attention barely touches HBM at all. A kernel that
+knows which weight the kernel after it will read can ask L2 to fetch it now: the request is fire-and-forget
+(no registers, no wait), HBM keeps streaming through the gap, and the next kernel reads its weight from L2.
+An H200's L2 (50 MB) holds a GPT-345M layer (25 MB), so one or two kernels of lookahead fit.
+
+Each program of the issuing kernel prefetches one contiguous share of the target tensor (`prefetch_plan` sizes
+the shares from the grid), either as one bulk request from one thread (MODE 1, `cp.async.bulk.prefetch.L2`,
+Hopper's TMA unit does the rest) or one 128-byte line per thread (MODE 2, `prefetch.global.L2`).
+It is only a hint: results never depend on it. On for CUDA devices of compute capability >= 9 (the bulk form
+needs sm_90); FTLAB_PREFETCH=0 turns it off, =2 picks the per-line form. Never under the interpreter (MODE 0).
+"""
+import functools
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+_LINE = 128  # bytes per L2 line request in MODE 2
+_ALIGN = 16  # the bulk form needs 16-byte aligned addresses and sizes
+
+
+@triton.jit
+def l2_prefetch(pf_ptr, pf_bytes, pf_share, MODE: tl.constexpr, LINES: tl.constexpr):
+    """Program p (row-major over the grid) prefetches bytes [p * pf_share, (p + 1) * pf_share) of pf_ptr, clipped
+    to pf_bytes. MODE 1: one bulk request; MODE 2: LINES line requests per pass, one per thread."""
+    pid = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
+    lo = pid.to(tl.int64) * pf_share
+    size = tl.minimum(pf_share, pf_bytes - lo)
+    base = pf_ptr.to(tl.pointer_type(tl.uint8))
+    if size > 0:
+        if MODE == 1:
+            # a 1-element tensor is replicated in every thread: thread 0 alone issues the request
+            addr = base + lo + tl.zeros((1,), dtype=tl.int64)
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
+                "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+                "=r,l,r", [addr, size.to(tl.int32) + tl.zeros((1,), dtype=tl.int32)],
+                dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            for start in range(0, size, LINES * 128):
+                offs = tl.minimum(start + tl.arange(0, LINES).to(tl.int64) * 128, size - 1)
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [base + lo + offs],
+                                          dtype=tl.int32, is_pure=False, pack=1)
+
+
+class PrefetchPlan(NamedTuple):
+    target: torch.Tensor  # a tensor the issuing kernel never reads (so any placeholder works when MODE is 0)
+    nbytes: int
+    share: int  # bytes per program, a multiple of 128
+    mode: int  # 0 off, 1 bulk, 2 lines
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+def prefetch_mode(device: torch.device) -> int:
+    """0 (off), 1 (bulk) or 2 (per line) for kernels on `device`; FTLAB_PREFETCH is read per call."""
+    if device.type != "cuda":
+        return 0
+    env = os.environ.get("FTLAB_PREFETCH", "1")
+    if env == "0":
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if _capability_major(index) < 9:
+        return 0
+    return 2 if env == "2" else 1
+
+
+def prefetch_plan(target: Optional[torch.Tensor], programs: int, placeholder: torch.Tensor) -> PrefetchPlan:
+    """How `programs` programs split the prefetch of `target` (None, another device or a misaligned view: off)."""
+    mode = prefetch_mode(placeholder.device) if target is not None else 0
+    if mode == 0 or target.device != placeholder.device or target.data_ptr() % _ALIGN or not target.is_contiguous():
+        return PrefetchPlan(placeholder, 0, _LINE, 0)
+    nbytes = target.numel() * target.element_size() // _ALIGN * _ALIGN
+    share = triton.cdiv(triton.cdiv(nbytes, max(1, programs)), _LINE) * _LINE
+    return PrefetchPlan(target, nbytes, share, mode)
