@@ -159,7 +159,8 @@ def decode_step_ms(model: GPT, context: int = 512, batch: int = 1, steps: int = 
 
 def profile_decode_step(config: GPTConfig = GPT_345M, *, batch: int = 1, context: int = 512, dtype="fp16",
                         steps: int = 20) -> str:
-    """Per-kernel GPU time of the decode step (run kernel by kernel, not as a graph, so each launch is visible)."""
+    """Per-kernel GPU time of the prefill of `batch` prompts of `context` tokens (3 runs) and of the decode step
+    after it (`steps` runs), kernel by kernel rather than as graphs, so that each launch is visible."""
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device("cuda")
@@ -168,8 +169,17 @@ def profile_decode_step(config: GPTConfig = GPT_345M, *, batch: int = 1, context
     prompts = random_prompts(batch, context, config.vocab_size, seed=1)
     params = RequestParams.build(batch, config.vocab_size, device, top_k=1, top_p=1.0, temperature=1.0,
                                  random_seed=0, end_id=config.end_id)
-    session = LocalSession(model, prompts, steps + 8, params, use_cuda_graph=False)
-    tokens = session.first()[0]
+
+    def new_session():
+        return LocalSession(model, prompts, steps + 8, params, use_cuda_graph=False)
+
+    new_session().first()  # compiles the prefill kernels
+    sessions = [new_session() for _ in range(3)]
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prefill_prof:
+        for session in sessions:
+            tokens = session.first()[0]
+        torch.cuda.synchronize()
     for _ in range(3):
         tokens = session.next(tokens)[0]
     torch.cuda.synchronize()
@@ -177,7 +187,8 @@ def profile_decode_step(config: GPTConfig = GPT_345M, *, batch: int = 1, context
         for _ in range(steps):
             tokens = session.next(tokens)[0]
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    return (f"prefill (3 runs):\n{prefill_prof.key_averages().table(sort_by='cuda_time_total', row_limit=20)}\n"
+            f"decode step ({steps} runs):\n{prof.key_averages().table(sort_by='cuda_time_total', row_limit=25)}")
 
 
 def run(config: GPTConfig | None = None, model_dir=None, *, dtype="fp16", batches=GRID_BATCHES, cells=GRID_CELLS,

@@ -103,8 +103,8 @@ def _add_bench(sub) -> None:
                    help="only write random fp16 weights of --shape as OUT_DIR/<N>-gpu for each N in --splits")
     p.add_argument("--splits", default="1,2", help="tensor_para_size values for --write-random-cmodel")
     p.add_argument("--profile-decode", action="store_true",
-                   help="only print the per-kernel GPU time of a decode step at context 512 (--shape), for each "
-                        "of --batch-sizes")
+                   help="only print the per-kernel GPU time of the prefill of 512-token prompts and of a decode "
+                        "step at context 512 (--shape), for each of --batch-sizes")
 
 
 def _parse_cells(text: str) -> list[tuple[int, int]]:
@@ -325,7 +325,7 @@ def cmd_bench(args) -> int:
     batches = [int(b) for b in args.batch_sizes.split(",")]
     if args.profile_decode:
         for batch in batches:
-            print(f"decode step of {config.model_name}, batch {batch}, context 512, {args.dtype}:")
+            print(f"{config.model_name}, batch {batch}, prompts of 512 tokens, {args.dtype}:")
             print(bench.profile_decode_step(config, batch=batch, dtype=args.dtype))
         return 0
     if args.write_random_cmodel is not None:

@@ -143,32 +143,30 @@ def _load_kv_tile(kc, vc, offs_kv, kv_hi, offs_d, d_mask, stride_kc_s, stride_vc
 @triton.jit
 def _combine_partitions(part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr, ws, out_offset, head_dim, n_valid,
                         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    # partials of other programs: loaded with .cg (L2, never a stale L1 line)
+    # partials of other programs: loaded with .cg (L2, never a stale L1 line). One pass, merged online like the
+    # tiles of the main loop: a chunk's maxima, sums and accumulators are requested together (at GPT sizes one
+    # chunk holds every partition), so the combine costs one memory round trip after the counter.
     offs_p = tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
-
-    run_max = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
-    for p_lo in range(0, n_valid, BLOCK_P):
-        p_mask = p_lo + offs_p < n_valid
-        run_max = tl.maximum(run_max, tl.load(part_max_ptr + ws + p_lo + offs_p, mask=p_mask, other=float("-inf"),
-                                              cache_modifier=".cg"))
-    g_max = tl.max(run_max, axis=0)
-
-    run_sum = tl.zeros([BLOCK_P], dtype=tl.float32)
+    run_max = float("-inf")
+    run_sum = 0.0
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for p_lo in range(0, n_valid, BLOCK_P):
         p_idx = p_lo + offs_p
         p_mask = p_idx < n_valid
-        weight = tl.exp2(tl.load(part_max_ptr + ws + p_idx, mask=p_mask, other=float("-inf"),
-                                 cache_modifier=".cg") - g_max)
-        run_sum += weight * tl.load(part_sum_ptr + ws + p_idx, mask=p_mask, other=0.0, cache_modifier=".cg")
+        part_max = tl.load(part_max_ptr + ws + p_idx, mask=p_mask, other=float("-inf"), cache_modifier=".cg")
+        part_sum = tl.load(part_sum_ptr + ws + p_idx, mask=p_mask, other=0.0, cache_modifier=".cg")
         acc_ptrs = part_acc_ptr + (ws + p_idx)[:, None] * head_dim + offs_d[None, :]
         part_acc = tl.load(acc_ptrs, mask=p_mask[:, None] & d_mask[None, :], other=0.0,
                            cache_modifier=".cg")  # (BLOCK_P, BLOCK_D)
-        acc += tl.sum(weight[:, None] * part_acc, axis=0)
-
-    out = acc / tl.sum(run_sum, axis=0)
+        new_max = tl.maximum(run_max, tl.max(part_max, axis=0))  # finite: every valid partition saw a key
+        rescale = tl.exp2(run_max - new_max)
+        weight = tl.exp2(part_max - new_max)  # 0 for masked slots
+        run_sum = run_sum * rescale + tl.sum(weight * part_sum, axis=0)
+        acc = acc * rescale + tl.sum(weight[:, None] * part_acc, axis=0)
+        run_max = new_max
+    out = acc / run_sum
     tl.store(out_ptr + out_offset + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 

@@ -115,16 +115,42 @@ def _ln_row_stats(x_rows, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 def _epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr,
                     HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr):
     # acc (BM, BN) fp32 = x @ W^T for rows offs_m, features offs_n
-    n_ok = offs_n < N
-    mask = (offs_m < M)[:, None] & n_ok[None, :]
+    bias = _load_bias(bias_ptr, offs_n, N, HAS_BIAS)
+    res = _load_residual(res_ptr, offs_m, offs_n, M, N, HAS_RES)
+    _finish_store(acc, offs_m, offs_n, M, N, bias, res, out_ptr, ACT_GELU, HAS_BIAS, HAS_RES)
+
+
+@triton.jit
+def _load_bias(bias_ptr, offs_n, N, HAS_BIAS: tl.constexpr):
+    # (1, BN) fp32; tail features clamped onto the last one (their results are never stored)
     if HAS_BIAS:
-        acc = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        return tl.load(bias_ptr + tl.minimum(offs_n, N - 1)).to(tl.float32)[None, :]
+    else:
+        return 0.0
+
+
+@triton.jit
+def _load_residual(res_ptr, offs_m, offs_n, M, N, HAS_RES: tl.constexpr):
+    # (BM, BN) fp32
+    if HAS_RES:
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        return tl.load(res_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        return 0.0
+
+
+@triton.jit
+def _finish_store(acc, offs_m, offs_n, M, N, bias, res, out_ptr,
+                  ACT_GELU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+    # out = act(acc + bias) + res, bias/res from _load_bias/_load_residual (loaded early by the gemv)
+    if HAS_BIAS:
+        acc = acc + bias
     if ACT_GELU:
         acc = _gelu_tanh(acc)
-    offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     if HAS_RES:
-        acc = acc + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        acc = acc + res
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -192,8 +218,7 @@ def _gemv_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, ln_w_ptr, ln_b_ptr, out_ptr, part_ptr, pf_ptr,
     M, N, K, k_per_split, ln_eps, pf_bytes, pf_share,
     HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_LN: tl.constexpr,
-    WRITE_PARTIAL: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, ROW_IN_REGS: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr, USE_PDL: tl.constexpr, ROW_IN_REGS: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
     BLOCK_K: tl.constexpr,  # = LANES * VEC
 ):
@@ -226,6 +251,16 @@ def _gemv_kernel(
         gdc_launch_dependents()
     w_next = _load_weight_chunk(w_tile, k_lo, k_hi, chunk4)
     w_after = _load_weight_chunk(w_tile, k_lo + BLOCK_K, k_hi, chunk4)
+    # everything else no kernel of the chain writes (LN gain/shift, bias) is requested before the wait too, so that
+    # after it only x and the residual are a memory round trip away (the post-wait path is what a chain of small
+    # GEMVs is made of). LN gain/shift are zero beyond the split's end, so padded columns of xk stay exactly 0.
+    if HAS_LN:
+        g_next = _load_x_chunk(ln_w_ptr + chunk4, k_lo, k_hi, chunk4)
+        g_after = _load_x_chunk(ln_w_ptr + chunk4, k_lo + BLOCK_K, k_hi, chunk4)
+        b_next = _load_x_chunk(ln_b_ptr + chunk4, k_lo, k_hi, chunk4)
+        b_after = _load_x_chunk(ln_b_ptr + chunk4, k_lo + BLOCK_K, k_hi, chunk4)
+    if not WRITE_PARTIAL:
+        bias = _load_bias(bias_ptr, offs_n, N, HAS_BIAS)
     if PREFETCH:  # the next kernel's weight into L2 (kernels/_prefetch.py), behind this program's own loads
         l2_prefetch(pf_ptr, pf_bytes, pf_share, PREFETCH, 128)
     if USE_PDL:
@@ -233,6 +268,8 @@ def _gemv_kernel(
     # x is pipelined the same way; its first two chunks are requested together, right after the wait
     x_next = _load_x_chunk(x_tile, k_lo, k_hi, chunk4)
     x_after = _load_x_chunk(x_tile, k_lo + BLOCK_K, k_hi, chunk4)
+    if not WRITE_PARTIAL:
+        res = _load_residual(res_ptr, offs_m, offs_n, M, N, HAS_RES)
     if HAS_LN:
         if ROW_IN_REGS:  # no split and K <= 2 chunks: the whole row is in x_next/x_after already (zero past K)
             mean = (_sum_chunk(x_next) + _sum_chunk(x_after)) / K  # (BM,)
@@ -254,13 +291,12 @@ def _gemv_kernel(
         x_next = x_after
         x_after = _load_x_chunk(x_tile, k0 + 2 * BLOCK_K, k_hi, chunk4)
         if HAS_LN:
-            if EVEN_K:
-                g = tl.load(ln_w_ptr + k0 + chunk4).to(tl.float32)
-                b = tl.load(ln_b_ptr + k0 + chunk4).to(tl.float32)
-            else:  # g = b = 0 beyond K, so the padded columns stay exactly 0
-                k_ok = (k0 + chunk4) < K
-                g = tl.load(ln_w_ptr + k0 + chunk4, mask=k_ok, other=0.0).to(tl.float32)
-                b = tl.load(ln_b_ptr + k0 + chunk4, mask=k_ok, other=0.0).to(tl.float32)
+            g = g_next
+            g_next = g_after
+            g_after = _load_x_chunk(ln_w_ptr + chunk4, k0 + 2 * BLOCK_K, k_hi, chunk4)
+            b = b_next
+            b_next = b_after
+            b_after = _load_x_chunk(ln_b_ptr + chunk4, k0 + 2 * BLOCK_K, k_hi, chunk4)
             xk = (xk - mean4) * rstd4 * g + b
         acc += tl.sum(xk * w.to(tl.float32), axis=3)  # (BM, BN, LANES)
     out = tl.sum(acc, axis=2)  # (BM, BN)
@@ -268,7 +304,7 @@ def _gemv_kernel(
     if WRITE_PARTIAL:
         _store_partial(out, offs_m, offs_n, M, N, part_ptr, split)
     else:
-        _epilogue_store(out, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr, HAS_BIAS, ACT_GELU, HAS_RES)
+        _finish_store(out, offs_m, offs_n, M, N, bias, res, out_ptr, ACT_GELU, HAS_BIAS, HAS_RES)
 
 
 class GemvConfig(NamedTuple):
@@ -465,8 +501,7 @@ def _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, c
         ln_weight if has_ln else out, ln_bias if has_ln else out, out, part, pf.target,
         M, N, K, k_per_split, float(ln_eps), pf.nbytes, pf.share,
         HAS_BIAS=bias is not None, ACT_GELU=act_gelu, HAS_RES=residual is not None, HAS_LN=has_ln,
-        WRITE_PARTIAL=split_k > 1, EVEN_K=K % cfg.block_k == 0, USE_PDL=use_pdl,
-        ROW_IN_REGS=split_k == 1 and K <= 2 * cfg.block_k, PREFETCH=pf.mode,
+        WRITE_PARTIAL=split_k > 1, USE_PDL=use_pdl, ROW_IN_REGS=split_k == 1 and K <= 2 * cfg.block_k, PREFETCH=pf.mode,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, LANES=cfg.lanes, VEC=cfg.vec, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, **launch_options(use_pdl),
     )
