@@ -28,7 +28,7 @@ Block sizes come from small heuristics of the shapes (no autotuning, so everythi
 decode step's GEMVs under block policies with PDL on/off; --gemm tensor-core tiles at decode batches).
 On the GPU the gemv is launched with programmatic dependent launch (kernels/_pdl.py): its weight loads go out
 while the previous kernel finishes. In a GPT-345M step's GEMV chain (H200, data/bench/linear_chain_sweep.csv)
-that took 20.2 -> 16.9 us per layer; no other block policy beat the heuristic by more than 1 %, and grids of a
+that took 20.2 -> 16.9 us per layer (16.25 now that the bias is loaded before the wait); no other block policy beat the heuristic by more than 1 %, and grids of a
 few fat programs per SM (room for the next kernel to be resident early) were 7-25 % slower.
 At M = 8..64 (data/bench/linear_gemm_sweep.csv) the best tensor-core tile (BLOCK_N 32, BLOCK_K 128, 5 stages)
 beats cuBLAS only without the LN prologue, and clearly only at K = N = 1024 (4.7 vs 6.2 us); with it, the
@@ -251,14 +251,11 @@ def _gemv_kernel(
         gdc_launch_dependents()
     w_next = _load_weight_chunk(w_tile, k_lo, k_hi, chunk4)
     w_after = _load_weight_chunk(w_tile, k_lo + BLOCK_K, k_hi, chunk4)
-    # everything else no kernel of the chain writes (LN gain/shift, bias) is requested before the wait too, so that
-    # after it only x and the residual are a memory round trip away (the post-wait path is what a chain of small
-    # GEMVs is made of). LN gain/shift are zero beyond the split's end, so padded columns of xk stay exactly 0.
-    if HAS_LN:
-        g_next = _load_x_chunk(ln_w_ptr + chunk4, k_lo, k_hi, chunk4)
-        g_after = _load_x_chunk(ln_w_ptr + chunk4, k_lo + BLOCK_K, k_hi, chunk4)
-        b_next = _load_x_chunk(ln_b_ptr + chunk4, k_lo, k_hi, chunk4)
-        b_after = _load_x_chunk(ln_b_ptr + chunk4, k_lo + BLOCK_K, k_hi, chunk4)
+    # the bias is requested before the wait too, and the residual together with x right after it, so that the
+    # epilogue waits on no memory (the post-wait path is what a chain of small GEMVs is made of). Not the LN
+    # gain/shift: held in registers across the wait (4 chunks in fp32) they cost more than they save (a GPT-345M
+    # step's GEMV chain 16.4 -> 21.0 us per layer on the H200; bias + residual alone: 16.44 -> 16.25). Likely
+    # the registers: fewer programs of the next kernel then fit beside this one's to load their weights early.
     if not WRITE_PARTIAL:
         bias = _load_bias(bias_ptr, offs_n, N, HAS_BIAS)
     if PREFETCH:  # the next kernel's weight into L2 (kernels/_prefetch.py), behind this program's own loads
@@ -290,13 +287,9 @@ def _gemv_kernel(
         xk = x_next
         x_next = x_after
         x_after = _load_x_chunk(x_tile, k0 + 2 * BLOCK_K, k_hi, chunk4)
-        if HAS_LN:
-            g = g_next
-            g_next = g_after
-            g_after = _load_x_chunk(ln_w_ptr + chunk4, k0 + 2 * BLOCK_K, k_hi, chunk4)
-            b = b_next
-            b_next = b_after
-            b_after = _load_x_chunk(ln_b_ptr + chunk4, k0 + 2 * BLOCK_K, k_hi, chunk4)
+        if HAS_LN:  # g = b = 0 beyond the split's end, so the padded columns stay exactly 0
+            g = _load_x_chunk(ln_w_ptr + chunk4, k0, k_hi, chunk4)
+            b = _load_x_chunk(ln_b_ptr + chunk4, k0, k_hi, chunk4)
             xk = (xk - mean4) * rstd4 * g + b
         acc += tl.sum(xk * w.to(tl.float32), axis=3)  # (BM, BN, LANES)
     out = tl.sum(acc, axis=2)  # (BM, BN)
