@@ -1,6 +1,7 @@
 """The GPT decoder (GPT-2 / Megatron architecture) on ftlab's Triton kernels.
 
-Per block (pre-LayerNorm), five launches, each LayerNorm folded into the GEMM that follows it:
+Per block (pre-LayerNorm) at up to GEMV_MAX_M tokens (batch-1..4 decode), five launches, each LayerNorm folded
+into the GEMV that follows it:
 
     qkv  = linear(x, W_qkv, b_qkv, ln=ln_1)                  # (T, 3*nh*hs)  LN prologue + bias epilogue
     a    = attention(qkv, kv cache)                          # (T, nh*hs)    also appends k, v to the cache
@@ -8,22 +9,34 @@ Per block (pre-LayerNorm), five launches, each LayerNorm folded into the GEMM th
     h    = linear(x, W_fc1, b_fc1, ln=ln_2, activation=gelu) # (T, I)
     x    = linear(h, W_fc2, b_fc2, residual=x)               # (T, H)
 
+With more tokens (prefill, larger decode batches) the GEMMs are cuBLAS's, which take no LayerNorm prologue. There
+each LayerNorm is fused with the residual add and the bias of the GEMM before it, FasterTransformer's layout:
+
+    qkv  = cublas(h, W_qkv) + b_qkv                          # h = LN_1(x), from the previous block's last kernel
+    a    = attention(qkv, kv cache)
+    h, x = layernorm(cublas(a, W_o), ln_2, x_bias=b_o, residual=x)     # x += a W_o^T + b_o;  h = LN_2(x)
+    g    = cublas(h, W_fc1) + b_fc1, GELU in cuBLASLt's epilogue
+    h, x = layernorm(cublas(g, W_fc2), ln_1', x_bias=b_fc2, residual=x) # ln_1' of the next block
+
 Two phases share the weights: `prefill` runs packed ragged prompts (T = sum of prompt lengths) through causal
 context attention; `decode` runs one token per sequence (T = B) through decode attention over the KV cache.
 
 Tensor parallelism (ftlab.parallel) gives each rank nh/N heads and I/N MLP columns, and an `all_reduce` that sums
-the row-parallel outputs (attention output projection and fc2). Only rank 0 adds those layers' bias and the residual
-in its epilogue, so the all-reduced sum is exactly x + bias + sum of partial products. Layer (pipeline) parallelism
+the row-parallel outputs (attention output projection and fc2). In the GEMV path only rank 0 adds those layers' bias
+and the residual in its epilogue, so the all-reduced sum is exactly x + bias + sum of partial products; in the cuBLAS
+path every rank adds them to the all-reduced sum. Layer (pipeline) parallelism
 gives each stage a contiguous range of blocks; `embed`, `run_blocks_*` and `lm_logits` are the stage-sized pieces.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .checkpoint import LM_HEAD, layer_prefix, load_cmodel, split_tensor, tensor_specs
 from .config import GPTConfig, compute_dtype
@@ -31,7 +44,8 @@ from .kernels.attention import context_attention
 from .kernels.decode_attention import decode_attention
 from .kernels.decode_block import MAX_BATCH as FUSED_MAX_BATCH, decode_block, new_sync_state
 from .kernels.embedding import embedding
-from .kernels.linear import linear
+from .kernels.layernorm import layernorm
+from .kernels.linear import GEMV_MAX_M, linear
 
 
 @dataclass
@@ -42,13 +56,13 @@ class BlockWeights:
     qkv_weight: torch.Tensor  # (3*nh_local*hs, H), rows ordered [3, nh_local, hs]
     qkv_bias: torch.Tensor  # (3*nh_local*hs,)
     attn_out_weight: torch.Tensor  # (H, nh_local*hs)
-    attn_out_bias: torch.Tensor | None  # (H,), None on tensor-parallel ranks other than 0
+    attn_out_bias: torch.Tensor  # (H,), the same on every tensor-parallel rank
     ln2_weight: torch.Tensor  # (H,)
     ln2_bias: torch.Tensor  # (H,)
     fc1_weight: torch.Tensor  # (I_local, H)
     fc1_bias: torch.Tensor  # (I_local,)
     fc2_weight: torch.Tensor  # (H, I_local)
-    fc2_bias: torch.Tensor | None  # (H,), None on tensor-parallel ranks other than 0
+    fc2_bias: torch.Tensor  # (H,), the same on every tensor-parallel rank
 
 
 @dataclass
@@ -103,17 +117,16 @@ def _device_block(ft: dict, layer: int, *, dtype, device, rank: int, tp: int, is
         return t.t().contiguous()  # FT stores Linear weights [in, out]; the kernels stream rows of (out, in)
 
     H = config.hidden
-    owns_bias = rank == 0
     return BlockWeights(
         ln1_weight=get("input_layernorm.weight"), ln1_bias=get("input_layernorm.bias"),
         qkv_weight=out_in(get("attention.query_key_value.weight").reshape(H, -1)),
         qkv_bias=get("attention.query_key_value.bias").reshape(-1).contiguous(),
         attn_out_weight=out_in(get("attention.dense.weight")),
-        attn_out_bias=get("attention.dense.bias") if owns_bias else None,
+        attn_out_bias=get("attention.dense.bias"),
         ln2_weight=get("post_attention_layernorm.weight"), ln2_bias=get("post_attention_layernorm.bias"),
         fc1_weight=out_in(get("mlp.dense_h_to_4h.weight")), fc1_bias=get("mlp.dense_h_to_4h.bias"),
         fc2_weight=out_in(get("mlp.dense_4h_to_h.weight")),
-        fc2_bias=get("mlp.dense_4h_to_h.bias") if owns_bias else None,
+        fc2_bias=get("mlp.dense_4h_to_h.bias"),
     )
 
 
@@ -217,13 +230,47 @@ class GPT:
                    ln_bias=block.ln2_bias, ln_eps=eps, prefetch=prefetch[2])  # (T, I_local)
         return self._row_parallel(h, block.fc2_weight, block.fc2_bias, x, prefetch[3])
 
+    def _reduced(self, partial: torch.Tensor) -> torch.Tensor:
+        if self.all_reduce is not None:
+            self.all_reduce(partial)
+        return partial
+
+    def _uses_cublas(self, tokens: int) -> bool:
+        """Whether `tokens` rows take the cuBLAS-GEMM path (module docstring): above the GEMV sizes, for layer
+        widths that cuBLAS handles well (multiples of 8, see kernels/linear.py's dispatch)."""
+        b = self.weights.blocks[0] if self.weights.blocks else None
+        return (tokens > GEMV_MAX_M and b is not None
+                and all(w.shape[0] % 8 == 0 for w in (b.qkv_weight, b.attn_out_weight, b.fc1_weight, b.fc2_weight)))
+
+    def _blocks_cublas(self, x: torch.Tensor, attend: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """(T, H) through this stage's blocks with cuBLAS GEMMs, each LayerNorm fused with the residual add and
+        the bias before it; attend(i, qkv (T, 3, nh, hs)) -> (T, nh, hs) is block i's attention."""
+        eps, T = self.config.layernorm_eps, x.shape[0]
+        blocks = self.weights.blocks
+        h = layernorm(x, blocks[0].ln1_weight, blocks[0].ln1_bias, eps)
+        for i, block in enumerate(blocks):
+            qkv = F.linear(h, block.qkv_weight, block.qkv_bias)  # (T, 3*nh*hs)
+            attn = attend(i, qkv.view(T, 3, self.local_heads, self.config.size_per_head))  # (T, nh, hs)
+            y = self._reduced(F.linear(attn.view(T, -1), block.attn_out_weight))  # (T, H)
+            h, x = layernorm(y, block.ln2_weight, block.ln2_bias, eps, residual=x, x_bias=block.attn_out_bias)
+            g = linear(h, block.fc1_weight, block.fc1_bias, activation="gelu", impl="torch")  # (T, I_local)
+            y = self._reduced(F.linear(g, block.fc2_weight))
+            if i + 1 < len(blocks):  # the next block's LN_1, fused with this block's last residual add
+                h, x = layernorm(y, blocks[i + 1].ln1_weight, blocks[i + 1].ln1_bias, eps, residual=x,
+                                 x_bias=block.fc2_bias)
+            else:  # the stage hands on the residual stream (the LM head or the next stage normalises it)
+                x = x + (y + block.fc2_bias)
+        return x
+
     def run_blocks_prefill(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                            cache: KVCache) -> torch.Tensor:
         """Packed prompts (T, H) through this stage's blocks, filling cache rows 0..len-1 of each sequence."""
+        def attend(i, qkv):
+            return context_attention(qkv, cu_seqlens, max_seqlen, k_cache=cache.k[i], v_cache=cache.v[i])
+        if self._uses_cublas(x.shape[0]):
+            return self._blocks_cublas(x, attend)
         for i, block in enumerate(self.weights.blocks):
-            def attend(qkv, i=i):
-                return context_attention(qkv, cu_seqlens, max_seqlen, k_cache=cache.k[i], v_cache=cache.v[i])
-            x = self._block(block, x, attend)
+            x = self._block(block, x, functools.partial(attend, i))
         return x
 
     def run_blocks_decode(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -236,6 +283,9 @@ class GPT:
                 x = decode_block(x, positions, cache.k[i], cache.v[i], sync=cache.sync, num_heads=self.local_heads,
                                  eps=self.config.layernorm_eps, **vars(block))
             return x
+        if self._uses_cublas(x.shape[0]):
+            return self._blocks_cublas(x, lambda i, qkv: decode_attention(
+                qkv, cache.k[i], cache.v[i], positions, counter=cache.counters, history_ready=True))
         targets = self._prefetch_targets()
         for i, block in enumerate(self.weights.blocks):
             qkv_pf, attn_pf, out_pf, fc1_pf, fc2_pf = targets[5 * i:5 * i + 5]

@@ -2,8 +2,10 @@
 
     layernorm(x, w, b, eps)               -> y = (x - mean) * rstd * w + b
     layernorm(x, w, b, eps, residual=r)   -> (y, s) with s = x + r and y = LN(s), one pass over memory
+    layernorm(x, w, b, eps, residual=r, x_bias=c) -> the same with s = x + c + r (c (N,): the bias of the GEMM
+                                             that made x, so a cuBLAS GEMM without epilogue can precede it)
 
-Statistics are computed in fp32; y and s are stored in x.dtype. With a residual, s is rounded to x.dtype first and
+Statistics are computed in fp32; y and s are stored in x.dtype. With a residual, s is summed in fp32 and rounded to x.dtype first, and
 LN is applied to that rounded value: the normalised output then agrees exactly with what a later layer reads back
 from s. weight/bias may be fp32 while x is fp16/bf16.
 
@@ -27,12 +29,17 @@ _MAX_ROWS_PER_PROGRAM = 16
 
 
 @triton.jit
-def _load_row_block(x_ptr, res_ptr, s_ptr, offs, mask, HAS_RES: tl.constexpr, STORE_SUM: tl.constexpr):
-    # returns the LN input in fp32; with a residual that is x + r rounded to x's dtype (optionally stored to s)
+def _load_row_block(x_ptr, res_ptr, xb_ptr, s_ptr, offs, cols, mask, n_mask,
+                    HAS_RES: tl.constexpr, HAS_XB: tl.constexpr, STORE_SUM: tl.constexpr):
+    # returns the LN input in fp32; with a residual that is x (+ x_bias) + r rounded to x's dtype (optionally
+    # stored to s). offs (BLOCK_M, BLOCK_N) element offsets, cols (BLOCK_N,) their columns
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if HAS_RES:
         r = tl.load(res_ptr + offs, mask=mask, other=0.0)
-        s = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        v = x.to(tl.float32) + r.to(tl.float32)
+        if HAS_XB:
+            v += tl.load(xb_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        s = v.to(x.dtype)
         if STORE_SUM:
             tl.store(s_ptr + offs, s, mask=mask)
         return s.to(tl.float32)
@@ -42,9 +49,9 @@ def _load_row_block(x_ptr, res_ptr, s_ptr, offs, mask, HAS_RES: tl.constexpr, ST
 
 @triton.jit
 def _layernorm_kernel(
-    x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, s_ptr,
+    x_ptr, res_ptr, xb_ptr, w_ptr, b_ptr, y_ptr, s_ptr,
     M, N, eps,
-    HAS_RES: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_XB: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -56,7 +63,8 @@ def _layernorm_kernel(
         n_mask = cols < N
         mask = m_mask[:, None] & n_mask[None, :]
         offs = row_offs + cols[None, :]
-        v = _load_row_block(x_ptr, res_ptr, s_ptr, offs, mask, HAS_RES, True)  # (BLOCK_M, BLOCK_N)
+        v = _load_row_block(x_ptr, res_ptr, xb_ptr, s_ptr, offs, cols, mask, n_mask, HAS_RES, HAS_XB,
+                            True)  # (BLOCK_M, BLOCK_N)
         mean = tl.sum(v, axis=1) / N
         dev = tl.where(mask, v - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=1) / N + eps)
@@ -71,7 +79,8 @@ def _layernorm_kernel(
         for n0 in range(0, N, BLOCK_N):
             n_mask = (n0 + cols) < N
             mask = m_mask[:, None] & n_mask[None, :]
-            v = _load_row_block(x_ptr, res_ptr, s_ptr, row_offs + n0 + cols[None, :], mask, HAS_RES, True)
+            v = _load_row_block(x_ptr, res_ptr, xb_ptr, s_ptr, row_offs + n0 + cols[None, :], n0 + cols, mask,
+                                n_mask, HAS_RES, HAS_XB, True)
             count = n0 * 1.0  # every chunk before this one is full
             chunk_count = tl.sum(n_mask.to(tl.float32), axis=0)
             chunk_mean = tl.sum(v, axis=1) / chunk_count
@@ -88,7 +97,8 @@ def _layernorm_kernel(
             n_mask = (n0 + cols) < N
             mask = m_mask[:, None] & n_mask[None, :]
             offs = row_offs + n0 + cols[None, :]
-            v = _load_row_block(x_ptr, res_ptr, s_ptr, offs, mask, HAS_RES, False)
+            v = _load_row_block(x_ptr, res_ptr, xb_ptr, s_ptr, offs, n0 + cols, mask, n_mask, HAS_RES, HAS_XB,
+                                False)
             w = tl.load(w_ptr + n0 + cols, mask=n_mask, other=0.0).to(tl.float32)
             b = tl.load(b_ptr + n0 + cols, mask=n_mask, other=0.0).to(tl.float32)
             y = (v - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
@@ -131,7 +141,7 @@ def _pick_blocks(N: int, max_block_n: int) -> Tuple[int, int, int, bool]:
     return block_m, block_n, num_warps, single
 
 
-def _layernorm_launch(x, weight, bias, eps, residual, max_block_n):
+def _layernorm_launch(x, weight, bias, eps, residual, max_block_n, x_bias=None):
     M, N = x.shape
     y = torch.empty_like(x)
     s = torch.empty_like(x) if residual is not None else None
@@ -139,17 +149,19 @@ def _layernorm_launch(x, weight, bias, eps, residual, max_block_n):
         block_m, block_n, num_warps, single = _pick_blocks(N, max_block_n)
         grid = (triton.cdiv(M, block_m),)
         _layernorm_kernel[grid](
-            x, residual if residual is not None else x, weight, bias, y, s if s is not None else y,
-            M, N, float(eps),
-            HAS_RES=residual is not None, SINGLE_BLOCK=single, BLOCK_M=block_m, BLOCK_N=block_n,
+            x, residual if residual is not None else x, x_bias if x_bias is not None else weight, weight, bias, y,
+            s if s is not None else y, M, N, float(eps),
+            HAS_RES=residual is not None, HAS_XB=x_bias is not None, SINGLE_BLOCK=single, BLOCK_M=block_m, BLOCK_N=block_n,
             num_warps=num_warps,
         )
     return y if residual is None else (y, s)
 
 
 def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
-              residual: Optional[torch.Tensor] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """x (M, N) -> LN(x) (M, N); with residual (M, N): (LN(x + residual), x + residual)."""
+              residual: Optional[torch.Tensor] = None, x_bias: Optional[torch.Tensor] = None
+              ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """x (M, N) -> LN(x) (M, N); with residual (M, N): (LN(s), s) for s = x + residual, or x + x_bias + residual
+    with x_bias (N,) (only with a residual)."""
     _check_2d("x", x)
     _check_affine("weight", weight, x)
     _check_affine("bias", bias, x)
@@ -161,17 +173,24 @@ def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: fl
             raise ValueError(f"residual dtype {residual.dtype} != x dtype {x.dtype}")
         if residual.device != x.device:
             raise ValueError(f"residual is on {residual.device}, x on {x.device}")
+    if x_bias is not None:
+        if residual is None:
+            raise ValueError("x_bias is only added together with a residual")
+        _check_affine("x_bias", x_bias, x)
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    return _layernorm_launch(x, weight, bias, eps, residual, _MAX_BLOCK_N)
+    return _layernorm_launch(x, weight, bias, eps, residual, _MAX_BLOCK_N, x_bias)
 
 
 def layernorm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
-                        residual: Optional[torch.Tensor] = None):
+                        residual: Optional[torch.Tensor] = None, x_bias: Optional[torch.Tensor] = None):
     """Plain torch: statistics in fp32 (fp64 when x is fp64), output in x.dtype."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     if residual is not None:
-        s = (x.to(compute) + residual.to(compute)).to(x.dtype)
+        s = x.to(compute) + residual.to(compute)
+        if x_bias is not None:
+            s = s + x_bias.to(compute)
+        s = s.to(x.dtype)
         return layernorm_reference(s, weight, bias, eps), s
     xc = x.to(compute)
     mean = xc.mean(dim=-1, keepdim=True)

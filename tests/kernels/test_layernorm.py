@@ -24,10 +24,11 @@ def _assert_sum_equal(s, s_ref, device):
         assert torch.equal(s, s_ref)
 
 
-def _ref64(x, weight, bias, eps, residual=None):
+def _ref64(x, weight, bias, eps, residual=None, x_bias=None):
     # statistics and affine in fp64; with a residual the LN input is the sum rounded to x.dtype, as documented
     if residual is not None:
-        s = (x.float() + residual.float()).to(x.dtype)
+        s = x.float() + residual.float() + (x_bias.float() if x_bias is not None else 0.0)
+        s = s.to(x.dtype)
         return _ref64(s, weight, bias, eps), s
     return layernorm_reference(x.double(), weight.double(), bias.double(), eps)
 
@@ -58,6 +59,33 @@ def test_layernorm_with_residual(M, N, dtype_name, device):
     y_pub, s_pub = layernorm_reference(x, weight, bias, 1e-5, residual=residual)
     assert torch.equal(s_pub, s_ref)
     assert_rel_close(y_pub, y_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("M,N,max_block_n", [(1, 7, 16384), (13, 1023, 16384), (3, 1024, 16384), (5, 70, 16)])
+def test_layernorm_with_x_bias_and_residual(M, N, max_block_n, dtype_name, device):
+    # s = x + x_bias + residual (the bias of the GEMM that produced x, added here instead of in its epilogue);
+    # max_block_n 16 takes the chunked two-pass path
+    dtype = DTYPES[dtype_name]
+    x, weight, bias = _inputs(M, N, dtype, device, fp32_params=dtype == torch.float16)
+    residual = torch.randn(M, N).to(dtype=dtype, device=device)
+    x_bias = torch.randn(N).to(dtype=torch.float32 if N % 2 else dtype, device=device)
+    y, s = layernorm_module._layernorm_launch(x, weight, bias, 1e-5, residual, max_block_n, x_bias)
+    y_ref, s_ref = _ref64(x, weight, bias, 1e-5, residual, x_bias)
+    _assert_sum_equal(s, s_ref, device)
+    assert not torch.equal(s, layernorm(x, weight, bias, 1e-5, residual=residual)[1])  # the bias was added
+    assert_rel_close(y, y_ref, dtype)
+    y_pub, s_pub = layernorm_reference(x, weight, bias, 1e-5, residual=residual, x_bias=x_bias)
+    assert torch.equal(s_pub, s_ref)
+    assert_rel_close(y_pub, y_ref, dtype)
+
+
+def test_x_bias_needs_a_residual(device):
+    x, weight, bias = _inputs(4, 8, torch.float32, device)
+    with pytest.raises(ValueError, match="x_bias is only added together with a residual"):
+        layernorm(x, weight, bias, 1e-5, x_bias=bias)
+    with pytest.raises(ValueError, match="x_bias must have shape"):
+        layernorm(x, weight, bias, 1e-5, residual=x, x_bias=torch.randn(7, device=device))
 
 
 @pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])

@@ -208,3 +208,22 @@ def test_argument_errors(device):
         linear(x, w, activation="relu")
     with pytest.raises(ValueError, match="impl"):
         linear(x, w, impl="cublas")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K", [(7, 1023, 13), (64, 4096, 1024), (513, 128, 1000)])
+def test_cublas_gelu_epilogue_is_the_tanh_gelu(dtype, M, N, K):
+    from ftlab.kernels.linear import linear_gelu_cublas
+
+    # pre-activations spread over [-4, 4], where tanh and erf GELU differ by up to ~5e-4 (fp32 holds 1e-5)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    w = (torch.randn(N, K, device="cuda") * (2.0 / K ** 0.5)).to(dtype)
+    b = torch.randn(N, device="cuda", dtype=dtype)
+    pre = F.linear(x.double(), w.double(), b.double())
+    got = linear_gelu_cublas(x, w, b)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got.double(), F.gelu(pre, approximate="tanh"), rtol=tol, atol=tol)
+    if dtype == torch.float32:
+        assert (got.double() - F.gelu(pre)).abs().max() > 1e-4  # not the erf GELU
+    torch.testing.assert_close(linear(x, w, b, activation="gelu", impl="torch"), got, rtol=0, atol=0)
