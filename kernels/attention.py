@@ -157,12 +157,14 @@ def _check_cache(name: str, cache: torch.Tensor, qkv: torch.Tensor, batch: int, 
 
 
 def context_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: Optional[float] = None,
-                      k_cache: Optional[torch.Tensor] = None, v_cache: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      k_cache: Optional[torch.Tensor] = None, v_cache: Optional[torch.Tensor] = None,
+                      blocks: Optional[ContextBlocks] = None) -> torch.Tensor:
     """Causal self-attention within each packed prompt; returns out (T, nh, d) in qkv's dtype.
 
     qkv (T, 3, nh, d); cu_seqlens int32 (B+1,) on qkv's device, cu_seqlens[-1] == T; max_seqlen >= every prompt
     length (host-side int; longer prompts would be truncated silently, it cannot be checked without a sync).
     If k_cache/v_cache (B, nh, S_max, d) are given, token t of prompt b is written to cache[b, :, t - cu_seqlens[b]].
+    blocks: tile sizes (default: pick_context_blocks; the micro-benchmark's sweep passes its own).
     """
     if qkv.dim() != 4 or qkv.shape[1] != 3:
         raise ValueError(f"qkv must be (T, 3, nh, d), got {tuple(qkv.shape)}")
@@ -191,7 +193,10 @@ def context_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: i
     out = torch.empty((total_tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     if total_tokens == 0:
         return out
-    blocks = pick_context_blocks(batch, num_heads, max_seqlen, head_dim, qkv.dtype)
+    if blocks is None:
+        blocks = pick_context_blocks(batch, num_heads, max_seqlen, head_dim, qkv.dtype)
+    elif blocks.block_m % blocks.block_n:
+        raise ValueError(f"blocks.block_m={blocks.block_m} must be a multiple of blocks.block_n={blocks.block_n}")
     write_cache = k_cache is not None
     kc = k_cache if write_cache else qkv  # unused pointer when not writing
     vc = v_cache if write_cache else qkv
@@ -268,5 +273,45 @@ def _benchmark() -> None:
     save_rows(rows, "context_attention_bench.csv")
 
 
+def _sweep() -> None:
+    """Tile sizes, warps and pipeline stages at prefill shapes (fp16, KV-cache write on, as the model runs it);
+    prints the best five per shape next to the heuristic and SDPA."""
+    from triton.testing import do_bench
+
+    from ._bench import save_rows
+
+    dtype, device, rows = torch.float16, "cuda", []
+    configs = [ContextBlocks(m, n, w, s) for m in (64, 128) for n in (32, 64, 128) if n <= m
+               for w in (4, 8) for s in (2, 3, 4)]
+    for num_heads, head_dim, batch, length in ((16, 64, 1, 512), (16, 64, 8, 512), (16, 64, 64, 512),
+                                               (32, 128, 8, 512)):
+        qkv = torch.randn(batch * length, 3, num_heads, head_dim, dtype=dtype, device=device)
+        cu_seqlens = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * length
+        cache = [torch.empty(batch, num_heads, length, head_dim, dtype=dtype, device=device) for _ in range(2)]
+        q, k, v = (qkv[:, i].view(batch, length, num_heads, head_dim).transpose(1, 2).contiguous() for i in range(3))
+        ms_sdpa = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+        heuristic = pick_context_blocks(batch, num_heads, length, head_dim, dtype)
+        results = []
+        for cfg in configs:
+            try:
+                ms = do_bench(lambda: context_attention(qkv, cu_seqlens, length, k_cache=cache[0], v_cache=cache[1],
+                                                        blocks=cfg))
+            except triton.runtime.errors.OutOfResources:
+                continue
+            results.append((ms, cfg))
+            rows.append(dict(num_heads=num_heads, head_dim=head_dim, batch=batch, prompt_len=length, block_m=cfg.block_m,
+                             block_n=cfg.block_n, warps=cfg.num_warps, stages=cfg.num_stages, ms=ms, sdpa_ms=ms_sdpa,
+                             heuristic=cfg == heuristic))
+        results.sort(key=lambda r: r[0])
+        ms_heur = next(ms for ms, cfg in results if cfg == heuristic)
+        print(f"nh={num_heads} d={head_dim} B={batch} L={length}: sdpa {ms_sdpa * 1e3:.1f} us, heuristic "
+              f"{ms_heur * 1e3:.1f} us {heuristic}", flush=True)
+        for ms, cfg in results[:5]:
+            print(f"    {ms * 1e3:8.1f} us  {cfg}")
+    save_rows(rows, "context_attention_sweep.csv")
+
+
 if __name__ == "__main__":
-    _benchmark()
+    import sys
+
+    _sweep() if "--sweep" in sys.argv[1:] else _benchmark()

@@ -146,3 +146,10 @@ def test_context_attention_rejects_bad_inputs(what, mutate, match, device):
     with pytest.raises(ValueError, match=match):
         context_attention(**args)
 
+
+
+def test_blocks_must_tile_the_query_block(device):
+    qkv = torch.randn(5, 3, 2, 8, device=device)
+    cu_seqlens = torch.tensor([0, 5], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="block_m=64 must be a multiple of blocks.block_n=128"):
+        context_attention(qkv, cu_seqlens, 5, blocks=ContextBlocks(64, 128, 4, 2))
