@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from .kernels.sampling import check_sampling_params, sample
@@ -124,6 +125,20 @@ class RequestParams:
         return params
 
 
+def _token_ids(prompt, b: int) -> np.ndarray:
+    """A prompt as a 1-D int64 array (from a list, tuple, numpy array or tensor of integer token ids)."""
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.cpu()
+    try:
+        arr = np.asarray(prompt)
+    except (TypeError, ValueError) as e:
+        raise GenerationError(f"request {b}: the prompt must be a sequence of integer token ids ({e})") from None
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise GenerationError(f"request {b}: the prompt must be a flat sequence of integer token ids, got "
+                              f"{arr.dtype} values of shape {arr.shape}")
+    return arr
+
+
 def validate_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: int,
                      max_pos_seq_len: int) -> list[list[int]]:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -132,17 +147,17 @@ def validate_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, voca
         raise GenerationError("no prompts given (an empty batch)")
     out = []
     for b, prompt in enumerate(prompts):
-        ids = [int(t) for t in prompt]
-        if not ids:
+        arr = _token_ids(prompt, b)  # vectorised checks: prompts run to thousands of tokens
+        if not arr.size:
             raise GenerationError(f"request {b} has an empty prompt; give at least one token (e.g. start_id)")
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
+        bad = arr[(arr < 0) | (arr >= vocab_size)]
+        if bad.size:
             raise GenerationError(f"request {b}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
-        if len(ids) + max_new_tokens > max_pos_seq_len:
+        if arr.size + max_new_tokens > max_pos_seq_len:
             raise GenerationError(
-                f"request {b}: prompt of {len(ids)} tokens + max_new_tokens={max_new_tokens} needs "
-                f"{len(ids) + max_new_tokens} positions, more than the model's max_pos_seq_len={max_pos_seq_len}")
-        out.append(ids)
+                f"request {b}: prompt of {arr.size} tokens + max_new_tokens={max_new_tokens} needs "
+                f"{arr.size + max_new_tokens} positions, more than the model's max_pos_seq_len={max_pos_seq_len}")
+        out.append(arr.tolist())
     return out
 
 
@@ -395,7 +410,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, re
     """Generate for every request (params: see RequestParams). With on_step, tokens are handed over as they are
     produced (via `stream`); without it, the host looks at them only every few steps (no sync per token).
     beam_width > 1 (with len_penalty, beam_search_diversity_rate) runs beam search instead: see ftlab.beam."""
-    prompts = [list(map(int, p)) for p in prompts]
+    prompts = [_token_ids(p, b).tolist() for b, p in enumerate(prompts)]
     beam = {k: params.pop(k) for k in ("beam_width", "len_penalty", "beam_search_diversity_rate") if k in params}
     if beam.get("beam_width", 1) != 1 or len(beam) > ("beam_width" in beam):
         from .beam import beam_search

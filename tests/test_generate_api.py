@@ -69,6 +69,8 @@ def test_log_probs_are_returned(model):
     (dict(prompts=[[1], [2]], max_new_tokens=2, top_k=[1, 2, 3]), "top_k has 3 values for a batch of 2"),
     (dict(prompts=[[1], []], max_new_tokens=2), "request 1 has an empty prompt"),
     (dict(prompts=[[1, 61]], max_new_tokens=2), "token id 61 is outside the vocabulary"),
+    (dict(prompts=[[1], [2.5]], max_new_tokens=2), "request 1: the prompt must be a flat sequence of integer token ids"),
+    (dict(prompts=[[[1, 2]]], max_new_tokens=2), r"integer token ids, got int64 values of shape \(1, 2\)"),
     (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens must be a positive integer"),
 ])
 def test_bad_requests_get_clear_errors(model, kwargs, message):
@@ -171,3 +173,13 @@ def test_lru_get_makes_once_and_drops_the_least_recently_used():
         assert lru_get(cache, key, lambda key=key: make(key), limit=3) == f"graph {key}"
     assert made == [1, 2, 3, 4]  # hits make nothing
     assert list(cache) == [3, 2, 4]  # 1 was the least recently used when 4 came
+
+
+def test_prompts_may_be_tuples_arrays_or_tensors(model):
+    import numpy as np
+
+    as_lists = generate(model, [[1, 2, 3], [4]], max_new_tokens=3)
+    mixed = generate(model, [(1, 2, 3), np.array([4], dtype=np.int32)], max_new_tokens=3)
+    tensors = generate(model, [torch.tensor([1, 2, 3]), torch.tensor([4])], max_new_tokens=3)
+    assert mixed.output_ids == as_lists.output_ids == tensors.output_ids
+    assert all(type(t) is int for ids in mixed.output_ids for t in ids)  # JSON-ready
