@@ -126,19 +126,18 @@ def pick_context_blocks(batch: int, num_heads: int, max_seqlen: int, head_dim: i
                         dtype: torch.dtype) -> ContextBlocks:
     """Tile sizes from the shapes (no autotuning, so it also runs in the interpreter).
 
-    128x64 tiles (the usual flash-attention choice for d <= 128 on Hopper-class GPUs) when that still gives at least
-    two waves of programs on ~132 SMs; otherwise 64-query blocks to spread short or single prompts over more SMs.
-    d = 128 uses 8 warps to hold the (128, 128) fp32 accumulator. fp32 goes through the ieee FMA path with no tensor
-    cores, so it keeps smaller tiles to bound registers.
+    From the H200 sweep (`python -m ftlab.kernels.attention --sweep`, fp16, prompts of 512 tokens, KV-cache write
+    on; data/bench/context_attention_sweep.csv, 2026-11-30): 64-query blocks over 32-key tiles with 4 warps won
+    where the timings are trustworthy (64 x 16 heads: 185.6 us vs 215.0 for the previous 128x64 choice; SDPA
+    133.6; 8 x 32 heads of 128: 99.2 vs 115.7, SDPA 56.3); 3 pipeline stages for d <= 64, 2 above (the larger
+    tiles). Single short prompts are launch-bound in that sweep (its timings there vary 3x between neighbours),
+    so they keep the same tiles. fp32 goes through the ieee FMA path with no tensor cores and keeps 64x32 tiles
+    with 2 stages to bound registers.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     if dtype == torch.float32:
         return ContextBlocks(64, 32, 4, 2)
-    programs_at_128 = batch * num_heads * triton.cdiv(max_seqlen, 128)
-    block_m = 128 if programs_at_128 >= 2 * 132 else 64
-    num_warps = 8 if (block_m == 128 and block_d >= 128) else 4
-    num_stages = 3 if block_d <= 64 else 2
-    return ContextBlocks(block_m, 64, num_warps, num_stages)
+    return ContextBlocks(64, 32, 4, 3 if block_d <= 64 else 2)
 
 
 def _check_cache(name: str, cache: torch.Tensor, qkv: torch.Tensor, batch: int, max_seqlen: int) -> None:
