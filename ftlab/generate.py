@@ -248,9 +248,11 @@ class DecodeGraph:
             dst.copy_(src)
 
     def run(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step: (B,) next tokens and their log-probs, in the graph's static buffers (valid until the next
+        run; not cloned, which would cost two launches per token)."""
         self.tokens.copy_(tokens)
         self.graph.replay()
-        return self.out_tokens.clone(), self.out_log_probs.clone()
+        return self.out_tokens, self.out_log_probs
 
     def prefill(self, batch: PackedPrompts) -> torch.Tensor:
         """The context phase into this graph's cache: (B, V) last-token logits. A packed shape (total tokens,
@@ -393,16 +395,17 @@ def _stream(model, prompts: list[np.ndarray], max_new_tokens: int, return_log_pr
     tokens_out = torch.empty(max_new_tokens, B, dtype=torch.int64, device=dev)
     finished_out = torch.empty(max_new_tokens, B, dtype=torch.bool, device=dev)
     log_probs_out = torch.empty(max_new_tokens, B, dtype=torch.float32, device=dev)
+    zero = torch.zeros((), dtype=torch.float32, device=dev)
     tokens, log_probs, stopped = session.first()
     flushed = 0  # steps already handed to the host
     for step in range(max_new_tokens):
-        tokens = torch.where(finished, end, tokens)  # finished requests keep emitting end_id
-        log_probs_out[step] = torch.where(finished, 0.0, log_probs)
-        done = tokens == end
+        # written straight into the step's rows (out=): at batch 1 every launch here costs ~2 us of a ~0.6 ms step
+        tokens = torch.where(finished, end, tokens, out=tokens_out[step])  # finished requests keep emitting end_id
+        torch.where(finished, zero, log_probs, out=log_probs_out[step])
+        done = torch.eq(tokens, end)
         if stopped is not None:  # the sequence now ends with a stop word (kept in the output, as FT and HF do)
-            done = done | stopped
-        finished = finished | done
-        tokens_out[step], finished_out[step] = tokens, finished
+            done |= stopped
+        finished = torch.logical_or(finished, done, out=finished_out[step])
         last = step == max_new_tokens - 1
         if last or (step + 1) % sync_every == 0:
             host_tokens = tokens_out[flushed:step + 1].tolist()
