@@ -190,23 +190,33 @@ GRID_SERIES = (("ftlab_ms", "ftlab"), ("peer_ms", "torch.compile peer"), ("hf_ms
 
 
 def grid_rows(csv_path: str | Path, *, config: str = "gpt-345m") -> list[dict]:
-    """The single-GPU end-to-end rows of one config (T = L = 1), the newest row per (gpu, dtype, bs, n_in, n_out),
-    sorted by batch and lengths; values as floats (None where a baseline was not measured)."""
+    """The single-GPU end-to-end rows of one config (T = L = 1), sorted by batch and lengths: per (gpu, dtype, bs,
+    n_in, n_out) the newest ftlab and floor values, and for each baseline (peer, HF) its newest measured value,
+    since `ftlab bench --no-peer --no-hf` runs re-measure ftlab alone; `date` is the ftlab row's and
+    `baseline_date` the newest baseline row's. Values as floats (None where a baseline was never measured)."""
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in REQUIRED_COLUMNS + tuple(k for k, _ in GRID_SERIES) if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{csv_path}: not a bench CSV, missing columns {missing}")
-        latest = {}
+        latest, baselines = {}, {}
         for row in reader:
             if row["cell"] == "e2e" and row["tp"] == "1" and row["pp"] == "1" and row["config"] == config:
-                latest[(row["gpu"], row["dtype"], int(row["bs"]), int(row["n_in"]), int(row["n_out"]))] = row
+                key = (row["gpu"], row["dtype"], int(row["bs"]), int(row["n_in"]), int(row["n_out"]))
+                latest[key] = row
+                for k in ("peer_ms", "hf_ms"):
+                    if row[k] not in ("", None):
+                        baselines.setdefault(key, {})[k] = (float(row[k]), row["date"])
     if not latest:
         raise ValueError(f"{csv_path}: no single-GPU e2e rows of config {config!r}")
     out = []
-    for (gpu, dtype, bs, n_in, n_out), row in sorted(latest.items(), key=lambda kv: kv[0][2:]):
-        values = {k: float(row[k]) if row[k] not in ("", None) else None for k, _ in GRID_SERIES}
-        out.append(dict(gpu=gpu, dtype=dtype, date=row["date"], bs=bs, n_in=n_in, n_out=n_out, **values))
+    for key, row in sorted(latest.items(), key=lambda kv: kv[0][2:]):
+        gpu, dtype, bs, n_in, n_out = key
+        measured = baselines.get(key, {})
+        values = {k: float(row[k]) if row[k] not in ("", None) else None for k in ("ftlab_ms", "floor_ms")}
+        values.update({k: measured[k][0] if k in measured else None for k in ("peer_ms", "hf_ms")})
+        out.append(dict(gpu=gpu, dtype=dtype, date=row["date"], bs=bs, n_in=n_in, n_out=n_out, **values,
+                        baseline_date=max((d for _, d in measured.values()), default=None)))
     return out
 
 
@@ -232,7 +242,8 @@ def plot_grid(csv_path: str | Path, png_path: str | Path, *, config: str = "gpt-
     ax.grid(axis="y", alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title(f"{config}: {_summary(r['gpu'] for r in rows)}, {_summary(r['dtype'] for r in rows)}, "
-                 f"measured {_summary(r['date'] for r in rows)}", fontsize=10)
+                 f"ftlab measured {_summary(r['date'] for r in rows)}, baselines "
+                 f"{_summary(r['baseline_date'] for r in rows if r['baseline_date'])}", fontsize=10)
     return _save(fig, png_path)
 
 

@@ -31,6 +31,16 @@ def test_grid_rows_keep_the_newest_single_gpu_row_per_cell(tmp_path):
     assert rows[0]["hf_ms"] is None and rows[0]["peer_ms"] == 9.0
 
 
+def test_grid_rows_keep_each_baseline_from_its_newest_measurement(tmp_path):
+    # a later ftlab-only run (--no-peer --no-hf) keeps the earlier baselines of the same cell, dated
+    path = _write(tmp_path / "b.csv", [_row(ftlab_ms=6.0, peer_ms=9.0, hf_ms=90.0, date="2026-01-01"),
+                                       _row(ftlab_ms=5.0, peer_ms=8.0, hf_ms="", date="2026-01-02"),
+                                       _row(ftlab_ms=4.0, peer_ms="", hf_ms="", floor_ms=1.4, date="2026-01-03")])
+    (row,) = grid_rows(path)
+    assert (row["ftlab_ms"], row["floor_ms"], row["date"]) == (4.0, 1.4, "2026-01-03")
+    assert (row["peer_ms"], row["hf_ms"], row["baseline_date"]) == (8.0, 90.0, "2026-01-02")
+
+
 def test_plot_grid_of_the_shipped_h200_results(tmp_path):
     out = plot_grid(DATA_DIR / "bench" / "bench.csv", tmp_path / "grid.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
