@@ -7,16 +7,17 @@ knows which weight the kernel after it will read can ask L2 to fetch it now: the
 (no registers, no wait), HBM keeps streaming through the gap, and the next kernel reads its weight from L2.
 An H200's L2 (50 MB) holds a GPT-345M layer (25 MB), so one or two kernels of lookahead fit.
 
-Each program of the issuing kernel prefetches one contiguous share of the target tensor (`prefetch_plan` sizes
-the shares from the grid), either as one bulk request from one thread (MODE 1, `cp.async.bulk.prefetch.L2`,
-Hopper's TMA unit does the rest) or one 128-byte line per thread (MODE 2, `prefetch.global.L2`).
-It is only a hint: results never depend on it. Measured on the H200 (GPT-345M, fp16, bs1): it did not pay.
-A step's 96-GEMV chain (`python -m ftlab.kernels.linear --chain --prefetch-only`) 16.25 us per layer without,
-16.47 / 16.74 with bulk prefetch 1 / 2 GEMVs ahead, 17.1 per line; the decode step 0.569 -> 0.598 ms (model,
-2 kernels ahead). With PDL each GEMV already issues its weight loads before it waits on the previous kernel, so
-HBM idling is not what the chain loses; it loses the latency of each dependent kernel. So the model leaves it
-off (FTLAB_PREFETCH_AHEAD=0, see GPT._prefetch_targets); kept for experiments on other shapes and GPUs. On for CUDA devices of compute capability >= 9 (the bulk form
-needs sm_90); FTLAB_PREFETCH=0 turns it off, =2 picks the per-line form. Never under the interpreter (MODE 0).
+Each program of the issuing kernel prefetches one contiguous share of the target tensor (`prefetch_plan` sizes the
+shares from the grid), either as one bulk request from one thread (MODE 1, `cp.async.bulk.prefetch.L2`, Hopper's TMA
+unit does the rest) or one 128-byte line per thread (MODE 2, `prefetch.global.L2`). It is only a hint: results never
+depend on it. Measured on the H200 (GPT-345M, fp16, bs1): it did not pay. A step's 96-GEMV chain
+(`python -m ftlab.kernels.linear --chain --prefetch-only`) 16.25 us per layer without, 16.47 / 16.74 with bulk
+prefetch 1 / 2 GEMVs ahead, 17.1 per line; the decode step 0.569 -> 0.598 ms (model, 2 kernels ahead). With PDL each
+GEMV already issues its weight loads before it waits on the previous kernel, so HBM idling is not what the chain
+loses; it loses the latency of each dependent kernel. So the model leaves it off (FTLAB_PREFETCH_AHEAD=0, see
+GPT._prefetch_targets); kept for experiments on other shapes and GPUs. On for CUDA devices of compute
+capability 9 or later (the bulk form needs sm_90); FTLAB_PREFETCH=0 turns it off, =2 picks the per-line form. Never
+under the interpreter (MODE 0).
 """
 import functools
 import os

@@ -298,8 +298,8 @@ def _sweep() -> None:
             except triton.runtime.errors.OutOfResources:
                 continue
             results.append((ms, cfg))
-            rows.append(dict(num_heads=num_heads, head_dim=head_dim, batch=batch, prompt_len=length, block_m=cfg.block_m,
-                             block_n=cfg.block_n, warps=cfg.num_warps, stages=cfg.num_stages, ms=ms, sdpa_ms=ms_sdpa,
+            rows.append(dict(num_heads=num_heads, head_dim=head_dim, batch=batch, prompt_len=length,
+                             block_m=cfg.block_m, block_n=cfg.block_n, warps=cfg.num_warps, stages=cfg.num_stages, ms=ms, sdpa_ms=ms_sdpa,
                              heuristic=cfg == heuristic))
         results.sort(key=lambda r: r[0])
         ms_heur = next(ms for ms, cfg in results if cfg == heuristic)

@@ -5,9 +5,9 @@
     layernorm(x, w, b, eps, residual=r, x_bias=c) -> the same with s = x + c + r (c (N,): the bias of the GEMM
                                              that made x, so a cuBLAS GEMM without epilogue can precede it)
 
-Statistics are computed in fp32; y and s are stored in x.dtype. With a residual, s is summed in fp32 and rounded to x.dtype first, and
-LN is applied to that rounded value: the normalised output then agrees exactly with what a later layer reads back
-from s. weight/bias may be fp32 while x is fp16/bf16.
+Statistics are computed in fp32; y and s are stored in x.dtype. With a residual, s is summed in fp32 and rounded to
+x.dtype first, and LN is applied to that rounded value: the normalised output then agrees exactly with what a later
+layer reads back from s. weight/bias may be fp32 while x is fp16/bf16.
 
 Each program owns BLOCK_M rows. When a row fits in one block (N <= max_block_n) it is held in registers and the
 variance is taken as the mean of squared deviations from the mean (two-pass, in registers). Wider rows are read
@@ -151,7 +151,8 @@ def _layernorm_launch(x, weight, bias, eps, residual, max_block_n, x_bias=None):
         _layernorm_kernel[grid](
             x, residual if residual is not None else x, x_bias if x_bias is not None else weight, weight, bias, y,
             s if s is not None else y, M, N, float(eps),
-            HAS_RES=residual is not None, HAS_XB=x_bias is not None, SINGLE_BLOCK=single, BLOCK_M=block_m, BLOCK_N=block_n,
+            HAS_RES=residual is not None, HAS_XB=x_bias is not None, SINGLE_BLOCK=single,
+            BLOCK_M=block_m, BLOCK_N=block_n,
             num_warps=num_warps,
         )
     return y if residual is None else (y, s)

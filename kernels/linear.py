@@ -21,15 +21,18 @@ Three implementations, picked by `linear_impl_for(M, N, K)` or forced with impl=
           so row-blocks that run together share weight tiles in L2, the same epilogue, the LN prologue applied to
           each loaded x tile (per-row mean/rstd come from a cheap pre-pass kernel), and split-K when the tiles
           cannot fill the GPU.
-  "torch" F.layer_norm + F.linear (cuBLAS) + the epilogue in torch: the baseline, and the default where the
-          benchmark measured it faster (M > GEMV_MAX_M with N a multiple of 8; see linear_impl_for).
+  "torch" F.layer_norm + F.linear (cuBLAS) + the epilogue in torch (on a GPU the GELU in cuBLASLt's epilogue):
+          the baseline, and the default where the benchmark measured it faster (M > GEMV_MAX_M with N a multiple of
+          8; see linear_impl_for). GPT's blocks at those sizes bypass it (ftlab/model.py: LayerNorm fused with the
+          residual add instead of run before each GEMM).
 Block sizes come from small heuristics of the shapes (no autotuning, so everything also runs in the interpreter);
 `python -m ftlab.kernels.linear` times all three paths (--sweep also tries other block sizes; --chain a whole
 decode step's GEMVs under block policies with PDL on/off; --gemm tensor-core tiles at decode batches).
-On the GPU the gemv is launched with programmatic dependent launch (kernels/_pdl.py): its weight loads go out
-while the previous kernel finishes. In a GPT-345M step's GEMV chain (H200, data/bench/linear_chain_sweep.csv)
-that took 20.2 -> 16.9 us per layer (16.25 now that the bias is loaded before the wait); no other block policy beat the heuristic by more than 1 %, and grids of a
-few fat programs per SM (room for the next kernel to be resident early) were 7-25 % slower.
+On the GPU the gemv is launched with programmatic dependent launch (kernels/_pdl.py): its weight loads go out while
+the previous kernel finishes. In a GPT-345M step's GEMV chain (H200, data/bench/linear_chain_sweep.csv) that took
+20.2 -> 16.9 us per layer (16.25 now that the bias is loaded before the wait); no other block policy beat the
+heuristic by more than 1 %, and grids of a few fat programs per SM (room for the next kernel to be resident early)
+were 7-25 % slower.
 At M = 8..64 (data/bench/linear_gemm_sweep.csv) the best tensor-core tile (BLOCK_N 32, BLOCK_K 128, 5 stages)
 beats cuBLAS only without the LN prologue, and clearly only at K = N = 1024 (4.7 vs 6.2 us); with it, the
 in-loop normalisation of every x tile costs ~9 us, so the torch path stays the default there.
@@ -134,7 +137,8 @@ def _load_residual(res_ptr, offs_m, offs_n, M, N, HAS_RES: tl.constexpr):
     # (BM, BN) fp32
     if HAS_RES:
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        return tl.load(res_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        return tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         return 0.0
 

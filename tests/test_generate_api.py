@@ -69,7 +69,7 @@ def test_log_probs_are_returned(model):
     (dict(prompts=[[1], [2]], max_new_tokens=2, top_k=[1, 2, 3]), "top_k has 3 values for a batch of 2"),
     (dict(prompts=[[1], []], max_new_tokens=2), "request 1 has an empty prompt"),
     (dict(prompts=[[1, 61]], max_new_tokens=2), "token id 61 is outside the vocabulary"),
-    (dict(prompts=[[1], [2.5]], max_new_tokens=2), "request 1: the prompt must be a flat sequence of integer token ids"),
+    (dict(prompts=[[1], [2.5]], max_new_tokens=2), "request 1: the prompt must be a flat sequence of integer"),
     (dict(prompts=[[[1, 2]]], max_new_tokens=2), r"integer token ids, got int64 values of shape \(1, 2\)"),
     (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens must be a positive integer"),
 ])

@@ -53,7 +53,8 @@ def test_linear_rejects_a_prefetch_that_is_not_a_tensor(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["1", "2"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("M,N,K,target_numel", [(1, 7, 13, 1023), (1, 3072, 1024, 4 * 1024 * 1024), (3, 1023, 4096, 17)])
+@pytest.mark.parametrize("M,N,K,target_numel", [(1, 7, 13, 1023), (1, 3072, 1024, 4 * 1024 * 1024),
+                                                 (3, 1023, 4096, 17)])
 def test_gemv_results_unchanged_by_prefetch(monkeypatch, mode, dtype, M, N, K, target_numel):
     monkeypatch.setenv("FTLAB_PREFETCH", mode)
     x = torch.randn(M, K, device="cuda", dtype=dtype)
