@@ -578,7 +578,7 @@ def _check_tensor(name, t, shape, dtypes, device):
         raise ValueError(f"{name} must be contiguous (shape {tuple(t.shape)}, stride {t.stride()})")
 
 
-def _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps, impl):
+def _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps, impl, prefetch):
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D tensor [M, K], got {getattr(x, 'shape', type(x).__name__)}")
     if x.dtype not in _SUPPORTED_DTYPES:
@@ -607,6 +607,8 @@ def _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if prefetch is not None and not isinstance(prefetch, torch.Tensor):
+        raise ValueError(f"prefetch must be a torch.Tensor or None, got {type(prefetch).__name__}")
 
 
 def linear_impl_for(M: int, N: int, K: int) -> str:
@@ -625,9 +627,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
     prefetch: a tensor the next kernel will read (its weight); the gemv asks L2 to fetch it while it runs
     (kernels/_prefetch.py). A hint only: ignored by the other paths, off the GPU, and with FTLAB_PREFETCH=0."""
-    _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps, impl)
-    if prefetch is not None and not isinstance(prefetch, torch.Tensor):
-        raise ValueError(f"prefetch must be a torch.Tensor or None, got {type(prefetch).__name__}")
+    _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps, impl, prefetch)
     M, K = x.shape
     N = weight.shape[0]
     act_gelu = activation == "gelu"
