@@ -191,6 +191,29 @@ def profile_decode_step(config: GPTConfig = GPT_345M, *, batch: int = 1, context
             f"decode step ({steps} runs):\n{prof.key_averages().table(sort_by='cuda_time_total', row_limit=25)}")
 
 
+def decode_step_breakdown(config: GPTConfig = GPT_345M, *, batch: int = 1, context: int = 512,
+                          dtype="fp16") -> dict:
+    """Splits the captured decode step's time by rebuilding the same model three ways (median ms per step):
+    `full` (every block its own weights, streamed from HBM), `shared` (every block runs block 0's weights, which
+    then stay in L2: what is left of a block is the latency of its kernel chain, not its bytes) and `no_blocks`
+    (embedding, final LayerNorm + LM head, sampling and the host's per-token work). Per block: (full - no_blocks)
+    / L and (shared - no_blocks) / L."""
+    device = torch.device("cuda")
+    ft = random_ft_tensors(config, dtype=compute_dtype(dtype), device=device)
+    model = GPT.from_ft_tensors(config, ft, dtype=dtype, device=device)
+    del ft
+    blocks = model.weights.blocks
+    result = {}
+    for name, variant in (("full", blocks), ("shared", [blocks[0]] * len(blocks)), ("no_blocks", [])):
+        model.weights.blocks, model.graph_cache = variant, {}
+        result[name] = statistics.median(decode_step_ms(model, context=context, batch=batch))
+    model.weights.blocks = blocks
+    layers = len(blocks)
+    result["per_block_full"] = (result["full"] - result["no_blocks"]) / layers
+    result["per_block_shared"] = (result["shared"] - result["no_blocks"]) / layers
+    return result
+
+
 def run(config: GPTConfig | None = None, model_dir=None, *, dtype="fp16", batches=GRID_BATCHES, cells=GRID_CELLS,
         repeats: int = 10, with_peer: bool = True, with_hf: bool = True, csv_path: Path | None = DEFAULT_CSV,
         label: str | None = None) -> list[dict]:
@@ -313,6 +336,7 @@ def run_parallel(model_dir=None, *, tensor_para_size: int, layer_para_size: int,
             rows.append(row)
     if rank == 0 and tokens_path is not None:
         Path(tokens_path).write_text(json.dumps(tokens))
+    engine.close()
     return rows
 
 

@@ -4,7 +4,7 @@
                    [--top-p P] [--temperature T] [--seed S] [--dtype fp32|fp16|bf16] [--json] [--stream]
     ftlab convert hf -i HF_DIR -o OUT_DIR -i_g N [--weight-data-type fp32|fp16] [--force]
     ftlab convert megatron -i CKPT_DIR -o OUT_DIR [-t_g T] -i_g N [--head-num H] [--weight-data-type ..] [--force]
-    ftlab bench [--shape 345m | -m MODEL_DIR] [--batch-sizes 1,8] [--cells 128x8,512x32] [--profile-decode]
+    ftlab bench [--shape 345m | -m MODEL_DIR] [--batch-sizes 1,8] [--cells 128x8,512x32] [--profile-decode | --breakdown-decode]
     ftlab serve [-m MODEL_DIR] [--host H] [--port 8000] [--grpc-port 8001] [--max-batch-size N]
                 [--max-queue-delay-us US]
     ftlab sweep [-m MODEL_DIR] [--prompt TEXT ...] [--top-k 1,8,40,0] [--top-p 0.5,0.9,1] [--seeds N] [--csv F]
@@ -105,6 +105,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--profile-decode", action="store_true",
                    help="only print the per-kernel GPU time of the prefill of 512-token prompts and of a decode "
                         "step at context 512 (--shape), for each of --batch-sizes")
+    p.add_argument("--breakdown-decode", action="store_true",
+                   help="only split the captured decode step at context 512 into blocks (HBM weights, L2-resident "
+                        "weights) and the rest, for each of --batch-sizes")
 
 
 def _parse_cells(text: str) -> list[tuple[int, int]]:
@@ -327,6 +330,12 @@ def cmd_bench(args) -> int:
         for batch in batches:
             print(f"{config.model_name}, batch {batch}, prompts of 512 tokens, {args.dtype}:")
             print(bench.profile_decode_step(config, batch=batch, dtype=args.dtype))
+        return 0
+    if args.breakdown_decode:
+        for batch in batches:
+            parts = bench.decode_step_breakdown(config, batch=batch, dtype=args.dtype)
+            print(f"{config.model_name}, batch {batch}, context 512, {args.dtype}: "
+                  + ", ".join(f"{k} {v * 1e3:.1f} us" for k, v in parts.items()), flush=True)
         return 0
     if args.write_random_cmodel is not None:
         from .checkpoint import random_ft_tensors, write_cmodel

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import subprocess
@@ -185,6 +186,22 @@ class ParallelEngine:
         return lru_get(self.stage_graphs, (batch_size, capacity),
                        lambda: StageGraph(self.model, batch_size, capacity, lay.is_first_stage, lay.is_last_stage),
                        MAX_STAGE_GRAPHS)
+
+    def close(self, *, leave_group: bool = True) -> None:
+        """Free this engine's captured CUDA graphs, then (leave_group) leave the process group; on every rank.
+
+        The graphs hold captured NCCL all-reduces, and destroy_process_group() hangs on every rank while they
+        live (2 H200s, torch 2.11, NCCL 2.28.9: T=2 runs that had generated never exited); freed first, it
+        returns in ~0.5 s."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stage_graphs.clear()
+        self.model.graph_cache.clear()
+        gc.collect()  # graphs caught in reference cycles (sessions, closures) go now, not at some later collection
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if leave_group and dist.is_initialized():
+            dist.destroy_process_group()
 
     @classmethod
     def random(cls, config: GPTConfig, *, seed: int = 0, std: float = 0.02, **kwargs) -> "ParallelEngine":
@@ -426,8 +443,7 @@ def _worker(request_path: str, result_path: str) -> int:
         return 2
     if rank == engine.layout.last_stage_lead:  # holds the logits; tokens are the same on every rank
         Path(result_path).write_text(json.dumps(outputs))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    engine.close()
     return 0
 
 

@@ -36,12 +36,10 @@ def run(model_dir, tensor_para_size: int, layer_para_size: int, dtypes: list[str
     """One engine per dtype in this process (one start-up for all): saves out_dir/t{T}l{L}-{dtype}.pt."""
     import time
 
-    import torch.distributed as dist
-
     from .generate import generate
     from .parallel import ParallelEngine
 
-    for dtype in dtypes:
+    for i, dtype in enumerate(dtypes):
         start = time.perf_counter()
         split = dict(tensor_para_size=tensor_para_size, layer_para_size=layer_para_size, dtype=dtype)
         if shape is not None:
@@ -58,11 +56,8 @@ def run(model_dir, tensor_para_size: int, layer_para_size: int, dtypes: list[str
             torch.save(dict(tp=tensor_para_size, pp=layer_para_size, dtype=dtype, config=engine.config.model_name,
                             logits=[t.float().cpu() for t in logits], tokens=greedy.output_ids), out)
             print(f"saved {out} ({time.perf_counter() - start:.1f} s)", flush=True)
+        engine.close(leave_group=i == len(dtypes) - 1)  # graphs first: see ParallelEngine.close
         del engine, logits
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def compare(reference: Path, runs: list[Path]) -> list[dict]:

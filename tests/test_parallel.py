@@ -74,3 +74,14 @@ def test_process_count_mismatch_fails_on_every_rank_without_hanging(model_dirs):
     assert proc.returncode != 0
     for rank in (0, 1):
         assert f"(rank {rank}): error: 2 processes but tensor_para_size=2 x layer_para_size=2 = 4" in proc.stderr
+
+
+def test_close_frees_captured_graphs_before_leaving(model_dirs):
+    # captured NCCL all-reduces in live CUDA graphs hang destroy_process_group on GPUs: close() drops them first
+    from ftlab.parallel import ParallelEngine
+
+    engine = ParallelEngine(model_dirs[1], dtype="fp32")
+    generate(engine, PROMPTS, **GREEDY)
+    engine.model.graph_cache["stand-in"] = engine.stage_graphs["stand-in"] = object()
+    engine.close()
+    assert engine.model.graph_cache == {} and engine.stage_graphs == {}
