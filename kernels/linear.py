@@ -218,12 +218,17 @@ def _sum_chunk(v):
 
 
 @triton.jit
+def _add3(a0, b0, c0, a1, b1, c1):
+    return a0 + a1, b0 + b1, c0 + c1
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, ln_w_ptr, ln_b_ptr, out_ptr, part_ptr, pf_ptr,
     M, N, K, k_per_split, ln_eps, pf_bytes, pf_share,
     HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_LN: tl.constexpr,
-    WRITE_PARTIAL: tl.constexpr, USE_PDL: tl.constexpr, ROW_IN_REGS: tl.constexpr, PREFETCH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr, USE_PDL: tl.constexpr, ROW_IN_REGS: tl.constexpr, LN_FOLD: tl.constexpr,
+    PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
     BLOCK_K: tl.constexpr,  # = LANES * VEC
 ):
     # A K chunk is LANES vectors of VEC contiguous elements (16 bytes each), so tiles are 4-D:
@@ -262,6 +267,20 @@ def _gemv_kernel(
     # the registers: fewer programs of the next kernel then fit beside this one's to load their weights early.
     if not WRITE_PARTIAL:
         bias = _load_bias(bias_ptr, offs_n, N, HAS_BIAS)
+    if LN_FOLD:
+        # LN(x) . w = rstd * (x . gw - mean * sum(gw)) + b . w with gw = g * w: the gain and shift are constants, so
+        # everything but x . gw is done before the wait, and after it x feeds the dot product and its own
+        # statistics at once, which then share one cross-thread reduction (instead of mean, then variance, then the
+        # dot product, one after another). Only with the whole row in one program (ROW_IN_REGS: k_lo = 0).
+        g_lo = _load_x_chunk(ln_w_ptr + chunk4, 0, K, chunk4)  # (1, 1, LANES, VEC), 0 beyond K
+        g_hi = _load_x_chunk(ln_w_ptr + chunk4, BLOCK_K, K, chunk4)
+        gw_lo = w_next.to(tl.float32) * g_lo  # (1, BN, LANES, VEC)
+        gw_hi = w_after.to(tl.float32) * g_hi
+        gw_sum = tl.sum(tl.sum(tl.sum(gw_lo + gw_hi, axis=3), axis=2), axis=0)  # (BN,)
+        b_lo = _load_x_chunk(ln_b_ptr + chunk4, 0, K, chunk4)
+        b_hi = _load_x_chunk(ln_b_ptr + chunk4, BLOCK_K, K, chunk4)
+        bw = w_next.to(tl.float32) * b_lo + w_after.to(tl.float32) * b_hi
+        bw_sum = tl.sum(tl.sum(tl.sum(bw, axis=3), axis=2), axis=0)  # (BN,)
     if PREFETCH:  # the next kernel's weight into L2 (kernels/_prefetch.py), behind this program's own loads
         l2_prefetch(pf_ptr, pf_bytes, pf_share, PREFETCH, 128)
     if USE_PDL:
@@ -271,7 +290,21 @@ def _gemv_kernel(
     x_after = _load_x_chunk(x_tile, k_lo + BLOCK_K, k_hi, chunk4)
     if not WRITE_PARTIAL:
         res = _load_residual(res_ptr, offs_m, offs_n, M, N, HAS_RES)
-    if HAS_LN:
+    if LN_FOLD:
+        # one pass over x for its sum, sum of squares and dot product, all taken relative to the row's first element
+        # x0 (requested with the chunks, so no extra wait): with |mean| >> std the plain sums would cancel in fp32,
+        # the shifted ones do not (tests: test_ln_prologue_with_large_mean)
+        x0 = tl.load(x_rows).to(tl.float32)[:, None, None, None]  # (BM, 1, 1, 1)
+        d_lo = tl.where(chunk4 < K, x_next - x0, 0.0)
+        d_hi = tl.where(BLOCK_K + chunk4 < K, x_after - x0, 0.0)
+        dot = tl.sum(d_lo * gw_lo + d_hi * gw_hi, axis=3)  # (BM, BN, LANES)
+        s1 = tl.broadcast_to(tl.sum(d_lo + d_hi, axis=3), dot.shape)
+        s2 = tl.broadcast_to(tl.sum(d_lo * d_lo + d_hi * d_hi, axis=3), dot.shape)
+        dot, s1, s2 = tl.reduce((dot, s1, s2), 2, _add3)  # (BM, BN) each
+        shift = s1 / K  # mean - x0
+        rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - shift * shift, 0.0) + ln_eps)
+        out = rstd * (dot - shift * gw_sum[None, :]) + bw_sum[None, :]
+    elif HAS_LN:
         if ROW_IN_REGS:  # no split and K <= 2 chunks: the whole row is in x_next/x_after already (zero past K)
             mean = (_sum_chunk(x_next) + _sum_chunk(x_after)) / K  # (BM,)
             mean4 = mean[:, None, None, None]
@@ -283,20 +316,21 @@ def _gemv_kernel(
             mean4 = mean[:, None, None, None]
         rstd4 = rstd[:, None, None, None]
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N, LANES), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        w = w_next
-        w_next = w_after
-        w_after = _load_weight_chunk(w_tile, k0 + 2 * BLOCK_K, k_hi, chunk4)
-        xk = x_next
-        x_next = x_after
-        x_after = _load_x_chunk(x_tile, k0 + 2 * BLOCK_K, k_hi, chunk4)
-        if HAS_LN:  # g = b = 0 beyond the split's end, so the padded columns stay exactly 0
-            g = _load_x_chunk(ln_w_ptr + chunk4, k0, k_hi, chunk4)
-            b = _load_x_chunk(ln_b_ptr + chunk4, k0, k_hi, chunk4)
-            xk = (xk - mean4) * rstd4 * g + b
-        acc += tl.sum(xk * w.to(tl.float32), axis=3)  # (BM, BN, LANES)
-    out = tl.sum(acc, axis=2)  # (BM, BN)
+    if not LN_FOLD:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, LANES), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            w = w_next
+            w_next = w_after
+            w_after = _load_weight_chunk(w_tile, k0 + 2 * BLOCK_K, k_hi, chunk4)
+            xk = x_next
+            x_next = x_after
+            x_after = _load_x_chunk(x_tile, k0 + 2 * BLOCK_K, k_hi, chunk4)
+            if HAS_LN:  # g = b = 0 beyond the split's end, so the padded columns stay exactly 0
+                g = _load_x_chunk(ln_w_ptr + chunk4, k0, k_hi, chunk4)
+                b = _load_x_chunk(ln_b_ptr + chunk4, k0, k_hi, chunk4)
+                xk = (xk - mean4) * rstd4 * g + b
+            acc += tl.sum(xk * w.to(tl.float32), axis=3)  # (BM, BN, LANES)
+        out = tl.sum(acc, axis=2)  # (BM, BN)
 
     if WRITE_PARTIAL:
         _store_partial(out, offs_m, offs_n, M, N, part_ptr, split)
@@ -483,6 +517,11 @@ def _finish_split(part, out, bias, residual, act_gelu, split_k):
     )
 
 
+def _ln_fold_on() -> bool:
+    # FTLAB_LN_FOLD=0: the gemv's LN prologue normalises x before the dot product (for comparing; read per call)
+    return os.environ.get("FTLAB_LN_FOLD", "1") != "0"
+
+
 def _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg: GemvConfig, prefetch=None):
     M, K = x.shape
     N = weight.shape[0]
@@ -492,13 +531,15 @@ def _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, c
     has_ln = ln_weight is not None
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), split_k)
     use_pdl = pdl_for(x.device)
+    row_in_regs = split_k == 1 and K <= 2 * cfg.block_k
     pf = prefetch_plan(prefetch, grid[0] * grid[1] * grid[2], weight)
     _gemv_kernel[grid](
         x, weight, bias if bias is not None else out, residual if residual is not None else out,
         ln_weight if has_ln else out, ln_bias if has_ln else out, out, part, pf.target,
         M, N, K, k_per_split, float(ln_eps), pf.nbytes, pf.share,
         HAS_BIAS=bias is not None, ACT_GELU=act_gelu, HAS_RES=residual is not None, HAS_LN=has_ln,
-        WRITE_PARTIAL=split_k > 1, USE_PDL=use_pdl, ROW_IN_REGS=split_k == 1 and K <= 2 * cfg.block_k, PREFETCH=pf.mode,
+        WRITE_PARTIAL=split_k > 1, USE_PDL=use_pdl, ROW_IN_REGS=row_in_regs,
+        LN_FOLD=has_ln and row_in_regs and _ln_fold_on(), PREFETCH=pf.mode,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, LANES=cfg.lanes, VEC=cfg.vec, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, **launch_options(use_pdl),
     )
@@ -788,7 +829,7 @@ def _sweep() -> None:
     save_rows(rows, "linear_sweep.csv")
 
 
-def _chain_sweep(prefetch_only: bool = False) -> None:
+def _chain_sweep(prefetch_only: bool = False, fold_only: bool = False) -> None:
     """The decode GEMVs of a whole GPT-345M step (24 layers x QKV+LN, out+residual, FC1+LN+GELU, FC2+residual,
     M = 1, fp16, distinct weights per layer so every one streams from HBM) captured as one CUDA graph, under
     block-size policies applied to every shape, with PDL on and off. In a chain what matters is how consecutive
@@ -850,8 +891,17 @@ def _chain_sweep(prefetch_only: bool = False) -> None:
         return do_bench_cudagraph(lambda: run_chain(pick, ahead), rep=20, return_mode="median") * 1e3 / layers
 
     rows = []
-    # L2 prefetch (kernels/_prefetch.py): each GEMV fetches the weight `ahead` GEMVs later, bulk or per line
     heuristic = next(policies())[1]
+    if fold_only:  # the LN prologue as one pass with the gain/shift folded into the weight before the wait, or not
+        for fold in ("0", "1", "0", "1"):
+            os.environ["FTLAB_LN_FOLD"] = fold
+            us = time_chain(heuristic)
+            rows.append(dict(pdl="1", policy=f"heuristic ln_fold={fold}", us_per_layer=us))
+            print(f"PDL=1 heuristic, LN fold {fold}: {us:7.2f} us/layer", flush=True)
+        os.environ.pop("FTLAB_LN_FOLD")
+        save_rows(rows, "linear_chain_ln_fold.csv")
+        return
+    # L2 prefetch (kernels/_prefetch.py): each GEMV fetches the weight `ahead` GEMVs later, bulk or per line
     for mode in ("0", "1", "2"):
         os.environ["FTLAB_PREFETCH"] = mode
         for ahead in ((0,) if mode == "0" else (1, 2)):
@@ -923,7 +973,7 @@ if __name__ == "__main__":
     if "--sweep" in sys.argv[1:]:
         _sweep()
     elif "--chain" in sys.argv[1:]:
-        _chain_sweep(prefetch_only="--prefetch-only" in sys.argv[1:])
+        _chain_sweep(prefetch_only="--prefetch-only" in sys.argv[1:], fold_only="--ln-fold" in sys.argv[1:])
     elif "--gemm" in sys.argv[1:]:
         _gemm_sweep()
     else:
