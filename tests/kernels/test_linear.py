@@ -92,6 +92,20 @@ def test_split_k_matches_reference(case, dtype_name, device):
         assert_rel_close(out, _reference64(x, weight, kwargs), dtype, what=f"{kind} split {cfg}")
 
 
+@pytest.mark.parametrize("fold", ["0", "1"])
+@pytest.mark.parametrize("M,N,K,offset", [(3, 9, 50, 0.5), (1, 9, 20, 0.5), (2, 7, 60, 1000.0)])
+def test_gemv_ln_prologue_folded_or_not(fold, M, N, K, offset, device, monkeypatch):
+    # rows of <= 2 K chunks: LN gain/shift folded into the weight before the PDL wait and one combined reduction
+    # (FTLAB_LN_FOLD=1, the default), or x normalised before the dot product (0); also with |mean| >> std
+    monkeypatch.setenv("FTLAB_LN_FOLD", fold)
+    cfg = GemvConfig(block_m=2, block_n=4, lanes=8, vec=4, num_warps=1, split_k=1)  # 32 columns per chunk
+    x, weight, kwargs = _make_inputs(M, N, K, torch.float32, device, bias=True, gelu=True, residual=True, ln=True)
+    x = x + offset
+    out = linear_module._run_gemv(x, weight, kwargs["bias"], kwargs["residual"], kwargs["ln_weight"],
+                                  kwargs["ln_bias"], 1e-5, True, cfg)
+    assert_rel_close(out, _reference64(x, weight, kwargs), tol=1e-4, what=f"fold={fold} K={K} offset={offset}")
+
+
 @pytest.mark.parametrize("impl", ["gemv", "gemm"])
 def test_rows_do_not_depend_on_other_rows(impl, device):
     # row 0 must come out bit-identical when the other rows change, and repeated calls must agree bit for bit
