@@ -33,9 +33,9 @@ Block sizes come from small heuristics of the shapes (no autotuning, so everythi
 decode step's GEMVs under block policies with PDL on/off; --gemm tensor-core tiles at decode batches).
 On the GPU the gemv is launched with programmatic dependent launch (kernels/_pdl.py): its weight loads go out while
 the previous kernel finishes. In a GPT-345M step's GEMV chain (H200, data/bench/linear_chain_sweep.csv) that took
-20.2 -> 16.9 us per layer (16.25 now that the bias is loaded before the wait); no other block policy beat the
-heuristic by more than 1 %, and grids of a few fat programs per SM (room for the next kernel to be resident early)
-were 7-25 % slower.
+20.2 -> 16.9 us per layer (16.25 with the bias loaded before the wait, 14.7-14.9 with the LN fold); no other block
+policy beat the heuristic by more than 1 %, and grids of a few fat programs per SM (room for the next kernel to be
+resident early) were 7-25 % slower.
 At M = 8..64 (data/bench/linear_gemm_sweep.csv) the best tensor-core tile (BLOCK_N 32, BLOCK_K 128, 5 stages)
 beats cuBLAS only without the LN prologue, and clearly only at K = N = 1024 (4.7 vs 6.2 us); with it, the
 in-loop normalisation of every x tile costs ~9 us, so the torch path stays the default there.
