@@ -214,6 +214,20 @@ def decode_step_breakdown(config: GPTConfig = GPT_345M, *, batch: int = 1, conte
     return result
 
 
+BREAKDOWN_CSV = DATA_DIR / "bench" / "decode_breakdown.csv"
+BREAKDOWN_COLUMNS = ["gpu", "date", "torch", "triton", "config", "dtype", "bs", "context", "variant", "full_ms",
+                     "shared_ms", "no_blocks_ms", "per_block_full_us", "per_block_shared_us"]
+
+
+def breakdown_row(config: GPTConfig, parts: dict, *, batch: int, context: int = 512, dtype="fp16",
+                  variant: str = "") -> dict:
+    """A CSV row (BREAKDOWN_COLUMNS) of decode_step_breakdown's result, with the GPU, date and versions."""
+    return dict(gpu=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
+                triton=_triton_version(), config=config.model_name, dtype=dtype, bs=batch, context=context,
+                variant=variant, full_ms=parts["full"], shared_ms=parts["shared"], no_blocks_ms=parts["no_blocks"],
+                per_block_full_us=parts["per_block_full"] * 1e3, per_block_shared_us=parts["per_block_shared"] * 1e3)
+
+
 def run(config: GPTConfig | None = None, model_dir=None, *, dtype="fp16", batches=GRID_BATCHES, cells=GRID_CELLS,
         repeats: int = 10, with_peer: bool = True, with_hf: bool = True, csv_path: Path | None = DEFAULT_CSV,
         label: str | None = None) -> list[dict]:
@@ -368,12 +382,12 @@ COLUMNS = ["gpu", "date", "torch", "triton", "config", "layers", "heads", "size_
            "bandwidth_tbps", "matmul_tflops"]
 
 
-def append_csv(rows: list[dict], path: Path) -> None:
+def append_csv(rows: list[dict], path: Path, columns: list[str] = COLUMNS) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new:
             writer.writeheader()
         for row in rows:

@@ -108,7 +108,8 @@ def _add_bench(sub) -> None:
                         "step at context 512 (--shape), for each of --batch-sizes")
     p.add_argument("--breakdown-decode", action="store_true",
                    help="only split the captured decode step at context 512 into blocks (HBM weights, L2-resident "
-                        "weights) and the rest, for each of --batch-sizes")
+                        "weights) and the rest, for each of --batch-sizes (rows appended to --csv, default "
+                        "data/bench/decode_breakdown.csv; FTLAB_* settings recorded as the variant)")
 
 
 def _parse_cells(text: str) -> list[tuple[int, int]]:
@@ -333,10 +334,13 @@ def cmd_bench(args) -> int:
             print(bench.profile_decode_step(config, batch=batch, dtype=args.dtype))
         return 0
     if args.breakdown_decode:
+        variant = ",".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("FTLAB_"))
         for batch in batches:
             parts = bench.decode_step_breakdown(config, batch=batch, dtype=args.dtype)
             print(f"{config.model_name}, batch {batch}, context 512, {args.dtype}: "
                   + ", ".join(f"{k} {v * 1e3:.1f} us" for k, v in parts.items()), flush=True)
+            bench.append_csv([bench.breakdown_row(config, parts, batch=batch, dtype=args.dtype, variant=variant)],
+                             args.csv or bench.BREAKDOWN_CSV, bench.BREAKDOWN_COLUMNS)
         return 0
     if args.write_random_cmodel is not None:
         from .checkpoint import random_ft_tensors, write_cmodel
