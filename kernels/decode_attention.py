@@ -9,10 +9,14 @@ alone writes them to the cache slot, so no program ever reads the slot being wri
 Each program then bumps a per-(sequence, head) counter (atomic, acquire-release); the program that finishes its
 head's last valid partition rescales and sums all of them into out, and resets the counter to zero. This replaces
 a second reduction launch, which cost ~3 us per layer at batch 1 on the H200 (8.6 % of a GPT-345M decode step).
+With one partition per (sequence, head) the program writes its output directly (SINGLE_PART: no partials, counter
+or combine): always under the interpreter, on a GPU only with FTLAB_DECODE_SINGLE_PART=1 (not yet measured there;
+`bash .ci/gpu-check experiments` times it with FTLAB_DECODE_BLOCKS, which overrides pick_decode_blocks).
 With PDL (kernels/_pdl.py) the first tile of cached keys/values can be loaded while the QKV GEMV still runs.
 Scores are kept in log2 units (scale folded with log2(e)) so exp2 can be used; everything accumulates in fp32.
 """
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
@@ -42,7 +46,7 @@ def _decode_partition_kernel(
     stride_out_b, stride_out_h,
     head_dim, s_max, num_heads, num_parts,
     BLOCK_S: tl.constexpr, TILES_PER_PART: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-    USE_PDL: tl.constexpr, HISTORY_READY: tl.constexpr, PREFETCH: tl.constexpr,
+    USE_PDL: tl.constexpr, HISTORY_READY: tl.constexpr, PREFETCH: tl.constexpr, SINGLE_PART: tl.constexpr,
 ):
     part = tl.program_id(0)
     head = tl.program_id(1)
@@ -113,6 +117,11 @@ def _decode_partition_kernel(
     l_i = l_i * alpha + p_new
     acc = acc * alpha + p_new * v_new.to(tl.float32)
 
+    if SINGLE_PART:  # the program holds the whole row: no partials, no counter, no combine
+        out = acc / l_i
+        tl.store(out_ptr + seq.to(tl.int64) * stride_out_b + head * stride_out_h + offs_d,
+                 out.to(out_ptr.dtype.element_ty), mask=d_mask)
+        return
     ws_head = seq.to(tl.int64) * stride_ws_b + head * stride_ws_h
     ws = ws_head + part
     tl.store(part_max_ptr + ws, m_new)
@@ -268,6 +277,8 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         return out
     num_sms = _num_sms(qkv.device.index or 0) if qkv.is_cuda else 132
     if blocks is None:
+        blocks = _blocks_from_env()
+    if blocks is None:
         blocks = pick_decode_blocks(batch, num_heads, s_max, head_dim, num_sms)
         if not qkv.is_cuda:
             # Triton's interpreter pays Python overhead per program and per loop step, not per element: one partition
@@ -294,9 +305,33 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         head_dim, s_max, num_heads, num_parts,
         BLOCK_S=blocks.block_s, TILES_PER_PART=blocks.tiles_per_part, BLOCK_D=block_d,
         BLOCK_P=max(4, min(32, triton.next_power_of_2(num_parts))), USE_PDL=use_pdl, HISTORY_READY=history_ready,
-        PREFETCH=pf.mode, num_warps=blocks.num_warps, **launch_options(use_pdl),
+        PREFETCH=pf.mode, SINGLE_PART=num_parts == 1 and _single_part_on(qkv.device),
+        num_warps=blocks.num_warps, **launch_options(use_pdl),
     )
     return out
+
+
+def _blocks_from_env() -> Optional[DecodeBlocks]:
+    """FTLAB_DECODE_BLOCKS="block_s,tiles_per_part,num_warps": every call without blocks= uses these instead of
+    pick_decode_blocks (for measuring other partitions inside a model's decode step; read per call)."""
+    text = os.environ.get("FTLAB_DECODE_BLOCKS")
+    if not text:
+        return None
+    try:
+        block_s, tiles, warps = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"FTLAB_DECODE_BLOCKS={text!r}: expected three integers block_s,tiles_per_part,num_warps")
+    _check(block_s >= 16 and block_s & (block_s - 1) == 0 and tiles >= 1 and warps in (1, 2, 4, 8, 16, 32),
+           f"FTLAB_DECODE_BLOCKS={text!r}: block_s must be a power of two >= 16, tiles_per_part >= 1, num_warps "
+           f"a power of two up to 32")
+    return DecodeBlocks(block_s, tiles, warps)
+
+
+def _single_part_on(device: torch.device) -> bool:
+    # a launch with one partition per (sequence, head) writes its output directly instead of a partial, a counter
+    # bump and a combine. Always under the interpreter (its default is one partition, tested there); on a GPU only
+    # with FTLAB_DECODE_SINGLE_PART=1 until measured there (added after this session's last GPU run)
+    return device.type != "cuda" or os.environ.get("FTLAB_DECODE_SINGLE_PART", "0") == "1"
 
 
 def decode_attention_reference(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -40,6 +40,7 @@ so if the k-th largest value lies below it the top-k limit is treated as absent 
 normaliser by < V * e^-64, far below fp32 resolution).
 """
 import numbers
+import os
 
 import torch
 import triton
@@ -255,11 +256,28 @@ def _sample_kernel(logits_ptr, stride_row, top_k_ptr, top_p_ptr, temperature_ptr
 def _launch_config(B, V, device_type):
     """(ROWS, BLOCK, num_warps). BLOCK covers a small row in one chunk and caps at 2048 for V ~ 50k (25 chunks
     a pass, ~8 elements per thread). On the GPU one program per row (V is large, rows are independent); the
-    CPU interpreter pays per operation, not per element, so it packs up to ~32k elements of rows per program."""
+    CPU interpreter pays per operation, not per element, so it packs up to ~32k elements of rows per program.
+    FTLAB_SAMPLE_CONFIG="BLOCK,num_warps" replaces the first two (read per call; for measuring wider programs:
+    a top-k / top-p row is ~10-20 passes over V, each a loop of V / BLOCK dependent chunks)."""
     block = min(max(triton.next_power_of_2(V), 16), 2048)
     num_warps = max(1, min(8, block // 256))
+    block, num_warps = _config_from_env() or (block, num_warps)
     rows = 1 if device_type == "cuda" else min(triton.next_power_of_2(max(B, 1)), max(1, 32768 // block))
     return rows, block, num_warps
+
+
+def _config_from_env():
+    text = os.environ.get("FTLAB_SAMPLE_CONFIG")
+    if not text:
+        return None
+    try:
+        block, num_warps = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"FTLAB_SAMPLE_CONFIG={text!r}: expected two integers BLOCK,num_warps") from None
+    if not (block >= 16 and block & (block - 1) == 0 and num_warps in (1, 2, 4, 8, 16, 32)):
+        raise ValueError(f"FTLAB_SAMPLE_CONFIG={text!r}: BLOCK must be a power of two >= 16 and num_warps a "
+                         f"power of two up to 32")
+    return block, num_warps
 
 
 _PARAM_DTYPES = {
@@ -441,13 +459,16 @@ def _benchmark():
             temperature = torch.full((B,), 0.8, dtype=torch.float32, device=device)
             seeds = torch.arange(B, dtype=torch.int64, device=device)
             steps = torch.zeros(B, dtype=torch.int32, device=device)
-            t_triton = triton.testing.do_bench(lambda: sample(logits, top_k, top_p, temperature, seeds, steps))
+            # CUDA-graph replays: the kernel's GPU time, not Python's launch overhead (as inside a decode step)
+            t_triton = triton.testing.do_bench_cudagraph(lambda: sample(logits, top_k, top_p, temperature, seeds,
+                                                                        steps))
             t_torch = triton.testing.do_bench(lambda: _torch_baseline(logits, k, p, 0.8))
-            rows.append({"B": B, "V": V, "mode": mode, "triton_us": t_triton * 1e3, "torch_us": t_torch * 1e3})
-    print(f"{'B':>4} {'mode':>20} {'triton us':>10} {'torch us':>10} {'speedup':>8}")
+            rows.append({"B": B, "V": V, "mode": mode, "config": os.environ.get("FTLAB_SAMPLE_CONFIG", "default"),
+                         "triton_us": t_triton * 1e3, "torch_us": t_torch * 1e3})
+    # (torch's sort/cumsum/multinomial baseline is timed eagerly, launches included: not comparable one to one)
+    print(f"{'B':>4} {'mode':>20} {'config':>9} {'triton us (graph)':>18} {'torch us (eager)':>17}")
     for r in rows:
-        print(f"{r['B']:>4} {r['mode']:>20} {r['triton_us']:>10.1f} {r['torch_us']:>10.1f} "
-              f"{r['torch_us'] / r['triton_us']:>8.2f}")
+        print(f"{r['B']:>4} {r['mode']:>20} {r['config']:>9} {r['triton_us']:>18.1f} {r['torch_us']:>17.1f}")
     save_rows(rows, "sampling_bench.csv")
 
 

@@ -13,14 +13,14 @@ def _assert_cache_equal(cache, ref_cache, what):
     torch.testing.assert_close(cache.double(), ref_cache.double(), rtol=0, atol=0, equal_nan=True, msg=what)
 
 
-def _check_against_reference(positions, num_heads, head_dim, s_max, dtype, device, scale=None):
+def _check_against_reference(positions, num_heads, head_dim, s_max, dtype, device, scale=None, blocks=None):
     batch = len(positions)
     qkv = torch.randn(batch, 3, num_heads, head_dim).to(dtype=dtype, device=device)
     k_cache, v_cache = cache_with_history(positions, num_heads, s_max, head_dim, dtype, device)
     ref_k, ref_v = k_cache.double(), v_cache.double()
     positions_t = torch.tensor(positions, dtype=torch.int32, device=device)
 
-    out = decode_attention(qkv, k_cache, v_cache, positions_t, scale=scale)
+    out = decode_attention(qkv, k_cache, v_cache, positions_t, scale=scale, blocks=blocks)
     ref = decode_attention_reference(qkv.double(), ref_k, ref_v, positions_t, scale=scale)
 
     assert out.dtype == dtype
@@ -53,10 +53,46 @@ def test_decode_attention_matches_reference_and_appends(positions, num_heads, he
     (DecodeBlocks(16, 1, 4), [599, 0, 300], 600),
 ])
 @pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
-def test_decode_attention_partition_boundaries(blocks, positions, s_max, dtype_name, device, monkeypatch):
+def test_decode_attention_partition_boundaries(blocks, positions, s_max, dtype_name, device):
     dtype = DTYPES[dtype_name]  # no tl.dot in these kernels, so bf16 also runs under the interpreter
-    monkeypatch.setattr(decode_module, "pick_decode_blocks", lambda *args, **kwargs: blocks)
-    _check_against_reference(positions, 2, 24, s_max, dtype, device)
+    # passed explicitly: the interpreter's default would be one partition (the partials and combine untested)
+    _check_against_reference(positions, 2, 24, s_max, dtype, device, blocks=blocks)
+
+
+@pytest.mark.parametrize("setting,single", [("64,2,4", "1"), ("16,1,2", "1"), ("16,2,4", "0")])
+def test_decode_attention_blocks_from_env(setting, single, device, monkeypatch):
+    # FTLAB_DECODE_BLOCKS replaces the heuristic; one partition per head (64 x 2 slots >= S_max = 70) writes its
+    # output directly when FTLAB_DECODE_SINGLE_PART allows it (always under the interpreter)
+    monkeypatch.setenv("FTLAB_DECODE_BLOCKS", setting)
+    monkeypatch.setenv("FTLAB_DECODE_SINGLE_PART", single)
+    used = []
+    kernel = decode_module._decode_partition_kernel
+    monkeypatch.setattr(decode_module, "_decode_partition_kernel", _Spy(kernel, used))
+    _check_against_reference([31, 69, 5], 3, 32, 70, torch.float32, device)
+    block_s, tiles, warps = (int(v) for v in setting.split(","))
+    one_partition = block_s * tiles >= 70  # S_max
+    assert used == [(block_s, tiles, warps, one_partition and (single == "1" or device == "cpu"))]
+
+
+class _Spy:
+    """Stands in for the @triton.jit kernel: records the launch's blocks and whether it ran single-partition."""
+
+    def __init__(self, kernel, used):
+        self.kernel, self.used = kernel, used
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.used.append((kwargs["BLOCK_S"], kwargs["TILES_PER_PART"], kwargs["num_warps"],
+                              kwargs["SINGLE_PART"]))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("setting", ["64,2", "48,1,2", "64,1,3", "a,b,c"])
+def test_decode_blocks_env_is_checked(setting, monkeypatch):
+    monkeypatch.setenv("FTLAB_DECODE_BLOCKS", setting)
+    with pytest.raises(ValueError, match="FTLAB_DECODE_BLOCKS"):
+        decode_module._blocks_from_env()
 
 
 def test_decode_attention_custom_scale(device):

@@ -481,3 +481,28 @@ def test_check_sampling_params():
         args = {"top_k": 0, "top_p": 1.0, "temperature": 1.0, **overrides}
         with pytest.raises(ValueError, match=pattern):
             check_sampling_params(args["top_k"], args["top_p"], args["temperature"], 10)
+
+
+@pytest.mark.parametrize("config", ["64,2", "16,1"])
+def test_config_from_env_keeps_the_semantics(config, device, monkeypatch):
+    # FTLAB_SAMPLE_CONFIG (wider or narrower programs, for measuring) changes no token: same seeds, same draws
+    B, V = 3, 300
+    logits = (torch.randn(B, V) * 3).to(device)
+    params = dict(top_k=torch.tensor([1, 40, 0], dtype=torch.int32, device=device),
+                  top_p=torch.tensor([1.0, 0.9, 0.8], dtype=torch.float32, device=device),
+                  temperature=torch.tensor([1.0, 0.8, 1.3], dtype=torch.float32, device=device),
+                  seeds=torch.tensor([5, 6, 7], dtype=torch.int64, device=device),
+                  steps=torch.tensor([0, 3, 9], dtype=torch.int32, device=device))
+    default = sample(logits, *params.values(), return_logprobs=True)
+    monkeypatch.setenv("FTLAB_SAMPLE_CONFIG", config)
+    assert sampling_module._launch_config(B, V, device)[1:] == tuple(int(v) for v in config.split(","))
+    configured = sample(logits, *params.values(), return_logprobs=True)
+    assert torch.equal(default[0], configured[0])
+    torch.testing.assert_close(default[1], configured[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", ["2048", "100,4", "64,3", "x,y"])
+def test_config_from_env_is_checked(config, monkeypatch):
+    monkeypatch.setenv("FTLAB_SAMPLE_CONFIG", config)
+    with pytest.raises(ValueError, match="FTLAB_SAMPLE_CONFIG"):
+        sampling_module._launch_config(1, 50257, "cuda")
