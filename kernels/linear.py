@@ -231,7 +231,7 @@ def _gemv_kernel(
     M, N, K, k_per_split, ln_eps, pf_bytes, pf_share,
     HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_LN: tl.constexpr,
     WRITE_PARTIAL: tl.constexpr, USE_PDL: tl.constexpr, ROW_IN_REGS: tl.constexpr, LN_FOLD: tl.constexpr,
-    PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
+    COMBINED_REDUCE: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
     BLOCK_K: tl.constexpr,  # = LANES * VEC
 ):
     # A K chunk is LANES vectors of VEC contiguous elements (16 bytes each), so tiles are 4-D:
@@ -303,7 +303,10 @@ def _gemv_kernel(
         dot = tl.sum(d_lo * gw_lo + d_hi * gw_hi, axis=3)  # (BM, BN, LANES)
         s1 = tl.broadcast_to(tl.sum(d_lo + d_hi, axis=3), dot.shape)
         s2 = tl.broadcast_to(tl.sum(d_lo * d_lo + d_hi * d_hi, axis=3), dot.shape)
-        dot, s1, s2 = tl.reduce((dot, s1, s2), 2, _add3)  # (BM, BN) each
+        if COMBINED_REDUCE:
+            dot, s1, s2 = tl.reduce((dot, s1, s2), 2, _add3)  # (BM, BN) each
+        else:  # the interpreter runs a tuple reduce element by element in Python (100x slower): three sums
+            dot, s1, s2 = tl.sum(dot, axis=2), tl.sum(s1, axis=2), tl.sum(s2, axis=2)
         shift = s1 / K  # mean - x0
         rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - shift * shift, 0.0) + ln_eps)
         out = rstd * (dot - shift * gw_sum[None, :]) + bw_sum[None, :]
@@ -542,7 +545,7 @@ def _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, c
         M, N, K, k_per_split, float(ln_eps), pf.nbytes, pf.share,
         HAS_BIAS=bias is not None, ACT_GELU=act_gelu, HAS_RES=residual is not None, HAS_LN=has_ln,
         WRITE_PARTIAL=split_k > 1, USE_PDL=use_pdl, ROW_IN_REGS=row_in_regs,
-        LN_FOLD=has_ln and row_in_regs and _ln_fold_on(), PREFETCH=pf.mode,
+        LN_FOLD=has_ln and row_in_regs and _ln_fold_on(), COMBINED_REDUCE=x.is_cuda, PREFETCH=pf.mode,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, LANES=cfg.lanes, VEC=cfg.vec, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, **launch_options(use_pdl),
     )
