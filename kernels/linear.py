@@ -231,7 +231,8 @@ def _gemv_kernel(
     M, N, K, k_per_split, ln_eps, pf_bytes, pf_share,
     HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_LN: tl.constexpr,
     WRITE_PARTIAL: tl.constexpr, USE_PDL: tl.constexpr, ROW_IN_REGS: tl.constexpr, LN_FOLD: tl.constexpr,
-    COMBINED_REDUCE: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
+    COMBINED_REDUCE: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
     BLOCK_K: tl.constexpr,  # = LANES * VEC
 ):
     # A K chunk is LANES vectors of VEC contiguous elements (16 bytes each), so tiles are 4-D:
