@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._env import ints_from_env, is_pow2
 from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
 from ._prefetch import l2_prefetch, prefetch_plan
 from .attention import LOG2E
@@ -314,15 +315,12 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 def _blocks_from_env() -> Optional[DecodeBlocks]:
     """FTLAB_DECODE_BLOCKS="block_s,tiles_per_part,num_warps": every call without blocks= uses these instead of
     pick_decode_blocks (for measuring other partitions inside a model's decode step; read per call)."""
-    text = os.environ.get("FTLAB_DECODE_BLOCKS")
-    if not text:
+    values = ints_from_env("FTLAB_DECODE_BLOCKS", "block_s,tiles_per_part,num_warps")
+    if values is None:
         return None
-    try:
-        block_s, tiles, warps = (int(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"FTLAB_DECODE_BLOCKS={text!r}: expected three integers block_s,tiles_per_part,num_warps")
-    _check(block_s >= 16 and block_s & (block_s - 1) == 0 and tiles >= 1 and warps in (1, 2, 4, 8, 16, 32),
-           f"FTLAB_DECODE_BLOCKS={text!r}: block_s must be a power of two >= 16, tiles_per_part >= 1, num_warps "
+    block_s, tiles, warps = values
+    _check(block_s >= 16 and is_pow2(block_s) and tiles >= 1 and is_pow2(warps) and warps <= 32,
+           f"FTLAB_DECODE_BLOCKS={values}: block_s must be a power of two >= 16, tiles_per_part >= 1, num_warps "
            f"a power of two up to 32")
     return DecodeBlocks(block_s, tiles, warps)
 

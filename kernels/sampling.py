@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._env import ints_from_env, is_pow2
+
 CUTOFF = 64.0  # see module docstring: search bracket below the row max, in scaled-logit units
 FLOAT_STEPS = 24  # bisection steps with a float-space midpoint before switching to int-space halving
 STEP_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: seed + step * STEP_MIX keys the Philox stream
@@ -257,7 +259,7 @@ def _launch_config(B, V, device_type):
     """(ROWS, BLOCK, num_warps). BLOCK covers a small row in one chunk and caps at 2048 for V ~ 50k (25 chunks
     a pass, ~8 elements per thread). On the GPU one program per row (V is large, rows are independent); the
     CPU interpreter pays per operation, not per element, so it packs up to ~32k elements of rows per program.
-    FTLAB_SAMPLE_CONFIG="BLOCK,num_warps" replaces the first two (read per call; for measuring wider programs:
+    FTLAB_SAMPLE_CONFIG="BLOCK,num_warps" replaces those two (read per call; for measuring wider programs:
     a top-k / top-p row is ~10-20 passes over V, each a loop of V / BLOCK dependent chunks)."""
     block = min(max(triton.next_power_of_2(V), 16), 2048)
     num_warps = max(1, min(8, block // 256))
@@ -267,17 +269,13 @@ def _launch_config(B, V, device_type):
 
 
 def _config_from_env():
-    text = os.environ.get("FTLAB_SAMPLE_CONFIG")
-    if not text:
-        return None
-    try:
-        block, num_warps = (int(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"FTLAB_SAMPLE_CONFIG={text!r}: expected two integers BLOCK,num_warps") from None
-    if not (block >= 16 and block & (block - 1) == 0 and num_warps in (1, 2, 4, 8, 16, 32)):
-        raise ValueError(f"FTLAB_SAMPLE_CONFIG={text!r}: BLOCK must be a power of two >= 16 and num_warps a "
-                         f"power of two up to 32")
-    return block, num_warps
+    values = ints_from_env("FTLAB_SAMPLE_CONFIG", "BLOCK,num_warps")
+    if values is not None:
+        block, num_warps = values
+        if not (block >= 16 and is_pow2(block) and is_pow2(num_warps) and num_warps <= 32):
+            raise ValueError(f"FTLAB_SAMPLE_CONFIG={values}: BLOCK must be a power of two >= 16 and num_warps a "
+                             f"power of two up to 32")
+    return values
 
 
 _PARAM_DTYPES = {
@@ -463,8 +461,9 @@ def _benchmark():
             t_triton = triton.testing.do_bench_cudagraph(lambda: sample(logits, top_k, top_p, temperature, seeds,
                                                                         steps))
             t_torch = triton.testing.do_bench(lambda: _torch_baseline(logits, k, p, 0.8))
-            rows.append({"B": B, "V": V, "mode": mode, "config": os.environ.get("FTLAB_SAMPLE_CONFIG", "default"),
-                         "triton_us": t_triton * 1e3, "torch_us": t_torch * 1e3})
+            config = os.environ.get("FTLAB_SAMPLE_CONFIG") or "default"
+            rows.append({"B": B, "V": V, "mode": mode, "config": config, "triton_us": t_triton * 1e3,
+                         "torch_us": t_torch * 1e3})
     # (torch's sort/cumsum/multinomial baseline is timed eagerly, launches included: not comparable one to one)
     print(f"{'B':>4} {'mode':>20} {'config':>9} {'triton us (graph)':>18} {'torch us (eager)':>17}")
     for r in rows:
