@@ -1,7 +1,8 @@
 """`ftlab bench`: FasterTransformer's latency grid on one GPU, with the baselines measured in the same process.
 
 For each cell (batch, input length -> output length) it times, on the same random weights:
-  ftlab      generate() end to end (prefill + CUDA-graph decode steps, greedy), the number we optimise;
+  ftlab      generate() end to end (prefill + CUDA-graph decode steps; greedy unless --top-k / --top-p say
+             otherwise, the `sampling` column), the number we optimise;
   peer       ftlab.reference.ReferenceGPT, plain PyTorch with a static KV cache, decode step compiled with
              torch.compile(mode="reduce-overhead", fullgraph=True), prefill compiled too: the strongest plain peer;
   hf         HF transformers' eager GPT2LMHeadModel.generate (when transformers is installed);
@@ -136,11 +137,18 @@ class Peer:
         return out
 
 
-def decode_step_ms(model: GPT, context: int = 512, batch: int = 1, steps: int = 64) -> list[float]:
-    """Per-token latency of the captured decode step at a given context (what a streaming user waits)."""
+def sampling_label(sampling: dict) -> str:
+    """The CSV's `sampling` value: "greedy", or the top-k / top-p / temperature settings."""
+    s = {"top_k": 1, "top_p": 1.0, "temperature": 1.0, **sampling}
+    return "greedy" if s["top_k"] == 1 else f"top_k={s['top_k']} top_p={s['top_p']:g} temperature={s['temperature']:g}"
+
+
+def decode_step_ms(model: GPT, context: int = 512, batch: int = 1, steps: int = 64, **sampling) -> list[float]:
+    """Per-token latency of the captured decode step at a given context (what a streaming user waits);
+    `sampling`: top_k / top_p / temperature (default greedy)."""
     prompts = random_prompts(batch, context, model.config.vocab_size, seed=1)
-    params = RequestParams.build(batch, model.config.vocab_size, model.device, top_k=1, top_p=1.0, temperature=1.0,
-                                 random_seed=0, end_id=model.config.end_id)
+    params = RequestParams.build(batch, model.config.vocab_size, model.device, **{
+        "top_k": 1, "top_p": 1.0, "temperature": 1.0, **sampling}, random_seed=0, end_id=model.config.end_id)
     session = LocalSession(model, prompts, steps + 1, params)
     tokens = session.first()[0]
     for _ in range(3):  # warm-up replays
@@ -230,7 +238,10 @@ def breakdown_row(config: GPTConfig, parts: dict, *, batch: int, context: int = 
 
 def run(config: GPTConfig | None = None, model_dir=None, *, dtype="fp16", batches=GRID_BATCHES, cells=GRID_CELLS,
         repeats: int = 10, with_peer: bool = True, with_hf: bool = True, csv_path: Path | None = DEFAULT_CSV,
-        label: str | None = None) -> list[dict]:
+        label: str | None = None, sampling: dict | None = None) -> list[dict]:
+    """FT's grid (see the module docstring). `sampling` (top_k, top_p, temperature) applies to ftlab's decode
+    step and generate(); the peer and HF always decode greedily (their sampling is not what is compared)."""
+    sampling = dict(sampling or {})
 
     device = torch.device("cuda")
     torch_dtype = compute_dtype(dtype)
@@ -250,7 +261,7 @@ def run(config: GPTConfig | None = None, model_dir=None, *, dtype="fp16", batche
     common = dict(gpu=torch.cuda.get_device_name(device), date=datetime.date.today().isoformat(),
                   torch=torch.__version__, triton=_triton_version(), config=label or config.model_name,
                   layers=config.num_layer, heads=config.head_num, size_per_head=config.size_per_head,
-                  vocab=config.vocab_size, dtype=dtype, tp=1, pp=1)
+                  vocab=config.vocab_size, dtype=dtype, tp=1, pp=1, sampling=sampling_label(sampling))
     rows = []
 
     def done(row):  # print and save each row as soon as it exists: a long run killed midway keeps its rows
@@ -265,7 +276,7 @@ def run(config: GPTConfig | None = None, model_dir=None, *, dtype="fp16", batche
         if csv_path is not None:
             append_csv([row], csv_path)
 
-    step = decode_step_ms(model)
+    step = decode_step_ms(model, **sampling)
     weight_bytes = param_count(config) * torch.finfo(torch_dtype).bits // 8
     kv_bytes = 2 * config.num_layer * 512 * config.hidden * torch.finfo(torch_dtype).bits // 8
     done(dict(common, cell="decode_step", bs=1, n_in=512, n_out=1, ftlab_ms=statistics.median(step),
@@ -279,7 +290,7 @@ def run(config: GPTConfig | None = None, model_dir=None, *, dtype="fp16", batche
 
             def ours():
                 nonlocal result
-                result = generate(model, prompts, max_new_tokens=n_out)
+                result = generate(model, prompts, max_new_tokens=n_out, **sampling)
 
             # two untimed calls: the first captures the decode graph, the second the prefill graph (second sight)
             t_ours = _time_ms(ours, repeats, warmup=2)
@@ -320,7 +331,7 @@ def run_parallel(model_dir=None, *, tensor_para_size: int, layer_para_size: int,
     common = dict(gpu=torch.cuda.get_device_name(device), date=datetime.date.today().isoformat(),
                   torch=torch.__version__, triton=_triton_version(), config=label or config.model_name,
                   layers=config.num_layer, heads=config.head_num, size_per_head=config.size_per_head,
-                  vocab=config.vocab_size, dtype=dtype, tp=tensor_para_size, pp=layer_para_size)
+                  vocab=config.vocab_size, dtype=dtype, tp=tensor_para_size, pp=layer_para_size, sampling="greedy")
     rows, tokens = [], {}
     for batch in batches:
         for n_in, n_out in cells:
@@ -377,15 +388,31 @@ def _triton_version() -> str:
 
 
 COLUMNS = ["gpu", "date", "torch", "triton", "config", "layers", "heads", "size_per_head", "vocab", "dtype", "tp",
-           "pp", "cell", "bs", "n_in", "n_out", "ftlab_ms", "ftlab_spread", "peer_ms", "peer_spread", "hf_ms",
+           "pp", "cell", "bs", "n_in", "n_out", "sampling", "ftlab_ms", "ftlab_spread", "peer_ms", "peer_spread", "hf_ms",
            "floor_ms", "ftlab_vs_peer", "ftlab_vs_hf", "ftlab_vs_floor", "peak_mem_gb", "full_length",
            "bandwidth_tbps", "matmul_tflops"]
 
 
 def append_csv(rows: list[dict], path: Path, columns: list[str] = COLUMNS) -> None:
+    """Append rows; a file written before a column was added is first rewritten with the new header (its rows keep
+    their values; the new column stays empty there)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
+    if not new:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old_columns, old_rows = reader.fieldnames or [], list(reader)
+        if old_columns != columns:
+            unknown = [c for c in old_columns if c not in columns]
+            if unknown:
+                raise ValueError(f"{path}: columns {unknown} are not bench columns; append to another CSV")
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(old_rows)
+            tmp.replace(path)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new:
@@ -399,7 +426,7 @@ def _fmt(v, spec=".3f"):
 
 
 def print_header(r: dict) -> None:
-    print(f"{r['gpu']}  {r['config']}  {r['dtype']}  tp={r['tp']} pp={r['pp']}  "
+    print(f"{r['gpu']}  {r['config']}  {r['dtype']}  tp={r['tp']} pp={r['pp']}  {r.get('sampling') or 'greedy'}  "
           f"copy {r['bandwidth_tbps']:.2f} TB/s  matmul {r['matmul_tflops']:.0f} TFLOP/s")
     print(f"{'cell':>12} {'bs':>3} {'in->out':>8} {'ftlab ms':>10} {'+-':>5} {'peer ms':>9} {'hf ms':>9} "
           f"{'floor ms':>9} {'x peer':>7} {'x floor':>7}", flush=True)

@@ -93,6 +93,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--cells", type=_parse_cells, default=None, metavar="INxOUT,...",
                    help='input -> output lengths, e.g. "128x8,512x32,20x8" (default: 128x8,512x32)')
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--top-k", type=int, default=1, help="ftlab's sampling in the grid (1 = greedy; the peer and HF "
+                                                        "stay greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="ftlab's nucleus probability (FT's published grid: 0.9)")
+    p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--no-peer", action="store_true", help="skip the torch.compile peer")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers' generate")
     p.add_argument("--csv", type=Path, default=None, help="CSV to append rows to (default data/bench/bench.csv)")
@@ -325,6 +329,7 @@ def cmd_bench(args) -> int:
     import os
 
     from . import bench
+    from .kernels.sampling import check_sampling_params
 
     config = shape_config(args.shape)
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -351,7 +356,15 @@ def cmd_bench(args) -> int:
                                         weight_data_type="fp16", force=True, progress=True))
         return 0
     cells = args.cells or bench.GRID_CELLS
+    sampling = dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
+    try:
+        check_sampling_params(args.top_k, args.top_p, args.temperature, config.vocab_size)
+    except ValueError as exc:
+        raise SystemExit(f"ftlab bench: {exc}")
     if args.tensor_para_size * args.layer_para_size > 1 or "WORLD_SIZE" in os.environ:
+        if bench.sampling_label(sampling) != "greedy":
+            raise SystemExit("ftlab bench: --top-k / --top-p apply to single-GPU runs only (the parallel grid is "
+                             "greedy)")
         # without -m every rank draws its share of random weights of --shape on its GPU: no c-model on disk
         bench.run_parallel(args.model_dir, config=config, tensor_para_size=args.tensor_para_size,
                            layer_para_size=args.layer_para_size, dtype=args.dtype,
@@ -360,7 +373,7 @@ def cmd_bench(args) -> int:
         return 0
     bench.run(config, args.model_dir, dtype=args.dtype, batches=batches,
               cells=cells, repeats=args.repeats, with_peer=not args.no_peer, with_hf=not args.no_hf,
-              csv_path=args.csv or bench.DEFAULT_CSV)
+              csv_path=args.csv or bench.DEFAULT_CSV, sampling=sampling)
     return 0
 
 

@@ -190,7 +190,7 @@ GRID_SERIES = (("ftlab_ms", "ftlab"), ("peer_ms", "torch.compile peer"), ("hf_ms
 
 
 def grid_rows(csv_path: str | Path, *, config: str = "gpt-345m") -> list[dict]:
-    """The single-GPU end-to-end rows of one config (T = L = 1), sorted by batch and lengths: per (gpu, dtype, bs,
+    """The single-GPU greedy end-to-end rows of one config (T = L = 1), sorted by batch and lengths: per (gpu, dtype, bs,
     n_in, n_out) the newest ftlab and floor values, and for each baseline (peer, HF) its newest measured value,
     since `ftlab bench --no-peer --no-hf` runs re-measure ftlab alone; `date` is the ftlab row's and
     `baseline_date` the newest baseline row's. Values as floats (None where a baseline was never measured)."""
@@ -201,7 +201,8 @@ def grid_rows(csv_path: str | Path, *, config: str = "gpt-345m") -> list[dict]:
             raise ValueError(f"{csv_path}: not a bench CSV, missing columns {missing}")
         latest, baselines = {}, {}
         for row in reader:
-            if row["cell"] == "e2e" and row["tp"] == "1" and row["pp"] == "1" and row["config"] == config:
+            greedy = row.get("sampling") in (None, "", "greedy")  # rows written before the column were greedy
+            if row["cell"] == "e2e" and row["tp"] == "1" and row["pp"] == "1" and row["config"] == config and greedy:
                 key = (row["gpu"], row["dtype"], int(row["bs"]), int(row["n_in"]), int(row["n_out"]))
                 latest[key] = row
                 for k in ("peer_ms", "hf_ms"):

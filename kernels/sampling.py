@@ -55,6 +55,7 @@ STEP_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: seed + step * STEP_MIX key
 # globals read inside @triton.jit code must be constexpr
 INT32_MIN = tl.constexpr(-2147483648)
 INT32_MAX = tl.constexpr(2147483647)
+INT64_MIN = tl.constexpr(-9223372036854775808)
 _STEP_MIX = tl.constexpr(STEP_MIX)
 
 
@@ -195,21 +196,11 @@ def _draw(row_ptr, V, inv_t, m, thresh, n_ties, stream, fallback, ROWS: tl.const
     return tl.where(best > float("-inf"), token, fallback)
 
 
-@triton.jit(do_not_specialize=["B"])  # B changes from step to step; nothing gains from specialising on it
-def _sample_kernel(logits_ptr, stride_row, top_k_ptr, top_p_ptr, temperature_ptr, seeds_ptr, steps_ptr,
-                   tokens_ptr, logprobs_ptr, B, V,
-                   ROWS: tl.constexpr, BLOCK: tl.constexpr, FLOAT_STEPS: tl.constexpr, CUTOFF: tl.constexpr,
-                   WRITE_LOGPROBS: tl.constexpr):
-    rows_out = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows_out < B  # only for the stores: padding rows of the last tile recompute row B - 1
-    rows = tl.minimum(rows_out, B - 1)
-    row_ptr = logits_ptr + rows.to(tl.int64)[:, None] * stride_row  # (R, 1)
-    k = tl.load(top_k_ptr + rows)
-    p = tl.load(top_p_ptr + rows)
-    temperature = tl.load(temperature_ptr + rows)
-    greedy = k == 1
-    inv_t = tl.where(greedy, 1.0, tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), temperature))  # as torch: 1 / t
-
+@triton.jit
+def _sample_rows(row_ptr, rows, V, k, p, inv_t, greedy, seeds_ptr, steps_ptr, ROWS: tl.constexpr,
+                 BLOCK: tl.constexpr, FLOAT_STEPS: tl.constexpr, CUTOFF: tl.constexpr):
+    """The pass-based sampler for a tile of rows: (token, row max m, sum(exp(scaled - m))). Rows marked greedy
+    stop after pass 1 (their token is the argmax)."""
     m, argmax, sumexp = _row_stats(row_ptr, V, inv_t, ROWS, BLOCK)
     token = argmax
     if tl.max((~greedy).to(tl.int32), 0) > 0:
@@ -244,15 +235,247 @@ def _sample_kernel(logits_ptr, stride_row, top_k_ptr, top_p_ptr, temperature_ptr
         n_ties = tl.where(search_p, tl.where(pth == thresh, tl.minimum(n_ties, n_p), n_p), n_ties)
         thresh = tl.where(search_p, pth, thresh)
 
-        seed = tl.load(seeds_ptr + rows).to(tl.uint64, bitcast=True)
-        step = tl.load(steps_ptr + rows).to(tl.int64).to(tl.uint64, bitcast=True)
-        stream = seed + step * _STEP_MIX  # wraps mod 2**64
-        drawn = _draw(row_ptr, V, inv_t, m, thresh, n_ties, stream, argmax, ROWS, BLOCK)
+        drawn = _draw(row_ptr, V, inv_t, m, thresh, n_ties, _stream(seeds_ptr, steps_ptr, rows), argmax, ROWS,
+                      BLOCK)
         token = tl.where(greedy, argmax, drawn)
+    return token, m, sumexp
+
+
+@triton.jit
+def _stream(seeds_ptr, steps_ptr, rows):
+    """Per-row Philox key: the seed with the step folded in (wraps mod 2**64)."""
+    seed = tl.load(seeds_ptr + rows).to(tl.uint64, bitcast=True)
+    step = tl.load(steps_ptr + rows).to(tl.int64).to(tl.uint64, bitcast=True)
+    return seed + step * _STEP_MIX
+
+
+@triton.jit
+def _row_params(top_k_ptr, top_p_ptr, temperature_ptr, B, ROWS: tl.constexpr):
+    """A program's tile of rows: (rows to store, in range, rows to read (padding repeats row B - 1), k, p,
+    greedy, 1 / temperature (1 for greedy rows, as torch computes it otherwise))."""
+    rows_out = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows_out < B  # only for the stores: padding rows of the last tile recompute row B - 1
+    rows = tl.minimum(rows_out, B - 1)
+    k = tl.load(top_k_ptr + rows)
+    p = tl.load(top_p_ptr + rows)
+    temperature = tl.load(temperature_ptr + rows)
+    greedy = k == 1
+    inv_t = tl.where(greedy, 1.0, tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), temperature))
+    return rows_out, row_ok, rows, k, p, greedy, inv_t
+
+
+@triton.jit
+def _store_outputs(logits_ptr, stride_row, rows, rows_out, row_ok, token, inv_t, m, sumexp, tokens_ptr,
+                   logprobs_ptr, WRITE_LOGPROBS: tl.constexpr):
     tl.store(tokens_ptr + rows_out, token.to(tl.int64), mask=row_ok)
     if WRITE_LOGPROBS:
         s_tok = tl.load(logits_ptr + rows.to(tl.int64) * stride_row + token).to(tl.float32) * inv_t
         tl.store(logprobs_ptr + rows_out, s_tok - m - tl.log(sumexp), mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["B"])  # B changes from step to step; nothing gains from specialising on it
+def _sample_kernel(logits_ptr, stride_row, top_k_ptr, top_p_ptr, temperature_ptr, seeds_ptr, steps_ptr,
+                   tokens_ptr, logprobs_ptr, B, V,
+                   ROWS: tl.constexpr, BLOCK: tl.constexpr, FLOAT_STEPS: tl.constexpr, CUTOFF: tl.constexpr,
+                   WRITE_LOGPROBS: tl.constexpr):
+    """The pass-based sampler alone (FTLAB_SAMPLER=passes): every row read 1 to ~25 times by one program."""
+    rows_out, row_ok, rows, k, p, greedy, inv_t = _row_params(top_k_ptr, top_p_ptr, temperature_ptr, B, ROWS)
+    row_ptr = logits_ptr + rows.to(tl.int64)[:, None] * stride_row  # (R, 1)
+    token, m, sumexp = _sample_rows(row_ptr, rows, V, k, p, inv_t, greedy, seeds_ptr, steps_ptr, ROWS, BLOCK,
+                                    FLOAT_STEPS, CUTOFF)
+    _store_outputs(logits_ptr, stride_row, rows, rows_out, row_ok, token, inv_t, m, sumexp, tokens_ptr,
+                   logprobs_ptr, WRITE_LOGPROBS)
+
+
+@triton.jit
+def _bit_mask(ND: tl.constexpr, BIT: tl.constexpr):
+    """0/1 = bit BIT of the flat index, shaped to broadcast over a hypercube of ND axes of 2 (BIT 0 innermost)."""
+    return tl.reshape(tl.arange(0, 2), [1] * (ND - 1 - BIT) + [2] + [1] * BIT)
+
+
+@triton.jit
+def _compare_swap(h, ND: tl.constexpr, BIT: tl.constexpr, desc):
+    """Order each pair of elements whose flat indices differ in bit BIT: the larger first where desc is 1."""
+    hi = tl.max(h, axis=ND - 1 - BIT, keep_dims=True)
+    lo = tl.min(h, axis=ND - 1 - BIT, keep_dims=True)
+    return tl.where((_bit_mask(ND, BIT) ^ desc) != 0, hi, lo)
+
+
+@triton.jit
+def _bitonic_merge(h, ND: tl.constexpr, S: tl.constexpr, desc):
+    """Sort every bitonic run of 2**S elements (ascending, or descending where desc is 1)."""
+    for i in tl.static_range(S):
+        h = _compare_swap(h, ND, S - 1 - i, desc)
+    return h
+
+
+@triton.jit
+def _fold_runs(h, ND: tl.constexpr, LOG_C: tl.constexpr, LAST: tl.constexpr):
+    """Element-wise max of each adjacent pair of sorted runs of 2**LOG_C (one descending, one ascending: a bitonic
+    run holding the pair's largest), then a merge: descending where the new run index is even, or LAST."""
+    h = tl.max(h, axis=ND - 1 - LOG_C, keep_dims=False)
+    if LAST:
+        h = _bitonic_merge(h, ND - 1, LOG_C, 1)
+    else:
+        h = _bitonic_merge(h, ND - 1, LOG_C, 1 - _bit_mask(ND - 1, LOG_C))
+    return h
+
+
+@triton.jit
+def _top_desc(x, LOG_R: tl.constexpr, LOG_N: tl.constexpr, LOG_C: tl.constexpr):
+    """The 2**LOG_C largest of each row of x (2**LOG_R, 2**LOG_N), largest first (LOG_C == LOG_N: a sort).
+
+    A bitonic network on the hypercube view of x, built from max/min over axes of size 2 only: runs of 2**LOG_C
+    are sorted in alternating directions; then, while a row holds more than one run, the element-wise max of
+    each adjacent (descending, ascending) pair of runs is a bitonic run holding the pair's 2**LOG_C largest, and
+    one merge sorts it again. (The interpreter runs these as whole-array numpy operations; tl.sort's swaps go
+    through a custom-combine reduction that it runs element by element, ~50x slower.)
+    """
+    ND: tl.constexpr = LOG_R + LOG_N
+    h = tl.reshape(x, [2] * ND)
+    for s in tl.static_range(1, LOG_C + 1):
+        if s == LOG_N:
+            h = _bitonic_merge(h, ND, s, 1)
+        else:  # runs of 2**s alternate: descending where bit s is 0
+            h = _bitonic_merge(h, ND, s, 1 - _bit_mask(ND, s))
+    for level in tl.static_range(LOG_C, LOG_N):  # the hypercube loses one axis per fold
+        h = _fold_runs(h, ND - (level - LOG_C), LOG_C, level == LOG_N - 1)
+    return tl.reshape(h, [2 ** LOG_R, 2 ** LOG_C])
+
+
+@triton.jit
+def _pack(s, idx, valid):
+    """int64 sort keys of (scaled value, index): larger value first, then lower index (a stable descending order);
+    INT64_MIN for lanes past the end of the row."""
+    low = (~idx).to(tl.uint32, bitcast=True).to(tl.int64)  # 2**32 - 1 - idx: lower index, larger key
+    packed = (_order_key(s).to(tl.int64) << 32) | low
+    return tl.where(valid, packed, INT64_MIN)
+
+
+@triton.jit
+def _unpack(packed):
+    """(scaled value, vocabulary index) of packed keys (not of INT64_MIN padding)."""
+    return _key_value((packed >> 32).to(tl.int32)), ~(packed.to(tl.int32))
+
+
+@triton.jit(do_not_specialize=["B"])
+def _candidates_kernel(logits_ptr, stride_row, top_k_ptr, top_p_ptr, temperature_ptr, seeds_ptr, steps_ptr,
+                       cand_ptr, stats_ptr, B, V, NCHUNK,
+                       ROWS: tl.constexpr, CHUNK: tl.constexpr, C: tl.constexpr, LOG_ROWS: tl.constexpr,
+                       LOG_CHUNK: tl.constexpr, LOG_C: tl.constexpr):
+    """Stage 1, one program per (tile of rows, chunk of CHUNK logits): the chunk's C largest packed keys, sorted
+    (cand[row, chunk*C:(chunk+1)*C]; greedy rows: only the largest), and stats[row, :, chunk] = (max, sum(exp(
+    scaled - max)), the exponential race's best score and index over the whole chunk: the draw of rows with no
+    top-k or top-p limit)."""
+    rows_out, row_ok, rows, k, p, greedy, inv_t = _row_params(top_k_ptr, top_p_ptr, temperature_ptr, B, ROWS)
+    c = tl.program_id(1)
+    idx = c * CHUNK + tl.arange(0, CHUNK)
+    row_ptr = logits_ptr + rows.to(tl.int64)[:, None] * stride_row
+    s, valid = _load_scaled(row_ptr, idx, V, inv_t)  # (R, CHUNK)
+    packed = _pack(s, idx[None, :], valid)
+
+    m_c = tl.max(s, 1)
+    shift = tl.where(m_c > float("-inf"), m_c, 0.0)
+    z_c = tl.sum(tl.exp(s - shift[:, None]), 1)
+    race_score = tl.full([ROWS], float("-inf"), tl.float32)
+    race_idx = tl.zeros([ROWS], tl.int32) + V
+    full_race = ~greedy & ((k <= 0) | (k >= V)) & (p >= 1.0)
+    if tl.max(full_race.to(tl.int32), 0) > 0:
+        noise = tl.log(_exponential(_stream(seeds_ptr, steps_ptr, rows)[:, None], idx[None, :]))
+        score = tl.where(valid, s - noise, float("-inf"))
+        race_score = tl.max(score, 1)
+        race_idx = tl.min(tl.where(score == race_score[:, None], idx[None, :], V), 1)
+
+    lanes = tl.arange(0, C)
+    if tl.max((~greedy).to(tl.int32), 0) > 0:
+        top = _top_desc(packed, LOG_ROWS, LOG_CHUNK, LOG_C)  # (R, C), largest first
+    else:
+        top = tl.where(lanes[None, :] == 0, tl.max(packed, 1)[:, None], INT64_MIN)
+    out_rows = rows_out.to(tl.int64)[:, None]
+    tl.store(cand_ptr + out_rows * (NCHUNK * C) + c * C + lanes[None, :], top, mask=row_ok[:, None])
+    stat_ptr = stats_ptr + rows_out.to(tl.int64) * (4 * NCHUNK) + c
+    tl.store(stat_ptr, m_c, mask=row_ok)
+    tl.store(stat_ptr + NCHUNK, z_c, mask=row_ok)
+    tl.store(stat_ptr + 2 * NCHUNK, race_score, mask=row_ok)
+    tl.store(stat_ptr + 3 * NCHUNK, race_idx.to(tl.float32), mask=row_ok)  # exact: V < 2**24
+
+
+@triton.jit(do_not_specialize=["B"])
+def _select_kernel(logits_ptr, stride_row, top_k_ptr, top_p_ptr, temperature_ptr, seeds_ptr, steps_ptr,
+                   cand_ptr, stats_ptr, tokens_ptr, logprobs_ptr, B, V, NCHUNK,
+                   ROWS: tl.constexpr, C: tl.constexpr, NC: tl.constexpr, NCHUNK_P2: tl.constexpr,
+                   LOG_ROWS: tl.constexpr, LOG_NC: tl.constexpr,
+                   BLOCK: tl.constexpr, FLOAT_STEPS: tl.constexpr, CUTOFF: tl.constexpr,
+                   WRITE_LOGPROBS: tl.constexpr):
+    """Stage 2, one program per tile of rows: merge the chunks' candidates, keep the top-k / top-p prefix of the
+    sorted candidates and run the exponential race over it; rows whose kept set may reach past the candidates go
+    through the pass-based sampler (_sample_rows) instead."""
+    rows_out, row_ok, rows, k, p, greedy, inv_t = _row_params(top_k_ptr, top_p_ptr, temperature_ptr, B, ROWS)
+    ch = tl.arange(0, NCHUNK_P2)
+    ch_ok = (ch < NCHUNK)[None, :]
+    stat_ptr = stats_ptr + rows.to(tl.int64)[:, None] * (4 * NCHUNK) + ch[None, :]
+    m_c = tl.load(stat_ptr, mask=ch_ok, other=float("-inf"))
+    z_c = tl.load(stat_ptr + NCHUNK, mask=ch_ok, other=0.0)
+    m = tl.max(m_c, 1)
+    shift = tl.where(m > float("-inf"), m, 0.0)
+    sumexp = tl.sum(z_c * tl.exp(m_c - shift[:, None]), 1)
+    race_score = tl.load(stat_ptr + 2 * NCHUNK, mask=ch_ok, other=float("-inf"))
+    race_idx = tl.load(stat_ptr + 3 * NCHUNK, mask=ch_ok, other=V * 1.0).to(tl.int32)
+    race_best = tl.max(race_score, 1)
+    race_token = tl.min(tl.where(race_score == race_best[:, None], race_idx, V), 1)
+
+    j = tl.arange(0, NC)
+    cand = tl.load(cand_ptr + rows.to(tl.int64)[:, None] * (NCHUNK * C) + j[None, :], mask=(j < NCHUNK * C)[None, :],
+                   other=INT64_MIN)
+    _, argmax = _unpack(tl.max(cand, 1))  # largest value, lowest index among equals
+    token = argmax
+    unresolved = greedy & ~greedy
+    if tl.max((~greedy).to(tl.int32), 0) > 0:
+        # Every element outside the candidates ranks below its chunk's C-th candidate, so all elements ranking
+        # at or above the highest of those (bound) are candidates: the first `exact` sorted candidates are the
+        # row's first `exact` elements in the global order.
+        bound = tl.max(tl.where((j % C == C - 1)[None, :], cand, INT64_MIN), 1)
+        srt = _top_desc(cand, LOG_ROWS, LOG_NC, LOG_NC)  # sorted, largest first
+        real = srt != INT64_MIN
+        exact = tl.sum((real & (srt >= bound[:, None])).to(tl.int32), 1)
+        s_j, idx_j = _unpack(srt)
+        w_j = tl.where(real, tl.exp(s_j - m[:, None]), 0.0)  # probability relative to exp(m)
+        rank = j[None, :]
+
+        limit_k = ~greedy & (k > 1) & (k < V)
+        use_k = limit_k & (k <= exact)  # else the top-k set's mass (the nucleus' normaliser) is unknown here
+        n_k = tl.where(use_k, k, V)
+        in_k = rank < n_k[:, None]
+        z = tl.where(use_k, tl.sum(tl.where(in_k, w_j, 0.0), 1), sumexp)
+        target = p * z
+        incl = tl.cumsum(tl.where(in_k, w_j, 0.0), 1)  # non-decreasing
+        # nucleus: the ranks before the first whose cumulative mass reaches the target, and that one
+        n_p = tl.minimum(tl.sum((incl < target[:, None]).to(tl.int32), 1) + 1, n_k)
+        last = tl.minimum(exact, n_k) - 1  # the last rank known to be in order
+        mass_known = tl.sum(tl.where(rank == last[:, None], incl, 0.0), 1)
+        use_p = ~greedy & (p < 1.0)
+        p_found = use_k | (~limit_k & (mass_known >= target))  # the crossing lies among the exact ranks
+        full_race = ~greedy & ((k <= 0) | (k >= V)) & ~use_p
+        n_keep = tl.where(use_p, n_p, n_k)
+        race_here = ~greedy & ~full_race & tl.where(use_p, p_found, use_k)
+        unresolved = ~greedy & ~full_race & ~race_here
+
+        if tl.max(race_here.to(tl.int32), 0) > 0:
+            noise = tl.log(_exponential(_stream(seeds_ptr, steps_ptr, rows)[:, None], idx_j))
+            score = tl.where(real & (rank < n_keep[:, None]), (s_j - m[:, None]) - noise, float("-inf"))
+            best = tl.max(score, 1)
+            drawn = tl.min(tl.where(score == best[:, None], idx_j, V), 1)
+            drawn = tl.where(best > float("-inf"), drawn, argmax)
+            token = tl.where(race_here, drawn, token)
+        token = tl.where(full_race, tl.where(race_best > float("-inf"), race_token, argmax), token)
+
+    if tl.max(unresolved.to(tl.int32), 0) > 0:
+        row_ptr = logits_ptr + rows.to(tl.int64)[:, None] * stride_row
+        slow, _, _ = _sample_rows(row_ptr, rows, V, k, p, inv_t, ~unresolved, seeds_ptr, steps_ptr, ROWS, BLOCK,
+                                  FLOAT_STEPS, CUTOFF)
+        token = tl.where(unresolved, slow, token)
+    _store_outputs(logits_ptr, stride_row, rows, rows_out, row_ok, token, inv_t, m, sumexp, tokens_ptr,
+                   logprobs_ptr, WRITE_LOGPROBS)
 
 
 def _launch_config(B, V, device_type):
@@ -312,25 +535,73 @@ def _check_inputs(logits, params):
             raise ValueError(f"{name} must be contiguous, got stride {t.stride()}")
 
 
+def _log2(n):
+    return n.bit_length() - 1
+
+
+def _candidate_config(B, V, device_type):
+    """Two-stage sampler launch: (CHUNK, C, rows per stage-1 program, rows per stage-2 program, warps of stage 1,
+    warps of stage 2 or None for _launch_config's). Chunks of 2048 logits (more for vocabularies over 64k, so that
+    there are at most ~32 chunks), 64 candidates each: exact top-k up to k = 64 (and usually several hundred),
+    top-p whenever the nucleus lies among the candidates that are known to be in order.
+    FTLAB_SAMPLE_CANDIDATES="CHUNK,C,warps_1,warps_2" replaces all but the rows (read per call; warps 0 = default)."""
+    chunk = min(max(triton.next_power_of_2(V), 16), max(2048, triton.next_power_of_2(triton.cdiv(V, 32))))
+    c = min(64, chunk)
+    warps_1, warps_2 = 0, 0
+    values = ints_from_env("FTLAB_SAMPLE_CANDIDATES", "CHUNK,C,warps_1,warps_2")
+    if values is not None:
+        chunk, c, warps_1, warps_2 = values
+        if not (is_pow2(chunk) and chunk >= 16 and is_pow2(c) and 2 <= c <= chunk
+                and all(w == 0 or (is_pow2(w) and w <= 32) for w in (warps_1, warps_2))):
+            raise ValueError(f"FTLAB_SAMPLE_CANDIDATES={values}: CHUNK must be a power of two >= 16, C a power "
+                             f"of two in [2, CHUNK], warps 0 (default) or a power of two up to 32")
+    warps_1 = warps_1 or (4 if chunk >= 1024 else 1)
+    if device_type == "cuda":
+        return chunk, c, 1, 1, warps_1, warps_2 or None
+    nc = triton.next_power_of_2(triton.cdiv(V, chunk) * c)
+    fit = lambda width: min(triton.next_power_of_2(max(B, 1)), max(1, 32768 // width))  # noqa: E731
+    return chunk, c, fit(chunk), fit(max(nc, min(triton.next_power_of_2(V), 2048))), warps_1, warps_2 or None
+
+
 def sample(logits, top_k, top_p, temperature, seeds, steps, *, return_logprobs=False):
     """Sample one token per row. logits (B, V) fp32/fp16/bf16; per-row top_k int32, top_p float32,
     temperature float32, seeds int64 (uint64 seeds as two's complement), steps int32, all (B,).
 
     Returns tokens int64 (B,), and logprobs float32 (B,) when return_logprobs. Never syncs with the host;
-    parameter values are the caller's to check (check_sampling_params).
+    parameter values are the caller's to check (check_sampling_params). Two launches (candidates per chunk, then
+    the selection; see the module docstring); FTLAB_SAMPLER=passes runs the pass-based sampler alone.
     """
     params = {"top_k": top_k, "top_p": top_p, "temperature": temperature, "seeds": seeds, "steps": steps}
     _check_inputs(logits, params)
     B, V = logits.shape
-    tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
-    logprobs = torch.empty(B if return_logprobs else 1, dtype=torch.float32, device=logits.device)
-    if B > 0:
-        rows, block, num_warps = _launch_config(B, V, logits.device.type)
+    dev = logits.device
+    tokens = torch.empty(B, dtype=torch.int64, device=dev)
+    logprobs = torch.empty(B if return_logprobs else 1, dtype=torch.float32, device=dev)
+    if B == 0:
+        return (tokens, logprobs) if return_logprobs else tokens
+    rows, block, num_warps = _launch_config(B, V, dev.type)
+    common = dict(FLOAT_STEPS=FLOAT_STEPS, CUTOFF=CUTOFF, WRITE_LOGPROBS=return_logprobs)
+    mode = os.environ.get("FTLAB_SAMPLER", "candidates")
+    if mode == "passes":
         _sample_kernel[(triton.cdiv(B, rows),)](
             logits, logits.stride(0), top_k, top_p, temperature, seeds, steps, tokens, logprobs, B, V,
-            ROWS=rows, BLOCK=block, FLOAT_STEPS=FLOAT_STEPS, CUTOFF=CUTOFF, WRITE_LOGPROBS=return_logprobs,
-            num_warps=num_warps,
-        )
+            ROWS=rows, BLOCK=block, num_warps=num_warps, **common)
+    elif mode == "candidates":
+        chunk, c, rows_1, rows_2, warps_1, warps_2 = _candidate_config(B, V, dev.type)
+        nchunk = triton.cdiv(V, chunk)
+        cand = torch.empty(B, nchunk * c, dtype=torch.int64, device=dev)
+        stats = torch.empty(B, 4, nchunk, dtype=torch.float32, device=dev)
+        _candidates_kernel[(triton.cdiv(B, rows_1), nchunk)](
+            logits, logits.stride(0), top_k, top_p, temperature, seeds, steps, cand, stats, B, V, nchunk,
+            ROWS=rows_1, CHUNK=chunk, C=c, LOG_ROWS=_log2(rows_1), LOG_CHUNK=_log2(chunk), LOG_C=_log2(c),
+            num_warps=warps_1)
+        nc = triton.next_power_of_2(nchunk * c)
+        _select_kernel[(triton.cdiv(B, rows_2),)](
+            logits, logits.stride(0), top_k, top_p, temperature, seeds, steps, cand, stats, tokens, logprobs, B, V,
+            nchunk, ROWS=rows_2, C=c, NC=nc, NCHUNK_P2=triton.next_power_of_2(nchunk), LOG_ROWS=_log2(rows_2),
+            LOG_NC=_log2(nc), BLOCK=block, num_warps=warps_2 or num_warps, **common)
+    else:
+        raise ValueError(f"FTLAB_SAMPLER={mode!r}: expected 'candidates' or 'passes'")
     return (tokens, logprobs) if return_logprobs else tokens
 
 
@@ -442,13 +713,18 @@ def _torch_baseline(logits, k, p, temperature):
     return torch.gather(idx, -1, choice).squeeze(-1)
 
 
-def _benchmark():
+def _benchmark(splits):
+    """Both samplers per batch and mode, CUDA-graph timed on random fp16 logits of GPT-2's vocabulary: the pass
+    sampler, and the candidate sampler for each FTLAB_SAMPLE_CANDIDATES split ("" = default), beside an eager
+    torch sort/topk + multinomial sampler; tidy rows -> $OUT/sampling_bench.csv."""
     from ._bench import save_rows
 
     device = "cuda"
     V = 50257
-    modes = {"greedy": (1, 1.0), "top_k=40": (40, 1.0), "top_p=0.9": (0, 0.9), "top_k=40+top_p=0.9": (40, 0.9)}
-    rows = []
+    modes = {"greedy": (1, 1.0), "top_k=40": (40, 1.0), "top_p=0.9": (0, 0.9), "top_k=40+top_p=0.9": (40, 0.9),
+             "temperature": (0, 1.0)}
+    variants = [("passes", "")] + [("candidates", split) for split in splits]
+    rows, table = [], []
     for B in (1, 8, 64):
         logits = torch.randn(B, V, device=device, dtype=torch.float16) * 3
         for mode, (k, p) in modes.items():
@@ -457,19 +733,68 @@ def _benchmark():
             temperature = torch.full((B,), 0.8, dtype=torch.float32, device=device)
             seeds = torch.arange(B, dtype=torch.int64, device=device)
             steps = torch.zeros(B, dtype=torch.int32, device=device)
-            # CUDA-graph replays: the kernel's GPU time, not Python's launch overhead (as inside a decode step)
-            t_triton = triton.testing.do_bench_cudagraph(lambda: sample(logits, top_k, top_p, temperature, seeds,
-                                                                        steps))
-            t_torch = triton.testing.do_bench(lambda: _torch_baseline(logits, k, p, 0.8))
-            config = os.environ.get("FTLAB_SAMPLE_CONFIG") or "default"
-            rows.append({"B": B, "V": V, "mode": mode, "config": config, "triton_us": t_triton * 1e3,
-                         "torch_us": t_torch * 1e3})
+            line = [B, mode]
+            for sampler, split in variants:
+                os.environ["FTLAB_SAMPLER"], os.environ["FTLAB_SAMPLE_CANDIDATES"] = sampler, split
+                # CUDA-graph replays: the kernels' GPU time, not Python's launch overhead (as inside a decode step)
+                us = 1e3 * triton.testing.do_bench_cudagraph(
+                    lambda: sample(logits, top_k, top_p, temperature, seeds, steps, return_logprobs=True))
+                rows.append({"B": B, "V": V, "mode": mode, "sampler": sampler, "split": split or "default",
+                             "us": us})
+                line.append(us)
+            for name in ("FTLAB_SAMPLER", "FTLAB_SAMPLE_CANDIDATES"):
+                os.environ.pop(name)
+            us = 1e3 * triton.testing.do_bench(lambda: _torch_baseline(logits, k, p, 0.8))
+            rows.append({"B": B, "V": V, "mode": mode, "sampler": "torch eager", "split": "", "us": us})
+            table.append(line + [us])
     # (torch's sort/cumsum/multinomial baseline is timed eagerly, launches included: not comparable one to one)
-    print(f"{'B':>4} {'mode':>20} {'config':>9} {'triton us (graph)':>18} {'torch us (eager)':>17}")
-    for r in rows:
-        print(f"{r['B']:>4} {r['mode']:>20} {r['config']:>9} {r['triton_us']:>18.1f} {r['torch_us']:>17.1f}")
+    names = ["passes"] + [f"cand {split or 'default'}" for split in splits] + ["torch eager"]
+    print(f"{'B':>4} {'mode':>20} " + " ".join(f"{n:>16}" for n in names) + "   (us)")
+    for line in table:
+        print(f"{line[0]:>4} {line[1]:>20} " + " ".join(f"{v:>16.1f}" for v in line[2:]))
     save_rows(rows, "sampling_bench.csv")
 
 
+@triton.jit
+def _top_bench_kernel(x_ptr, o_ptr, LOG_N: tl.constexpr, LOG_C: tl.constexpr, STDLIB: tl.constexpr):
+    row = tl.program_id(0)
+    x = tl.load(x_ptr + row * (2 ** LOG_N) + tl.arange(0, 2 ** LOG_N)[None, :])  # (1, N)
+    if STDLIB:
+        y = tl.topk(x, 2 ** LOG_C)
+    else:
+        y = _top_desc(x, 0, LOG_N, LOG_C)
+    tl.store(o_ptr + row * (2 ** LOG_C) + tl.arange(0, 2 ** LOG_C)[None, :], y)
+
+
+def _sort_benchmark():
+    """_top_desc against tl.topk on int64 keys: one program (a row's latency) and 1600 programs (stage 1 at batch
+    64), per size and warps, CUDA-graph timed."""
+    print(f"{'N':>5} {'C':>5} {'warps':>5} {'impl':>7} {'1 prog us':>10} {'1600 progs us':>14} {'ok':>3}")
+    for log_n, log_c in ((11, 6), (11, 11), (9, 4)):
+        x = torch.randint(-2**62, 2**62, (1600, 2 ** log_n), dtype=torch.int64, device="cuda")
+        ref = torch.sort(x, dim=1, descending=True).values[:, :2 ** log_c]
+        for warps in (1, 4, 8):
+            for stdlib in (False, True):
+                out = torch.empty(1600, 2 ** log_c, dtype=torch.int64, device="cuda")
+                times = []
+                for grid in (1, 1600):
+                    def launch():
+                        _top_bench_kernel[(grid,)](x, out, LOG_N=log_n, LOG_C=log_c, STDLIB=stdlib, num_warps=warps)
+                    try:
+                        times.append(1e3 * triton.testing.do_bench_cudagraph(launch))
+                    except Exception as exc:  # noqa: BLE001  (a config that does not compile: say so, go on)
+                        print(f"{2 ** log_n} {2 ** log_c} {warps} {'tl.topk' if stdlib else 'ours'}: {exc!r:.200}")
+                        break
+                if len(times) == 2:
+                    ok = torch.equal(out, ref)
+                    print(f"{2 ** log_n:>5} {2 ** log_c:>5} {warps:>5} {'tl.topk' if stdlib else 'ours':>7} "
+                          f"{times[0]:>10.1f} {times[1]:>14.1f} {'yes' if ok else 'NO':>3}", flush=True)
+
+
 if __name__ == "__main__":
-    _benchmark()
+    import sys
+
+    if sys.argv[1:2] == ["--sort"]:
+        _sort_benchmark()
+    else:  # optional: FTLAB_SAMPLE_CANDIDATES splits to compare, separated by ";"
+        _benchmark((sys.argv[1].split(";") if len(sys.argv) > 1 else [""]))

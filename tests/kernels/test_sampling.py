@@ -25,6 +25,25 @@ from tests.util import DTYPES
 P_VALUE_FLOOR = 1e-6  # a correct kernel fails the chi-square test with probability 1e-6 per case
 TOP_P_SLACK = 1e-4  # fp32 sums may put the nucleus boundary on the other side of a cumulative sum this close
 
+# Every test runs on both samplers: the pass-based one alone, and the candidate path (default chunks, and chunks of
+# 16 logits with 4 candidates each, so that small vocabularies have several chunks and rows that fall back).
+SAMPLERS = {"passes": {"FTLAB_SAMPLER": "passes"}, "candidates": {},
+            "candidates-16x4": {"FTLAB_SAMPLE_CANDIDATES": "16,4,0,0"}}
+
+
+def _skip_tiny_chunks_on_large_vocab(sampler):
+    if sampler == "candidates-16x4":  # a 50k row in chunks of 16 is a 16k-candidate sort (minutes under the
+        pytest.skip("interpreter); test_sampling_candidates.py covers the candidate path on this vocabulary")
+
+
+@pytest.fixture(autouse=True, params=list(SAMPLERS))
+def sampler(request, monkeypatch):
+    for name in ("FTLAB_SAMPLER", "FTLAB_SAMPLE_CANDIDATES", "FTLAB_SAMPLE_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in SAMPLERS[request.param].items():
+        monkeypatch.setenv(name, value)
+    return request.param
+
 
 def _params(B, device, top_k=0, top_p=1.0, temperature=1.0, seeds=None, steps=0):
     """Per-row parameter tensors; scalars are broadcast, seeds default to fresh random 64-bit values."""
@@ -105,7 +124,9 @@ def _replicated_draws(row, k, p, t, n, device, steps=0):
 
 @pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("B,V", [(1, 1), (7, 7), (13, 13), (3, 1023), (2, 50257)])
-def test_greedy_equals_argmax(B, V, dtype_name, device):
+def test_greedy_equals_argmax(B, V, dtype_name, device, sampler):
+    if V > 2048:
+        _skip_tiny_chunks_on_large_vocab(sampler)
     dtype = DTYPES[dtype_name]
     logits = (torch.randn(B, V) * 3 + torch.randn(B, 1)).to(dtype=dtype, device=device)
     # temperature, top_p and seed must be ignored by greedy rows
@@ -339,8 +360,10 @@ def test_same_request_same_token_whatever_the_batch(device, monkeypatch):
     # one row alone, and one program per row (the GPU layout) instead of a packed tile
     one = sample(logits[3:4].to(device), *(x[3:4] for x in params))
     assert int(one) == int(tokens[3])
-    launch_config = sampling_module._launch_config
+    launch_config, candidate_config = sampling_module._launch_config, sampling_module._candidate_config
     monkeypatch.setattr(sampling_module, "_launch_config", lambda B, V, dev: (1,) + launch_config(B, V, dev)[1:])
+    monkeypatch.setattr(sampling_module, "_candidate_config",
+                        lambda B, V, dev: candidate_config(B, V, dev)[:2] + (1, 1) + candidate_config(B, V, dev)[4:])
     assert torch.equal(sample(logits.to(device), *params), tokens)
 
 
@@ -393,7 +416,8 @@ def test_logprobs_are_full_vocab_log_softmax(dtype_name, device):
     assert torch.equal(sample(logits, *params), tokens)  # return_logprobs does not change the draw
 
 
-def test_large_vocab_top_k_top_p(device):
+def test_large_vocab_top_k_top_p(device, sampler):
+    _skip_tiny_chunks_on_large_vocab(sampler)
     B, V = 2, 50257
     logits = (torch.randn(B, V) * 3).to(dtype=torch.float16, device=device)
     params = _params(B, device, top_k=[40, 0], top_p=[0.9, 0.6], temperature=[0.8, 1.1], steps=[0, 39999])
