@@ -1,4 +1,4 @@
-"""Per-request token sampling (greedy / top-k / top-p / temperature) in one Triton kernel.
+"""Per-request token sampling (greedy / top-k / top-p / temperature) in Triton kernels.
 
 Semantics follow FasterTransformer v5 for each row b of logits (B, V):
   * top_k[b] == 1: greedy argmax (lowest index among exact ties); temperature, top_p and seed are ignored.
@@ -15,8 +15,20 @@ Randomness depends only on (row logits, row parameters, seed, step): the Philox 
 with the step folded in (seed + step * 0x9E3779B97F4A7C15 mod 2**64) and the counter is the vocabulary
 index, so a request samples the same token whatever else shares its batch, and offsets never overflow.
 
-Algorithm: on the GPU one program per row, looping over V in chunks of BLOCK (no sort, no scratch memory);
-under the CPU interpreter a program takes a tile of rows (same per-row arithmetic, fewer Python-level ops).
+Two samplers give the same token for the same (row, parameters, seed, step): both run the same exponential race
+over the same kept set (below). The default, FTLAB_SAMPLER=candidates, is two launches:
+  stage 1     one program per (row, chunk of CHUNK logits): the chunk's C largest (value, index) pairs, packed into
+              int64 keys that sort by value and then by lower index, in order; the chunk's max and
+              sum(exp(scaled - max)); for rows with neither a top-k nor a top-p limit, the race over the chunk.
+  stage 2     one program per row sorts the candidates. Every element outside them ranks below its own chunk's
+              C-th candidate, so the sorted candidates down to the highest of those C-th keys are exactly the
+              row's first elements in order (`exact` of them, >= C). Top-k with k <= exact, and a nucleus whose
+              crossing lies among those (renormalised by the top-k mass when k is set), are decided there: the
+              race runs over the kept prefix. Other rows (k > exact, or a nucleus reaching past the candidates)
+              run the pass sampler below inside the same program.
+FTLAB_SAMPLER=passes runs the pass sampler alone: on the GPU one program per row, looping over V in chunks of
+BLOCK (no sort, no scratch memory); under the CPU interpreter a program takes a tile of rows (same per-row
+arithmetic, fewer Python-level ops):
   pass 1      running max / argmax / sum(exp(scaled - max)) (online softmax).  Greedy rows stop here.
   top-k       bisection for the k-th largest scaled value over the order-preserving int32 image ("key")
               of the fp32 values: each step is one pass counting elements with key >= mid; the pass also
@@ -344,6 +356,16 @@ def _top_desc(x, LOG_R: tl.constexpr, LOG_N: tl.constexpr, LOG_C: tl.constexpr):
 
 
 @triton.jit
+def _top(x, LOG_R: tl.constexpr, LOG_N: tl.constexpr, LOG_C: tl.constexpr, STDLIB_SORT: tl.constexpr):
+    """_top_desc, or on the GPU triton's own tl.topk (same result: packed keys are distinct, padding aside; ~2x
+    faster there: a full sort of 2048 keys in one program 31 vs 60 us on the H200)."""
+    if STDLIB_SORT:
+        return tl.topk(x, 2 ** LOG_C)
+    else:
+        return _top_desc(x, LOG_R, LOG_N, LOG_C)
+
+
+@triton.jit
 def _pack(s, idx, valid):
     """int64 sort keys of (scaled value, index): larger value first, then lower index (a stable descending order);
     INT64_MIN for lanes past the end of the row."""
@@ -362,7 +384,7 @@ def _unpack(packed):
 def _candidates_kernel(logits_ptr, stride_row, top_k_ptr, top_p_ptr, temperature_ptr, seeds_ptr, steps_ptr,
                        cand_ptr, stats_ptr, B, V, NCHUNK,
                        ROWS: tl.constexpr, CHUNK: tl.constexpr, C: tl.constexpr, LOG_ROWS: tl.constexpr,
-                       LOG_CHUNK: tl.constexpr, LOG_C: tl.constexpr):
+                       LOG_CHUNK: tl.constexpr, LOG_C: tl.constexpr, STDLIB_SORT: tl.constexpr):
     """Stage 1, one program per (tile of rows, chunk of CHUNK logits): the chunk's C largest packed keys, sorted
     (cand[row, chunk*C:(chunk+1)*C]; greedy rows: only the largest), and stats[row, :, chunk] = (max, sum(exp(
     scaled - max)), the exponential race's best score and index over the whole chunk: the draw of rows with no
@@ -388,7 +410,7 @@ def _candidates_kernel(logits_ptr, stride_row, top_k_ptr, top_p_ptr, temperature
 
     lanes = tl.arange(0, C)
     if tl.max((~greedy).to(tl.int32), 0) > 0:
-        top = _top_desc(packed, LOG_ROWS, LOG_CHUNK, LOG_C)  # (R, C), largest first
+        top = _top(packed, LOG_ROWS, LOG_CHUNK, LOG_C, STDLIB_SORT)  # (R, C), largest first
     else:
         top = tl.where(lanes[None, :] == 0, tl.max(packed, 1)[:, None], INT64_MIN)
     out_rows = rows_out.to(tl.int64)[:, None]
@@ -404,7 +426,7 @@ def _candidates_kernel(logits_ptr, stride_row, top_k_ptr, top_p_ptr, temperature
 def _select_kernel(logits_ptr, stride_row, top_k_ptr, top_p_ptr, temperature_ptr, seeds_ptr, steps_ptr,
                    cand_ptr, stats_ptr, tokens_ptr, logprobs_ptr, B, V, NCHUNK,
                    ROWS: tl.constexpr, C: tl.constexpr, NC: tl.constexpr, NCHUNK_P2: tl.constexpr,
-                   LOG_ROWS: tl.constexpr, LOG_NC: tl.constexpr,
+                   LOG_ROWS: tl.constexpr, LOG_NC: tl.constexpr, STDLIB_SORT: tl.constexpr,
                    BLOCK: tl.constexpr, FLOAT_STEPS: tl.constexpr, CUTOFF: tl.constexpr,
                    WRITE_LOGPROBS: tl.constexpr):
     """Stage 2, one program per tile of rows: merge the chunks' candidates, keep the top-k / top-p prefix of the
@@ -435,7 +457,7 @@ def _select_kernel(logits_ptr, stride_row, top_k_ptr, top_p_ptr, temperature_ptr
         # at or above the highest of those (bound) are candidates: the first `exact` sorted candidates are the
         # row's first `exact` elements in the global order.
         bound = tl.max(tl.where((j % C == C - 1)[None, :], cand, INT64_MIN), 1)
-        srt = _top_desc(cand, LOG_ROWS, LOG_NC, LOG_NC)  # sorted, largest first
+        srt = _top(cand, LOG_ROWS, LOG_NC, LOG_NC, STDLIB_SORT)  # sorted, largest first
         real = srt != INT64_MIN
         exact = tl.sum((real & (srt >= bound[:, None])).to(tl.int32), 1)
         s_j, idx_j = _unpack(srt)
@@ -542,11 +564,15 @@ def _log2(n):
 def _candidate_config(B, V, device_type):
     """Two-stage sampler launch: (CHUNK, C, rows per stage-1 program, rows per stage-2 program, warps of stage 1,
     warps of stage 2 or None for _launch_config's). Chunks of 2048 logits (more for vocabularies over 64k, so that
-    there are at most ~32 chunks), 64 candidates each: exact top-k up to k = 64 (and usually several hundred),
-    top-p whenever the nucleus lies among the candidates that are known to be in order.
+    there are at most ~32 chunks), 32 candidates each: exact top-k up to k = 32 (and usually several hundred),
+    top-p whenever the nucleus lies among the candidates known to be in order (usually a few hundred tokens).
+    Stage 1 runs 4 warps per program at small batch (latency) and 1 from batch 16 up (throughput: at batch 64
+    there are 1600 programs). H200, V = 50257, fp16, bs1 (kernels/sampling.py `_benchmark`): the stage-2 sort of
+    all candidates dominates, ~65 us for 64 per chunk, ~20 for 16; 16 per chunk left random top-p=0.9 rows
+    (nucleus > 400 tokens) to the pass sampler.
     FTLAB_SAMPLE_CANDIDATES="CHUNK,C,warps_1,warps_2" replaces all but the rows (read per call; warps 0 = default)."""
     chunk = min(max(triton.next_power_of_2(V), 16), max(2048, triton.next_power_of_2(triton.cdiv(V, 32))))
-    c = min(64, chunk)
+    c = min(32, chunk)
     warps_1, warps_2 = 0, 0
     values = ints_from_env("FTLAB_SAMPLE_CANDIDATES", "CHUNK,C,warps_1,warps_2")
     if values is not None:
@@ -555,7 +581,7 @@ def _candidate_config(B, V, device_type):
                 and all(w == 0 or (is_pow2(w) and w <= 32) for w in (warps_1, warps_2))):
             raise ValueError(f"FTLAB_SAMPLE_CANDIDATES={values}: CHUNK must be a power of two >= 16, C a power "
                              f"of two in [2, CHUNK], warps 0 (default) or a power of two up to 32")
-    warps_1 = warps_1 or (4 if chunk >= 1024 else 1)
+    warps_1 = warps_1 or (4 if chunk >= 1024 and B < 16 else 1)
     if device_type == "cuda":
         return chunk, c, 1, 1, warps_1, warps_2 or None
     nc = triton.next_power_of_2(triton.cdiv(V, chunk) * c)
@@ -589,17 +615,18 @@ def sample(logits, top_k, top_p, temperature, seeds, steps, *, return_logprobs=F
     elif mode == "candidates":
         chunk, c, rows_1, rows_2, warps_1, warps_2 = _candidate_config(B, V, dev.type)
         nchunk = triton.cdiv(V, chunk)
+        stdlib_sort = dev.type == "cuda" and hasattr(tl, "topk")
         cand = torch.empty(B, nchunk * c, dtype=torch.int64, device=dev)
         stats = torch.empty(B, 4, nchunk, dtype=torch.float32, device=dev)
         _candidates_kernel[(triton.cdiv(B, rows_1), nchunk)](
             logits, logits.stride(0), top_k, top_p, temperature, seeds, steps, cand, stats, B, V, nchunk,
             ROWS=rows_1, CHUNK=chunk, C=c, LOG_ROWS=_log2(rows_1), LOG_CHUNK=_log2(chunk), LOG_C=_log2(c),
-            num_warps=warps_1)
+            STDLIB_SORT=stdlib_sort, num_warps=warps_1)
         nc = triton.next_power_of_2(nchunk * c)
         _select_kernel[(triton.cdiv(B, rows_2),)](
             logits, logits.stride(0), top_k, top_p, temperature, seeds, steps, cand, stats, tokens, logprobs, B, V,
             nchunk, ROWS=rows_2, C=c, NC=nc, NCHUNK_P2=triton.next_power_of_2(nchunk), LOG_ROWS=_log2(rows_2),
-            LOG_NC=_log2(nc), BLOCK=block, num_warps=warps_2 or num_warps, **common)
+            LOG_NC=_log2(nc), STDLIB_SORT=stdlib_sort, BLOCK=block, num_warps=warps_2 or num_warps, **common)
     else:
         raise ValueError(f"FTLAB_SAMPLER={mode!r}: expected 'candidates' or 'passes'")
     return (tokens, logprobs) if return_logprobs else tokens

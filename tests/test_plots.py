@@ -3,7 +3,7 @@ import csv
 
 import pytest
 
-from ftlab.bench import COLUMNS
+from ftlab.bench import COLUMNS, append_csv, sampling_label
 from ftlab.plots import grid_rows, main, plot_grid
 from ftlab.tokenizer import DATA_DIR
 
@@ -29,6 +29,37 @@ def test_grid_rows_keep_the_newest_single_gpu_row_per_cell(tmp_path):
     rows = grid_rows(path)
     assert [(r["bs"], r["ftlab_ms"]) for r in rows] == [(1, 5.5), (8, 7.0)]
     assert rows[0]["hf_ms"] is None and rows[0]["peer_ms"] == 9.0
+
+
+def test_grid_rows_are_greedy_rows(tmp_path):
+    # `ftlab bench --top-k/--top-p` rows (the sampling column) do not replace the greedy grid's cells
+    path = _write(tmp_path / "b.csv", [_row(ftlab_ms=5.0), _row(ftlab_ms=5.1, sampling="greedy"),
+                                       _row(ftlab_ms=6.0, sampling=sampling_label(dict(top_k=40, top_p=0.9)))])
+    assert [r["ftlab_ms"] for r in grid_rows(path)] == [5.1]
+
+
+def test_sampling_label():
+    assert sampling_label({}) == "greedy" and sampling_label(dict(top_k=1, top_p=0.5)) == "greedy"
+    assert sampling_label(dict(top_k=0, top_p=0.9)) == "top_k=0 top_p=0.9 temperature=1"
+
+
+def test_append_csv_rewrites_an_older_header(tmp_path):
+    old_columns = [c for c in COLUMNS if c != "sampling"]
+    path = tmp_path / "b.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerow(_row(ftlab_ms=5.0))
+    append_csv([_row(ftlab_ms=4.0, sampling="greedy")], path)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == COLUMNS
+    assert [(r["ftlab_ms"], r["sampling"], r["bs"]) for r in rows] == [("5.0", "", "1"), ("4", "greedy", "1")]
+    bad = tmp_path / "other.csv"
+    bad.write_text("x,y\n1,2\n")
+    with pytest.raises(ValueError, match=r"other.csv: columns \['x', 'y'\] are not bench columns"):
+        append_csv([_row()], bad)
 
 
 def test_grid_rows_keep_each_baseline_from_its_newest_measurement(tmp_path):

@@ -119,6 +119,15 @@ def test_cells_option():
             _parse_cells(bad)
 
 
+def test_bench_sampling_options_are_checked_before_any_gpu_work():
+    from ftlab.cli import main
+
+    with pytest.raises(SystemExit, match=r"top_p\[0\] = 1.5 is outside \(0, 1\]"):
+        main(["bench", "--top-p", "1.5"])
+    with pytest.raises(SystemExit, match="single-GPU runs only"):
+        main(["bench", "--top-k", "40", "--tensor-para-size", "2"])
+
+
 # --- the scaling plot ---------------------------------------------------------------------------------------------
 
 def _write_bench_csv(path, rows):

@@ -91,8 +91,23 @@ def test_unknown_sampler_is_refused(device, monkeypatch):
 
 
 def test_default_split():
-    """Chunks of 2048 logits with 64 candidates for GPT-2's vocabulary; at most ~32 chunks for larger ones."""
-    assert sampling_module._candidate_config(1, 50257, "cuda") == (2048, 64, 1, 1, 4, None)
+    """Chunks of 2048 logits with 32 candidates for GPT-2's vocabulary; at most ~32 chunks for larger ones."""
+    assert sampling_module._candidate_config(1, 50257, "cuda") == (2048, 32, 1, 1, 4, None)
     chunk, c = sampling_module._candidate_config(1, 256000, "cuda")[:2]
-    assert (chunk, c) == (8192, 64) and -(-256000 // chunk) <= 32
+    assert (chunk, c) == (8192, 32) and -(-256000 // chunk) <= 32
     assert sampling_module._candidate_config(1, 13, "cuda")[:2] == (16, 16)
+    assert sampling_module._candidate_config(64, 50257, "cuda")[4] == 1  # stage 1: throughput at large batch
+
+
+@pytest.mark.parametrize("log_n,log_c", [(4, 4), (4, 1), (7, 3), (9, 9), (11, 5)])
+def test_top_network_is_a_sort(log_n, log_c, device):
+    """_top_desc (the interpreter's sort; the GPU uses tl.topk) returns each row's 2**log_c largest int64 keys,
+    largest first: random keys, duplicates and extremes included."""
+    rows = 3
+    x = torch.randint(-2**62, 2**62, (rows, 2 ** log_n), dtype=torch.int64)
+    x[0, : 2 ** log_n // 2] = x[0, 0]  # half the first row equal
+    x[1, 0], x[1, -1] = -2**63, 2**63 - 1
+    x = x.to(device)
+    out = torch.empty(rows, 2 ** log_c, dtype=torch.int64, device=device)
+    sampling_module._top_bench_kernel[(rows,)](x, out, LOG_N=log_n, LOG_C=log_c, STDLIB=False)
+    assert torch.equal(out, torch.sort(x, dim=1, descending=True).values[:, : 2 ** log_c])
