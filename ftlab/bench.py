@@ -388,8 +388,8 @@ def _triton_version() -> str:
 
 
 COLUMNS = ["gpu", "date", "torch", "triton", "config", "layers", "heads", "size_per_head", "vocab", "dtype", "tp",
-           "pp", "cell", "bs", "n_in", "n_out", "sampling", "ftlab_ms", "ftlab_spread", "peer_ms", "peer_spread", "hf_ms",
-           "floor_ms", "ftlab_vs_peer", "ftlab_vs_hf", "ftlab_vs_floor", "peak_mem_gb", "full_length",
+           "pp", "cell", "bs", "n_in", "n_out", "sampling", "ftlab_ms", "ftlab_spread", "peer_ms", "peer_spread",
+           "hf_ms", "floor_ms", "ftlab_vs_peer", "ftlab_vs_hf", "ftlab_vs_floor", "peak_mem_gb", "full_length",
            "bandwidth_tbps", "matmul_tflops"]
 
 

@@ -190,8 +190,8 @@ GRID_SERIES = (("ftlab_ms", "ftlab"), ("peer_ms", "torch.compile peer"), ("hf_ms
 
 
 def grid_rows(csv_path: str | Path, *, config: str = "gpt-345m") -> list[dict]:
-    """The single-GPU greedy end-to-end rows of one config (T = L = 1), sorted by batch and lengths: per (gpu, dtype, bs,
-    n_in, n_out) the newest ftlab and floor values, and for each baseline (peer, HF) its newest measured value,
+    """The single-GPU greedy end-to-end rows of one config (T = L = 1), sorted by batch and lengths: per (gpu, dtype,
+    bs, n_in, n_out) the newest ftlab and floor values, and for each baseline (peer, HF) its newest measured value,
     since `ftlab bench --no-peer --no-hf` runs re-measure ftlab alone; `date` is the ftlab row's and
     `baseline_date` the newest baseline row's. Values as floats (None where a baseline was never measured)."""
     with open(csv_path, newline="") as f:

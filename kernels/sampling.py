@@ -501,11 +501,13 @@ def _select_kernel(logits_ptr, stride_row, top_k_ptr, top_p_ptr, temperature_ptr
 
 
 def _launch_config(B, V, device_type):
-    """(ROWS, BLOCK, num_warps). BLOCK covers a small row in one chunk and caps at 2048 for V ~ 50k (25 chunks
+    """The pass sampler's launch (alone, and as stage 2's fallback, whose program also takes num_warps):
+    (ROWS, BLOCK, num_warps). BLOCK covers a small row in one chunk and caps at 2048 for V ~ 50k (25 chunks
     a pass, ~8 elements per thread). On the GPU one program per row (V is large, rows are independent); the
     CPU interpreter pays per operation, not per element, so it packs up to ~32k elements of rows per program.
     FTLAB_SAMPLE_CONFIG="BLOCK,num_warps" replaces those two (read per call; for measuring wider programs:
-    a top-k / top-p row is ~10-20 passes over V, each a loop of V / BLOCK dependent chunks)."""
+    a top-k / top-p row is ~10-20 passes over V, each a loop of V / BLOCK dependent chunks; H200: 4096 logits x
+    16 warps 156-226 us against 209-297 us per call, data/bench/sampling_bench_graph.txt)."""
     block = min(max(triton.next_power_of_2(V), 16), 2048)
     num_warps = max(1, min(8, block // 256))
     block, num_warps = _config_from_env() or (block, num_warps)
@@ -608,6 +610,8 @@ def sample(logits, top_k, top_p, temperature, seeds, steps, *, return_logprobs=F
     rows, block, num_warps = _launch_config(B, V, dev.type)
     common = dict(FLOAT_STEPS=FLOAT_STEPS, CUTOFF=CUTOFF, WRITE_LOGPROBS=return_logprobs)
     mode = os.environ.get("FTLAB_SAMPLER", "candidates")
+    if mode == "candidates" and V >= 2 ** 24:
+        mode = "passes"  # stage 1 hands race indices over as fp32, exact below 2**24
     if mode == "passes":
         _sample_kernel[(triton.cdiv(B, rows),)](
             logits, logits.stride(0), top_k, top_p, temperature, seeds, steps, tokens, logprobs, B, V,

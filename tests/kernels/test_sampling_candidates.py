@@ -15,10 +15,10 @@ from ftlab.kernels.sampling import sample
 
 def _mixed_params(B, V, device):
     """Per-row parameters cycling through: greedy; k = 2 and 3 (always decided among the candidates: every split
-    has C >= 2, and the first C candidates are always in order); k = V - 1 (beyond the candidates of every split once V > 64: falls back); no
-    limit (the per-chunk race); nuclei on peaked rows (usually decided among the candidates); a 0.999 nucleus on
-    flat rows (hundreds of tokens: falls back); top-k + top-p; every 13th row random. Returns (logit scale per
-    row, parameter tensors)."""
+    has C >= 2, and the first C candidates are always in order); k = V - 1 (beyond the candidates of every split
+    once V > 64: falls back); no limit (the per-chunk race); nuclei on peaked rows (usually decided among the
+    candidates); a 0.999 nucleus on flat rows (hundreds of tokens: falls back); top-k + top-p; every 13th row
+    random. Returns (logit scale per row, parameter tensors)."""
     ks = [1, 2, V - 1, 0, 0, 0, 3, 5, 0, 17]
     ps = [1.0, 1.0, 1.0, 1.0, 0.5, 0.999, 0.9, 0.95, 0.3, 0.8]
     k = torch.tensor([min(ks[b % len(ks)], V) for b in range(B)], dtype=torch.int32)
