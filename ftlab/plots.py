@@ -248,6 +248,53 @@ def plot_grid(csv_path: str | Path, png_path: str | Path, *, config: str = "gpt-
     return _save(fig, png_path)
 
 
+SAMPLING_MODES = ("greedy", "top_k=40", "top_k=40+top_p=0.9", "temperature", "top_p=0.9")
+
+
+def sampling_rows(csv_path: str | Path) -> list[dict]:
+    """The sampling micro-benchmark's rows (`python -m ftlab.kernels.sampling`: B, mode, sampler, split, us) of
+    the default split and of the pass sampler, as {B, mode, passes_us, candidates_us}, ordered by batch and mode."""
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("B", "mode", "sampler", "split", "us") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{csv_path}: not a sampling benchmark CSV, missing columns {missing}")
+        table: dict = {}
+        for row in reader:
+            if row["sampler"] in ("passes", "candidates") and row["split"] in ("", "default"):
+                table.setdefault((int(row["B"]), row["mode"]), {})[f"{row['sampler']}_us"] = float(row["us"])
+    rank = {m: i for i, m in enumerate(SAMPLING_MODES)}
+    out = [dict(B=B, mode=mode, **times) for (B, mode), times in table.items() if len(times) == 2]
+    if not out:
+        raise ValueError(f"{csv_path}: no row has both the pass and the candidate sampler's time")
+    return sorted(out, key=lambda r: (r["B"], rank.get(r["mode"], len(rank)), r["mode"]))
+
+
+def plot_sampling(csv_path: str | Path, png_path: str | Path) -> Path:
+    """Per-call sampling time (us, log scale) of the pass sampler and the candidate sampler, per batch and mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sampling_rows(csv_path)
+    batches = sorted({r["B"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 4.2), dpi=120, sharey=True)
+    for ax, B in zip([axes] if len(batches) == 1 else axes, batches):
+        mine = [r for r in rows if r["B"] == B]
+        xs = range(len(mine))
+        ax.bar([x - 0.2 for x in xs], [r["passes_us"] for r in mine], 0.4, label="pass sampler")
+        ax.bar([x + 0.2 for x in xs], [r["candidates_us"] for r in mine], 0.4, label="candidate sampler")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([r["mode"].replace("+", "\n+") for r in mine], rotation=30, fontsize=7, ha="right")
+        ax.set_yscale("log")
+        ax.set_title(f"batch {B}", fontsize=10)
+        ax.grid(axis="y", alpha=0.3, which="both")
+    (axes if len(batches) > 1 else [axes])[0].set_ylabel("GPU time per call (us, log scale)")
+    (axes if len(batches) > 1 else [axes])[0].legend(fontsize=8)
+    return _save(fig, png_path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ftlab.plots", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="plot", required=True)
@@ -259,10 +306,15 @@ def main(argv: list[str] | None = None) -> int:
     grid.add_argument("csv", type=Path, help="bench CSV (e.g. data/bench/bench.csv)")
     grid.add_argument("png", type=Path, help="PNG to write")
     grid.add_argument("--config", default="gpt-345m", help="the bench's config label")
+    sampling = sub.add_parser("sampling", help="pass vs candidate sampler per batch and mode")
+    sampling.add_argument("csv", type=Path, help="sampling benchmark CSV (e.g. data/bench/sampling_bench.csv)")
+    sampling.add_argument("png", type=Path, help="PNG to write")
     args = parser.parse_args(argv)
     try:
         if args.plot == "grid":
             out = plot_grid(args.csv, args.png, config=args.config)
+        elif args.plot == "sampling":
+            out = plot_sampling(args.csv, args.png)
         else:
             out = plot_scaling(args.csv, args.png, anchor=None if args.no_anchor else FT_20B_A100)
     except (ValueError, FileNotFoundError) as exc:

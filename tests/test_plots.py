@@ -4,7 +4,7 @@ import csv
 import pytest
 
 from ftlab.bench import COLUMNS, append_csv, sampling_label
-from ftlab.plots import grid_rows, main, plot_grid
+from ftlab.plots import grid_rows, main, plot_grid, plot_sampling, sampling_rows
 from ftlab.tokenizer import DATA_DIR
 
 
@@ -84,3 +84,25 @@ def test_plot_grid_errors_name_the_problem(tmp_path, capsys):
     bad.write_text("a,b\n1,2\n")
     assert main(["grid", str(bad), str(tmp_path / "x.png")]) == 2
     assert "missing columns" in capsys.readouterr().err
+
+
+def test_sampling_rows_pair_the_two_samplers(tmp_path):
+    path = tmp_path / "s.csv"
+    path.write_text("B,V,mode,sampler,split,us\n"
+                    "1,9,top_k=40,passes,default,200\n1,9,top_k=40,candidates,default,27\n"
+                    "1,9,top_k=40,candidates,\"2048,64,0,0\",60\n1,9,greedy,passes,default,12\n"
+                    "1,9,greedy,candidates,default,5\n1,9,greedy,torch eager,,20\n64,9,greedy,passes,default,13\n")
+    rows = sampling_rows(path)
+    assert rows == [dict(B=1, mode="greedy", passes_us=12.0, candidates_us=5.0),
+                    dict(B=1, mode="top_k=40", passes_us=200.0, candidates_us=27.0)]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("B,mode\n1,greedy\n")
+    with pytest.raises(ValueError, match="missing columns"):
+        sampling_rows(bad)
+
+
+def test_plot_sampling_of_the_shipped_h200_results(tmp_path):
+    rows = sampling_rows(DATA_DIR / "bench" / "sampling_bench.csv")
+    assert {r["B"] for r in rows} == {1, 8, 64} and all(r["candidates_us"] > 0 for r in rows)
+    out = plot_sampling(DATA_DIR / "bench" / "sampling_bench.csv", tmp_path / "sampling.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
