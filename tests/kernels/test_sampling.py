@@ -27,8 +27,8 @@ TOP_P_SLACK = 1e-4  # fp32 sums may put the nucleus boundary on the other side o
 
 # Every test runs on both samplers: the pass-based one alone, and the candidate path (default chunks, and chunks of
 # 16 logits with 4 candidates each, so that small vocabularies have several chunks and rows that fall back).
-SAMPLERS = {"passes": {"FTLAB_SAMPLER": "passes"}, "candidates": {},
-            "candidates-16x4": {"FTLAB_SAMPLE_CANDIDATES": "16,4,0,0"}}
+SAMPLERS = {"passes": {"FTLAB_SAMPLER": "passes"}, "candidates": {"FTLAB_SAMPLER": "candidates"},
+            "candidates-16x4": {"FTLAB_SAMPLER": "candidates", "FTLAB_SAMPLE_CANDIDATES": "16,4,0,0"}}
 
 
 def _skip_tiny_chunks_on_large_vocab(sampler):
