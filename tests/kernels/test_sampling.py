@@ -25,10 +25,13 @@ from tests.util import DTYPES
 P_VALUE_FLOOR = 1e-6  # a correct kernel fails the chi-square test with probability 1e-6 per case
 TOP_P_SLACK = 1e-4  # fp32 sums may put the nucleus boundary on the other side of a cumulative sum this close
 
-# Every test runs on both samplers: the pass-based one alone, and the candidate path (default chunks, and chunks of
-# 16 logits with 4 candidates each, so that small vocabularies have several chunks and rows that fall back).
-SAMPLERS = {"passes": {"FTLAB_SAMPLER": "passes"}, "candidates": {"FTLAB_SAMPLER": "candidates"},
+# Every test runs on both samplers: the pass-based one alone, and the candidate path with chunks of 16 logits and 4
+# candidates each (small vocabularies then have several chunks, and rows that fall back); on the GPU also with the
+# default chunks (the CPU interpreter is slow enough; test_sampling_candidates.py runs the default split there).
+SAMPLERS = {"passes": {"FTLAB_SAMPLER": "passes"},
             "candidates-16x4": {"FTLAB_SAMPLER": "candidates", "FTLAB_SAMPLE_CANDIDATES": "16,4,0,0"}}
+if torch.cuda.is_available():
+    SAMPLERS["candidates"] = {"FTLAB_SAMPLER": "candidates"}
 
 
 def _skip_tiny_chunks_on_large_vocab(sampler):
