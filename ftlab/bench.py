@@ -34,6 +34,7 @@ GPT_345M = GPTConfig(head_num=16, size_per_head=64, num_layer=24, vocab_size=502
 GRID_BATCHES = (1, 8, 32, 64)
 GRID_CELLS = ((128, 8), (512, 32))
 DEFAULT_CSV = DATA_DIR / "bench" / "bench.csv"
+GREEDY = dict(top_k=1, top_p=1.0, temperature=1.0)  # the grid's sampling unless --top-k / --top-p say otherwise
 
 
 @dataclass
@@ -139,7 +140,7 @@ class Peer:
 
 def sampling_label(sampling: dict) -> str:
     """The CSV's `sampling` value: "greedy", or the top-k / top-p / temperature settings."""
-    s = {"top_k": 1, "top_p": 1.0, "temperature": 1.0, **sampling}
+    s = {**GREEDY, **sampling}
     return "greedy" if s["top_k"] == 1 else f"top_k={s['top_k']} top_p={s['top_p']:g} temperature={s['temperature']:g}"
 
 
@@ -147,8 +148,8 @@ def decode_step_ms(model: GPT, context: int = 512, batch: int = 1, steps: int = 
     """Per-token latency of the captured decode step at a given context (what a streaming user waits);
     `sampling`: top_k / top_p / temperature (default greedy)."""
     prompts = random_prompts(batch, context, model.config.vocab_size, seed=1)
-    params = RequestParams.build(batch, model.config.vocab_size, model.device, **{
-        "top_k": 1, "top_p": 1.0, "temperature": 1.0, **sampling}, random_seed=0, end_id=model.config.end_id)
+    params = RequestParams.build(batch, model.config.vocab_size, model.device, **{**GREEDY, **sampling},
+                                 random_seed=0, end_id=model.config.end_id)
     session = LocalSession(model, prompts, steps + 1, params)
     tokens = session.first()[0]
     for _ in range(3):  # warm-up replays
@@ -175,8 +176,7 @@ def profile_decode_step(config: GPTConfig = GPT_345M, *, batch: int = 1, context
     model = GPT.from_ft_tensors(config, random_ft_tensors(config, dtype=compute_dtype(dtype), device=device),
                                 dtype=dtype, device=device)
     prompts = random_prompts(batch, context, config.vocab_size, seed=1)
-    params = RequestParams.build(batch, config.vocab_size, device, top_k=1, top_p=1.0, temperature=1.0,
-                                 random_seed=0, end_id=config.end_id)
+    params = RequestParams.build(batch, config.vocab_size, device, **GREEDY, random_seed=0, end_id=config.end_id)
 
     def new_session():
         return LocalSession(model, prompts, steps + 8, params, use_cuda_graph=False)

@@ -511,8 +511,12 @@ def _launch_config(B, V, device_type):
     block = min(max(triton.next_power_of_2(V), 16), 2048)
     num_warps = max(1, min(8, block // 256))
     block, num_warps = _config_from_env() or (block, num_warps)
-    rows = 1 if device_type == "cuda" else min(triton.next_power_of_2(max(B, 1)), max(1, 32768 // block))
-    return rows, block, num_warps
+    return (1 if device_type == "cuda" else _interpreter_rows(B, block)), block, num_warps
+
+
+def _interpreter_rows(B, width):
+    """Rows per program under the interpreter (which pays per operation): up to ~32k elements of rows."""
+    return min(triton.next_power_of_2(max(B, 1)), max(1, 32768 // width))
 
 
 def _config_from_env():
@@ -587,8 +591,8 @@ def _candidate_config(B, V, device_type):
     if device_type == "cuda":
         return chunk, c, 1, 1, warps_1, warps_2 or None
     nc = triton.next_power_of_2(triton.cdiv(V, chunk) * c)
-    fit = lambda width: min(triton.next_power_of_2(max(B, 1)), max(1, 32768 // width))  # noqa: E731
-    return chunk, c, fit(chunk), fit(max(nc, min(triton.next_power_of_2(V), 2048))), warps_1, warps_2 or None
+    rows_2 = _interpreter_rows(B, max(nc, min(triton.next_power_of_2(V), 2048)))  # the fallback's BLOCK too
+    return chunk, c, _interpreter_rows(B, chunk), rows_2, warps_1, warps_2 or None
 
 
 def sample(logits, top_k, top_p, temperature, seeds, steps, *, return_logprobs=False):
