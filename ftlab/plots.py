@@ -279,8 +279,10 @@ def plot_sampling(csv_path: str | Path, png_path: str | Path) -> Path:
 
     rows = sampling_rows(csv_path)
     batches = sorted({r["B"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 4.2), dpi=120, sharey=True)
-    for ax, B in zip([axes] if len(batches) == 1 else axes, batches):
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 4.2), dpi=120, sharey=True,
+                             squeeze=False)
+    axes = axes[0]
+    for ax, B in zip(axes, batches):
         mine = [r for r in rows if r["B"] == B]
         xs = range(len(mine))
         ax.bar([x - 0.2 for x in xs], [r["passes_us"] for r in mine], 0.4, label="pass sampler")
@@ -290,8 +292,8 @@ def plot_sampling(csv_path: str | Path, png_path: str | Path) -> Path:
         ax.set_yscale("log")
         ax.set_title(f"batch {B}", fontsize=10)
         ax.grid(axis="y", alpha=0.3, which="both")
-    (axes if len(batches) > 1 else [axes])[0].set_ylabel("GPU time per call (us, log scale)")
-    (axes if len(batches) > 1 else [axes])[0].legend(fontsize=8)
+    axes[0].set_ylabel("GPU time per call (us, log scale)")
+    axes[0].legend(fontsize=8)
     return _save(fig, png_path)
 
 

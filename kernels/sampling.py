@@ -366,6 +366,13 @@ def _top(x, LOG_R: tl.constexpr, LOG_N: tl.constexpr, LOG_C: tl.constexpr, STDLI
 
 
 @triton.jit
+def _whole_row_race(greedy, k, p, V):
+    """Rows with neither a top-k nor a top-p limit: their draw is the race over the whole row, which stage 1 runs
+    chunk by chunk and stage 2 finishes."""
+    return ~greedy & ((k <= 0) | (k >= V)) & (p >= 1.0)
+
+
+@triton.jit
 def _pack(s, idx, valid):
     """int64 sort keys of (scaled value, index): larger value first, then lower index (a stable descending order);
     INT64_MIN for lanes past the end of the row."""
@@ -401,7 +408,7 @@ def _candidates_kernel(logits_ptr, stride_row, top_k_ptr, top_p_ptr, temperature
     z_c = tl.sum(tl.exp(s - shift[:, None]), 1)
     race_score = tl.full([ROWS], float("-inf"), tl.float32)
     race_idx = tl.zeros([ROWS], tl.int32) + V
-    full_race = ~greedy & ((k <= 0) | (k >= V)) & (p >= 1.0)
+    full_race = _whole_row_race(greedy, k, p, V)
     if tl.max(full_race.to(tl.int32), 0) > 0:
         noise = tl.log(_exponential(_stream(seeds_ptr, steps_ptr, rows)[:, None], idx[None, :]))
         score = tl.where(valid, s - noise, float("-inf"))
@@ -477,9 +484,9 @@ def _select_kernel(logits_ptr, stride_row, top_k_ptr, top_p_ptr, temperature_ptr
         mass_known = tl.sum(tl.where(rank == last[:, None], incl, 0.0), 1)
         use_p = ~greedy & (p < 1.0)
         p_found = use_k | (~limit_k & (mass_known >= target))  # the crossing lies among the exact ranks
-        full_race = ~greedy & ((k <= 0) | (k >= V)) & ~use_p
+        full_race = _whole_row_race(greedy, k, p, V)
         n_keep = tl.where(use_p, n_p, n_k)
-        race_here = ~greedy & ~full_race & tl.where(use_p, p_found, use_k)
+        race_here = ~greedy & tl.where(use_p, p_found, use_k)  # (never a whole-row race: no limit is used there)
         unresolved = ~greedy & ~full_race & ~race_here
 
         if tl.max(race_here.to(tl.int32), 0) > 0:
