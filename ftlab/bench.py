@@ -166,15 +166,21 @@ def decode_step_ms(model: GPT, context: int = 512, batch: int = 1, steps: int = 
     return times
 
 
+def random_model(config: GPTConfig, dtype: str = "fp16") -> GPT:
+    """A GPT of `config`'s shape with random weights drawn on the GPU."""
+    device = torch.device("cuda")
+    return GPT.from_ft_tensors(config, random_ft_tensors(config, dtype=compute_dtype(dtype), device=device),
+                               dtype=dtype, device=device)
+
+
 def profile_decode_step(config: GPTConfig = GPT_345M, *, batch: int = 1, context: int = 512, dtype="fp16",
                         steps: int = 20) -> str:
     """Per-kernel GPU time of the prefill of `batch` prompts of `context` tokens (3 runs) and of the decode step
     after it (`steps` runs), kernel by kernel rather than as graphs, so that each launch is visible."""
     from torch.profiler import ProfilerActivity, profile
 
-    device = torch.device("cuda")
-    model = GPT.from_ft_tensors(config, random_ft_tensors(config, dtype=compute_dtype(dtype), device=device),
-                                dtype=dtype, device=device)
+    model = random_model(config, dtype)
+    device = model.device
     prompts = random_prompts(batch, context, config.vocab_size, seed=1)
     params = RequestParams.build(batch, config.vocab_size, device, **GREEDY, random_seed=0, end_id=config.end_id)
 

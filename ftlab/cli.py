@@ -5,7 +5,7 @@
     ftlab convert hf -i HF_DIR -o OUT_DIR -i_g N [--weight-data-type fp32|fp16] [--force]
     ftlab convert megatron -i CKPT_DIR -o OUT_DIR [-t_g T] -i_g N [--head-num H] [--weight-data-type ..] [--force]
     ftlab bench [--shape 345m | -m MODEL_DIR] [--batch-sizes 1,8] [--cells 128x8,512x32]
-                [--profile-decode | --breakdown-decode]
+                [--profile-decode | --timeline-decode | --breakdown-decode]
     ftlab serve [-m MODEL_DIR] [--host H] [--port 8000] [--grpc-port 8001] [--max-batch-size N]
                 [--max-queue-delay-us US]
     ftlab sweep [-m MODEL_DIR] [--prompt TEXT ...] [--top-k 1,8,40,0] [--top-p 0.5,0.9,1] [--seeds N] [--csv F]
@@ -110,6 +110,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--profile-decode", action="store_true",
                    help="only print the per-kernel GPU time of the prefill of 512-token prompts and of a decode "
                         "step at context 512 (--shape), for each of --batch-sizes")
+    p.add_argument("--timeline-decode", action="store_true",
+                   help="only print what each kernel adds to the captured decode step at context 512 as the graph "
+                        "runs it (overlaps and gaps included), for each of --batch-sizes (ftlab/timeline.py)")
     p.add_argument("--breakdown-decode", action="store_true",
                    help="only split the captured decode step at context 512 into blocks (HBM weights, L2-resident "
                         "weights) and the rest, for each of --batch-sizes (rows appended to --csv, default "
@@ -337,6 +340,15 @@ def cmd_bench(args) -> int:
         for batch in batches:
             print(f"{config.model_name}, batch {batch}, prompts of 512 tokens, {args.dtype}:")
             print(bench.profile_decode_step(config, batch=batch, dtype=args.dtype))
+        return 0
+    if args.timeline_decode:
+        from .timeline import decode_timeline
+
+        model = bench.random_model(config, args.dtype)
+        sampling = dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
+        for batch in batches:
+            print(f"{config.model_name}, {args.dtype}, {bench.sampling_label(sampling)}:")
+            print(decode_timeline(model, batch=batch, **sampling), flush=True)
         return 0
     if args.breakdown_decode:
         variant = ",".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("FTLAB_"))

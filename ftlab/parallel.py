@@ -136,6 +136,7 @@ def random_stage_weights(config: GPTConfig, layout: Layout, *, seed: int = 0, st
                               first_stage=layout.is_first_stage, last_stage=layout.is_last_stage, **shard)
         weights.wte, weights.wpe, weights.lm_head = edge.wte, edge.wpe, edge.lm_head
         weights.lnf_weight, weights.lnf_bias = edge.lnf_weight, edge.lnf_bias
+        weights.lm_head_bias, weights.lm_head_ln_row_sums = edge.lm_head_bias, edge.lm_head_ln_row_sums
     return weights
 
 

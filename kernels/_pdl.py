@@ -44,3 +44,55 @@ def pdl_for(device: torch.device) -> bool:
 def launch_options(use_pdl: bool) -> dict:
     """Extra keyword arguments for `kernel[grid](...)`: none unless PDL is on (the interpreter takes no such option)."""
     return {"launch_pdl": True} if use_pdl else {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# micro-benchmark: the latency of one hop of a dependent kernel chain (`python -m ftlab.kernels._pdl`)
+
+import triton  # noqa: E402  (the helpers above must stay importable without compiling anything)
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _chain_hop_kernel(x_ptr, out_ptr, n, USE_PDL: tl.constexpr, READ_X: tl.constexpr, BLOCK: tl.constexpr):
+    # one hop: wait for the previous kernel, read what it wrote (one value, or a whole x row as a GEMV would),
+    # write one value per program for the next
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    pid = tl.program_id(0)
+    if READ_X:
+        offs = tl.arange(0, BLOCK)
+        v = tl.sum(tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32), axis=0)
+    else:
+        v = tl.load(x_ptr + pid % n).to(tl.float32)
+    tl.store(out_ptr + pid, (v * 0.5).to(out_ptr.dtype.element_ty))
+
+
+def chain_hop_us(programs: int, use_pdl: bool, read_x: bool, width: int = 1024, hops: int = 96) -> float:
+    """Microseconds per kernel of a CUDA graph of `hops` dependent launches of `programs` programs (4 warps)."""
+    from triton.testing import do_bench_cudagraph
+
+    bufs = [torch.randn(max(programs, width), device="cuda", dtype=torch.float16) for _ in range(2)]
+
+    def chain():
+        for i in range(hops):
+            _chain_hop_kernel[(programs,)](bufs[i % 2], bufs[(i + 1) % 2], width, USE_PDL=use_pdl, READ_X=read_x,
+                                           BLOCK=triton.next_power_of_2(width), num_warps=4,
+                                           **launch_options(use_pdl))
+    return do_bench_cudagraph(chain, rep=50) * 1e3 / hops
+
+
+if __name__ == "__main__":
+    from ._bench import save_rows
+
+    rows = []
+    print(f"{'programs':>9} {'reads':>6} {'PDL':>4} {'us per hop':>10}")
+    for programs in (1, 132, 768, 4096):
+        for read_x in (False, True):
+            for use_pdl in (False, True):
+                us = chain_hop_us(programs, use_pdl, read_x)
+                rows.append(dict(gpu=torch.cuda.get_device_name(), programs=programs,
+                                 reads="x row" if read_x else "one value", pdl=int(use_pdl), us_per_hop=round(us, 3)))
+                print(f"{programs:>9} {'x row' if read_x else '1':>6} {int(use_pdl):>4} {us:>10.2f}", flush=True)
+    save_rows(rows, "pdl_chain_hop.csv")

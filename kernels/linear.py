@@ -231,7 +231,7 @@ def _gemv_kernel(
     M, N, K, k_per_split, ln_eps, pf_bytes, pf_share,
     HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_LN: tl.constexpr,
     WRITE_PARTIAL: tl.constexpr, USE_PDL: tl.constexpr, ROW_IN_REGS: tl.constexpr, LN_FOLD: tl.constexpr,
-    COMBINED_REDUCE: tl.constexpr, PREFETCH: tl.constexpr,
+    COMBINED_REDUCE: tl.constexpr, PREFETCH: tl.constexpr, LN_PREFOLDED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
     BLOCK_K: tl.constexpr,  # = LANES * VEC
 ):
@@ -276,15 +276,24 @@ def _gemv_kernel(
         # everything but x . gw is done before the wait, and after it x feeds the dot product and its own
         # statistics at once, which then share one cross-thread reduction (instead of mean, then variance, then the
         # dot product, one after another). Only with the whole row in one program (ROW_IN_REGS: k_lo = 0).
-        g_lo = _load_x_chunk(ln_w_ptr + chunk4, 0, K, chunk4)  # (1, 1, LANES, VEC), 0 beyond K
-        g_hi = _load_x_chunk(ln_w_ptr + chunk4, BLOCK_K, K, chunk4)
-        gw_lo = w_next.to(tl.float32) * g_lo  # (1, BN, LANES, VEC)
-        gw_hi = w_after.to(tl.float32) * g_hi
-        gw_sum = tl.sum(tl.sum(tl.sum(gw_lo + gw_hi, axis=3), axis=2), axis=0)  # (BN,)
-        b_lo = _load_x_chunk(ln_b_ptr + chunk4, 0, K, chunk4)
-        b_hi = _load_x_chunk(ln_b_ptr + chunk4, BLOCK_K, K, chunk4)
-        bw = w_next.to(tl.float32) * b_lo + w_after.to(tl.float32) * b_hi
-        bw_sum = tl.sum(tl.sum(tl.sum(bw, axis=3), axis=2), axis=0)  # (BN,)
+        if LN_PREFOLDED:
+            # the model folded g into the weight and b . w into the bias when it loaded them (ftlab/model.py
+            # fold_layernorms): ln_w_ptr holds the rows' sums sum_k(gw), and no LN parameter is loaded at all (at
+            # two rows per program they were as many bytes as the weight, and gw in fp32 twice its registers)
+            gw_lo = w_next  # (1, BN, LANES, VEC), converted where it is used
+            gw_hi = w_after
+            gw_sum = tl.load(ln_w_ptr + tl.minimum(offs_n, N - 1))  # (BN,) fp32
+            bw_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        else:
+            g_lo = _load_x_chunk(ln_w_ptr + chunk4, 0, K, chunk4)  # (1, 1, LANES, VEC), 0 beyond K
+            g_hi = _load_x_chunk(ln_w_ptr + chunk4, BLOCK_K, K, chunk4)
+            gw_lo = w_next.to(tl.float32) * g_lo  # (1, BN, LANES, VEC)
+            gw_hi = w_after.to(tl.float32) * g_hi
+            gw_sum = tl.sum(tl.sum(tl.sum(gw_lo + gw_hi, axis=3), axis=2), axis=0)  # (BN,)
+            b_lo = _load_x_chunk(ln_b_ptr + chunk4, 0, K, chunk4)
+            b_hi = _load_x_chunk(ln_b_ptr + chunk4, BLOCK_K, K, chunk4)
+            bw = w_next.to(tl.float32) * b_lo + w_after.to(tl.float32) * b_hi
+            bw_sum = tl.sum(tl.sum(tl.sum(bw, axis=3), axis=2), axis=0)  # (BN,)
     if PREFETCH:  # the next kernel's weight into L2 (kernels/_prefetch.py), behind this program's own loads
         l2_prefetch(pf_ptr, pf_bytes, pf_share, PREFETCH, 128)
     if USE_PDL:
@@ -301,7 +310,7 @@ def _gemv_kernel(
         x0 = tl.load(x_rows).to(tl.float32)[:, None, None, None]  # (BM, 1, 1, 1)
         d_lo = tl.where(chunk4 < K, x_next - x0, 0.0)
         d_hi = tl.where(BLOCK_K + chunk4 < K, x_after - x0, 0.0)
-        dot = tl.sum(d_lo * gw_lo + d_hi * gw_hi, axis=3)  # (BM, BN, LANES)
+        dot = tl.sum(d_lo * gw_lo.to(tl.float32) + d_hi * gw_hi.to(tl.float32), axis=3)  # (BM, BN, LANES)
         s1 = tl.broadcast_to(tl.sum(d_lo + d_hi, axis=3), dot.shape)
         s2 = tl.broadcast_to(tl.sum(d_lo * d_lo + d_hi * d_hi, axis=3), dot.shape)
         if COMBINED_REDUCE:
@@ -529,7 +538,8 @@ def _ln_fold_on() -> bool:
     return os.environ.get("FTLAB_LN_FOLD", "1") != "0"
 
 
-def _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg: GemvConfig, prefetch=None):
+def _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg: GemvConfig, prefetch=None,
+              ln_row_sums=None):
     M, K = x.shape
     N = weight.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -540,13 +550,15 @@ def _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, c
     use_pdl = pdl_for(x.device)
     row_in_regs = split_k == 1 and K <= 2 * cfg.block_k
     pf = prefetch_plan(prefetch, grid[0] * grid[1] * grid[2], weight)
+    ln_fold = has_ln and row_in_regs and _ln_fold_on()
+    prefolded = ln_fold and ln_row_sums is not None  # else ln_weight / ln_bias (then 1 and 0) are applied as given
     _gemv_kernel[grid](
         x, weight, bias if bias is not None else out, residual if residual is not None else out,
-        ln_weight if has_ln else out, ln_bias if has_ln else out, out, part, pf.target,
+        ln_row_sums if prefolded else ln_weight if has_ln else out, ln_bias if has_ln else out, out, part, pf.target,
         M, N, K, k_per_split, float(ln_eps), pf.nbytes, pf.share,
         HAS_BIAS=bias is not None, ACT_GELU=act_gelu, HAS_RES=residual is not None, HAS_LN=has_ln,
         WRITE_PARTIAL=split_k > 1, USE_PDL=use_pdl, ROW_IN_REGS=row_in_regs,
-        LN_FOLD=has_ln and row_in_regs and _ln_fold_on(), COMBINED_REDUCE=x.is_cuda, PREFETCH=pf.mode,
+        LN_FOLD=ln_fold, COMBINED_REDUCE=x.is_cuda, PREFETCH=pf.mode, LN_PREFOLDED=prefolded,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, LANES=cfg.lanes, VEC=cfg.vec, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, **launch_options(use_pdl),
     )
@@ -670,12 +682,21 @@ def linear_impl_for(M: int, N: int, K: int) -> str:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
            activation: Optional[str] = None, residual: Optional[torch.Tensor] = None,
            ln_weight: Optional[torch.Tensor] = None, ln_bias: Optional[torch.Tensor] = None,
-           ln_eps: float = 1e-5, impl: Optional[str] = None, prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
+           ln_eps: float = 1e-5, impl: Optional[str] = None, prefetch: Optional[torch.Tensor] = None,
+           ln_row_sums: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = act(LN?(x) @ weight.T + bias) + residual -> (M, N) in x.dtype. See the module docstring.
+
+    ln_row_sums (N,) fp32: the LayerNorm's gain is already folded into weight's columns and its shift into bias
+    (ln_weight all ones, ln_bias all zeros: see ftlab/model.py fold_layernorms), and these are weight's row sums
+    in fp32. The gemv then loads no LN parameter; the other paths apply ln_weight / ln_bias as usual.
 
     prefetch: a tensor the next kernel will read (its weight); the gemv asks L2 to fetch it while it runs
     (kernels/_prefetch.py). A hint only: ignored by the other paths, off the GPU, and with FTLAB_PREFETCH=0."""
     _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps, impl, prefetch)
+    if ln_row_sums is not None:
+        if ln_weight is None:
+            raise ValueError("ln_row_sums needs ln_weight / ln_bias (ones and zeros: the affine folded into weight)")
+        _check_tensor("ln_row_sums", ln_row_sums, (weight.shape[0],), (torch.float32,), x.device)
     M, K = x.shape
     N = weight.shape[0]
     act_gelu = activation == "gelu"
@@ -694,12 +715,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             widest = max(4, (1 << 20) // (cfg.block_m * lanes * cfg.vec))
             cfg = cfg._replace(lanes=lanes, num_warps=max(1, min(4, lanes // 32)),
                                block_n=min(triton.next_power_of_2(N), widest), split_k=1)
-        return _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg, prefetch)
+        return _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg, prefetch, ln_row_sums)
     cfg = pick_gemm_config(M, N, K, x.dtype, num_sms)
     if x.device.type == "cpu":  # as above: fewer, larger tiles under the interpreter
         cfg = cfg._replace(block_m=min(triton.next_power_of_2(M), 64), block_n=min(triton.next_power_of_2(N), 64),
                            split_k=1)
     return _run_gemm(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg)
+
+
+def fold_layernorm(weight: torch.Tensor, bias: Optional[torch.Tensor], ln_weight: torch.Tensor,
+                   ln_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The arguments of `linear(..., ln_row_sums=)`: LN(x) @ W.T + c == norm(x) @ (W * g).T + (c + W @ b) with
+    norm(x) = (x - mean) * rstd. Returns (W * g, c + W @ b, the fp32 row sums of W * g as stored), the first two in
+    the weight's dtype, all computed in fp32; then call linear with ln_weight = 1 and ln_bias = 0."""
+    w32 = weight.float()
+    folded = (w32 * ln_weight.float()).to(weight.dtype).contiguous()
+    new_bias = (w32 * ln_bias.float()).sum(1)  # row by row: a tensor-parallel shard gets its rows' exact values
+    if bias is not None:
+        new_bias += bias.float()
+    return folded, new_bias.to(weight.dtype), folded.float().sum(1)
 
 
 def gelu_tanh_reference(x: torch.Tensor) -> torch.Tensor:

@@ -115,3 +115,26 @@ def test_reference_model_agrees(device):
     ref = reference_greedy(ReferenceGPT(config, ft), prompts, 6)
     ours = generate(GPT.from_ft_tensors(config, ft, device=device), prompts, max_new_tokens=6)
     assert [ours.generated_ids(b) for b in range(3)] == ref
+
+
+def test_folded_layernorms_compute_the_same_model(device, monkeypatch):
+    # fold_layernorms (the default when weights are loaded) against the checkpoint's tensors as they are
+    cfg = CONFIGS[2]
+    hf = random_hf_model(**cfg)
+    folded = ftlab_model(hf, "fp32", device)
+    monkeypatch.setenv("FTLAB_LN_PREFOLD", "0")
+    plain = ftlab_model(hf, "fp32", device)
+    b, p = folded.weights.blocks[0], plain.weights.blocks[0]
+    assert torch.equal(b.ln1_weight, torch.ones_like(b.ln1_weight)) and not torch.equal(p.ln1_weight, b.ln1_weight)
+    assert torch.equal(b.fc1_ln_row_sums, b.fc1_weight.float().sum(1)) and p.fc1_ln_row_sums is None
+    # the tied LM head gets its own folded copy; the embedding still reads the checkpoint's wte
+    assert torch.equal(folded.weights.wte, plain.weights.wte) and folded.weights.lm_head is not folded.weights.wte
+    prompts = random_prompts(cfg["vocab_size"], [1, 7, 13, 2])
+    for got, ref in zip(folded.logits(prompts), plain.logits(prompts)):
+        assert_rel_close(got, ref, tol=1e-5, what="prefill logits, folded vs not")
+    # the decode step (GEMVs with the row sums) too: greedy tokens of a ragged batch, and their log-probs
+    out_f = generate(folded, prompts, max_new_tokens=6, top_k=1, return_log_probs=True)
+    out_p = generate(plain, prompts, max_new_tokens=6, top_k=1, return_log_probs=True)
+    assert out_f.output_ids == out_p.output_ids
+    assert_rel_close(torch.tensor(out_f.output_log_probs), torch.tensor(out_p.output_log_probs), tol=1e-4,
+                     what="log-probs")

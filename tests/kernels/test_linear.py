@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from ftlab.kernels import linear as linear_module
-from ftlab.kernels.linear import (GemmConfig, GemvConfig, gelu_tanh_reference, linear, linear_impl_for,
-                                  linear_reference, pick_gemm_config, pick_gemv_config)
+from ftlab.kernels.linear import (GemmConfig, GemvConfig, fold_layernorm, gelu_tanh_reference, linear,
+                                  linear_impl_for, linear_reference, pick_gemm_config, pick_gemv_config)
 from tests.util import DTYPES, REL_TOL, assert_rel_close, skip_if_interpreter_bf16
 
 # every combination of the optional parts: (bias, gelu, residual, LayerNorm prologue)
@@ -241,3 +241,39 @@ def test_cublas_gelu_epilogue_is_the_tanh_gelu(dtype, M, N, K):
     if dtype == torch.float32:
         assert (got.double() - F.gelu(pre)).abs().max() > 1e-4  # not the erf GELU
     torch.testing.assert_close(linear(x, w, b, activation="gelu", impl="torch"), got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("impl", ["gemv", "gemm", "torch"])
+@pytest.mark.parametrize("M,N,K,offset", [(1, 13, 1023, 0.5), (3, 7, 64, 0.5), (2, 33, 100, 300.0), (7, 1, 13, 0.5)])
+def test_prefolded_ln_matches_the_layernorm(dtype_name, impl, M, N, K, offset, device):
+    # the LN's gain folded into the weight and its shift into the bias (fold_layernorm), the row sums given: every
+    # path computes LN(x) @ W.T + c; the gemv loads no LN parameter (LN_PREFOLDED), the others apply ones / zeros
+    dtype = DTYPES[dtype_name]
+    if impl == "gemm":  # the gemv path has no tl.dot: bf16 runs in the interpreter
+        skip_if_interpreter_bf16(dtype, device)
+    x, weight, kwargs = _make_inputs(M, N, K, dtype, device, bias=True, gelu=True, residual=True, ln=True)
+    x = (x.float() + offset).to(dtype)
+    folded, bias, row_sums = fold_layernorm(weight, kwargs["bias"], kwargs["ln_weight"], kwargs["ln_bias"])
+    assert row_sums.dtype == torch.float32 and folded.dtype == dtype and bias.dtype == dtype
+    ones, zeros = torch.ones(K, dtype=dtype, device=device), torch.zeros(K, dtype=dtype, device=device)
+    out = linear(x, folded, bias, activation="gelu", residual=kwargs["residual"], ln_weight=ones, ln_bias=zeros,
+                 ln_row_sums=row_sums, impl=impl)
+    unfolded = linear(x, weight, kwargs["bias"], activation="gelu", residual=kwargs["residual"],
+                      ln_weight=kwargs["ln_weight"], ln_bias=kwargs["ln_bias"], impl=impl)
+    ref = _reference64(x, weight, kwargs)
+    # folding rounds W * g and c + W @ b once in the dtype: within the unfolded path's own tolerance of the truth
+    tol = REL_TOL[dtype] * (2 if dtype != torch.float32 else 10)
+    assert_rel_close(out, ref, tol=tol, what=f"{impl} {dtype_name} M={M} N={N} K={K}")
+    assert_rel_close(unfolded, ref, tol=tol, what=f"unfolded {impl}")
+
+
+def test_ln_row_sums_errors(device):
+    x, w = torch.randn(2, 32).to(device), torch.randn(8, 32).to(device)
+    ones, zeros = torch.ones(32).to(device), torch.zeros(32).to(device)
+    with pytest.raises(ValueError, match="ln_row_sums needs ln_weight"):
+        linear(x, w, ln_row_sums=w.sum(1))
+    with pytest.raises(ValueError, match="ln_row_sums"):
+        linear(x, w, ln_weight=ones, ln_bias=zeros, ln_row_sums=torch.zeros(7).to(device))
+    with pytest.raises(ValueError, match="ln_row_sums"):
+        linear(x, w, ln_weight=ones, ln_bias=zeros, ln_row_sums=w.sum(1).half())

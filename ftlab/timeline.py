@@ -1,0 +1,156 @@
+"""Where a captured decode step's time goes on the GPU, kernel by kernel, as the graph actually runs it.
+
+`ftlab bench --profile-decode` times every kernel of an eager step; inside the CUDA graph the kernels overlap (PDL
+launches each GEMV and decode attention before its predecessor ends) and small ones cost more than their own
+duration (the gap before them). So this profiles graph replays (CUPTI sees the kernels inside a graph) and charges
+each kernel what it ADDS to the step: how far it moves the latest end seen so far, and separately the idle gap
+just before it. Those sum to the step's GPU span. Block kernels are labelled by their slot in the block (the kernels between the
+embedding and the LM head repeat with one period per layer), the others by name. Two more numbers per step:
+the time between the step's events as `bench.decode_step_ms` measures it (host launch latency included), and the
+time per step of replays issued back to back without a host synchronisation.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from .bench import GREEDY, random_prompts
+from .generate import LocalSession, RequestParams
+from .model import GPT
+
+_KINDS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def short_name(name: str) -> str:
+    """A kernel's name without templates / argument lists, and Triton's `_kernel` suffix dropped."""
+    name = name.split("<")[0].split("(")[0].strip()
+    for prefix in ("void ", "at::native::", "(anonymous namespace)::"):
+        name = name.replace(prefix, "")
+    return name[:48]
+
+
+def _gpu_events(prof) -> list[tuple[float, float, str]]:
+    """(start us, end us, name) of every kernel / copy / memset of a finished torch.profiler run, in start order."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        trace = json.loads(path.read_text())
+    events = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), short_name(e["name"]))
+              for e in trace.get("traceEvents", []) if e.get("cat") in _KINDS and e.get("ph") == "X"]
+    return sorted(events)
+
+
+def label_step(names: list[str], period: int | None) -> list[str]:
+    """Labels for one step's kernels: `block k/P: name` for the layers' kernels (k = slot within the block's P
+    kernels), the plain name for the others. The blocks are the longest stretch that repeats with `period`."""
+    labels = list(names)
+    if not period:
+        return labels
+    n = len(names)
+    best = (0, 0)  # (length, start) of the longest run with names[i] == names[i + period]
+    i = 0
+    while i + period < n:
+        j = i
+        while j + period < n and names[j] == names[j + period]:
+            j += 1
+        if j - i > best[0]:
+            best = (j - i, i)
+        i = j + 1
+    length, start = best
+    layers = (length + period) // period
+    for i in range(start, start + layers * period):
+        labels[i] = f"block {(i - start) % period}/{period}: {names[i]}"
+    return labels
+
+
+def step_table(steps: list[list[tuple[float, float, str]]], period: int | None) -> tuple[list[dict], float]:
+    """Per label, per step on average: calls, mean duration, the idle time just before its calls (`gap_us`: the
+    GPU ran nothing of this step) and the time its calls add beyond that (`added_us`); and the mean GPU span.
+    Gaps plus additions sum to the span."""
+    added, durations, gaps, calls = defaultdict(list), defaultdict(list), defaultdict(list), defaultdict(int)
+    spans = []
+    for events in steps:
+        labels = label_step([name for _, _, name in events], period)
+        first = events[0][0]
+        latest = first
+        per_step = defaultdict(float)
+        for (start, end, _), label in zip(events, labels):
+            gaps[label].append(max(0.0, start - latest))
+            per_step[label] += max(0.0, end - max(start, latest))
+            latest = max(latest, end)
+            durations[label].append(end - start)
+            calls[label] += 1
+        spans.append(latest - first)
+        for label, value in per_step.items():
+            added[label].append(value)
+    rows = [dict(label=label, calls=calls[label] / len(steps), mean_us=statistics.mean(durations[label]),
+                 added_us=statistics.mean(added[label]), gap_us=sum(gaps[label]) / len(steps)) for label in added]
+    rows.sort(key=lambda r: -r["added_us"] - r["gap_us"])
+    return rows, statistics.mean(spans)
+
+
+def _period(names: list[str]) -> int | None:
+    """Kernels per block: the distance between consecutive decode-attention kernels (None without them)."""
+    where = [i for i, n in enumerate(names) if "decode_attention" in n or "decode_partition" in n]
+    return where[1] - where[0] if len(where) > 1 else None
+
+
+@torch.no_grad()
+def decode_timeline(model: GPT, *, batch: int = 1, context: int = 512, steps: int = 10, **sampling) -> str:
+    """Profile `steps` replays of the captured decode step (each followed by a host synchronisation, as
+    bench.decode_step_ms times them) and return the table described in the module docstring."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = model.config
+    params = RequestParams.build(batch, cfg.vocab_size, model.device, **{**GREEDY, **sampling}, random_seed=0,
+                                 end_id=cfg.end_id)
+    session = LocalSession(model, random_prompts(batch, context, cfg.vocab_size, seed=1), 3 * steps + 16, params)
+    tokens = session.first()[0]
+    for _ in range(3):
+        tokens = session.next(tokens)[0]
+    torch.cuda.synchronize()
+
+    event_ms = []
+    for _ in range(steps):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        tokens = session.next(tokens)[0]
+        stop.record()
+        stop.synchronize()
+        event_ms.append(start.elapsed_time(stop))
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        tokens = session.next(tokens)[0]
+    stop.record()
+    stop.synchronize()
+    back_to_back_ms = start.elapsed_time(stop) / steps
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            tokens = session.next(tokens)[0]
+            torch.cuda.synchronize()
+    events = _gpu_events(prof)
+    if not events or len(events) % steps:
+        return (f"the profiler saw {len(events)} GPU events in {steps} replays (not a whole number per step: "
+                f"CUPTI may not report kernels inside CUDA graphs here)")
+    per = len(events) // steps
+    step_events = [events[i * per:(i + 1) * per] for i in range(steps)]
+    rows, span = step_table(step_events, _period([n for _, _, n in step_events[0]]))
+    lines = [f"batch {batch}, context {context}, {per} GPU events per step; GPU span {span:.1f} us under the "
+             f"profiler; without it {1e3 * statistics.median(event_ms):.1f} us between the step's events "
+             f"(synchronised per step), {1e3 * back_to_back_ms:.1f} us per step back to back",
+             f"{'kernel (block slot/kernels per block)':<58} {'calls':>5} {'mean us':>8} {'gap us':>7} "
+             f"{'adds us':>8} {'share':>6}"]
+    busy = span - sum(r["gap_us"] for r in rows)
+    for r in rows:
+        lines.append(f"{r['label'][:58]:<58} {r['calls']:>5.0f} {r['mean_us']:>8.2f} {r['gap_us']:>7.1f} "
+                     f"{r['added_us']:>8.1f} {r['added_us'] / busy:>6.1%}")
+    lines.append(f"(share: of the {busy:.1f} us the GPU was busy with the step; the gaps are mostly the profiler's "
+                 f"own launch latency)")
+    return "\n".join(lines)
