@@ -170,16 +170,19 @@ def fold_layernorms(weights: GPTWeights) -> None:
 
     The LayerNorms are left with gain 1 and shift 0, so every path (cuBLAS prefill, GEMV decode, the fused block,
     torch on a CPU) computes the same function as before; the decode GEMVs, given the row sums, then load no LN
-    parameter at all (kernels/linear.py LN_PREFOLDED): on the H200 a GPT-345M step's GEMV chain 14.8 -> 12.4 us
-    per layer at most (no LN at all), the 50257-row LM head 45.1 -> 31.3 us (data/bench/ln_prefold.txt); the
-    decode step 0.534 -> 0.422 ms, bs1 512 -> 32 19.8 -> 16.2 ms (data/bench/ln_prefold_ab.csv). A tied LM
-    head gets its own folded copy (the embedding keeps reading wte). Rounding: W * g is stored in the weight's
-    dtype, one rounding of the size the LN output's own rounding has in the unfolded model. FTLAB_LN_PREFOLD=0
-    (read when weights are loaded) keeps the checkpoint's tensors as they are."""
+    parameter at all (kernels/linear.py LN_PREFOLDED): on the H200 a GPT-345M step's GEMV chain 14.5-14.7 ->
+    12.0-12.3 us per layer (data/bench/linear_chain_ln_fold.csv), the 50257-row LM head 45.1 -> 31.3 us (no LN at
+    all, the bound: data/bench/ln_prefold.txt); the decode step 0.534 -> 0.422 ms, bs1 512 -> 32 19.8 -> 16.2
+    ms (data/bench/ln_prefold_ab.csv). A tied LM head gets its own folded copy (the embedding keeps reading wte).
+    Rounding: W * g is stored in the weight's dtype, one rounding of the size the LN output's own rounding has in
+    the unfolded model. FTLAB_LN_PREFOLD=0 (read when weights are loaded) keeps the checkpoint's tensors as they
+    are."""
     for b in weights.blocks:
         ones, zeros = torch.ones_like(b.ln1_weight), torch.zeros_like(b.ln1_bias)
-        b.qkv_weight, b.qkv_bias, b.qkv_ln_row_sums = fold_layernorm(b.qkv_weight, b.qkv_bias, b.ln1_weight, b.ln1_bias)
-        b.fc1_weight, b.fc1_bias, b.fc1_ln_row_sums = fold_layernorm(b.fc1_weight, b.fc1_bias, b.ln2_weight, b.ln2_bias)
+        b.qkv_weight, b.qkv_bias, b.qkv_ln_row_sums = fold_layernorm(b.qkv_weight, b.qkv_bias, b.ln1_weight,
+                                                                     b.ln1_bias)
+        b.fc1_weight, b.fc1_bias, b.fc1_ln_row_sums = fold_layernorm(b.fc1_weight, b.fc1_bias, b.ln2_weight,
+                                                                     b.ln2_bias)
         b.ln1_weight, b.ln1_bias, b.ln2_weight, b.ln2_bias = ones, zeros, ones.clone(), zeros.clone()
     if weights.lm_head is not None and weights.lnf_weight is not None:
         weights.lm_head, weights.lm_head_bias, weights.lm_head_ln_row_sums = fold_layernorm(

@@ -4,10 +4,10 @@
 launches each GEMV and decode attention before its predecessor ends) and small ones cost more than their own
 duration (the gap before them). So this profiles graph replays (CUPTI sees the kernels inside a graph) and charges
 each kernel what it ADDS to the step: how far it moves the latest end seen so far, and separately the idle gap
-just before it. Those sum to the step's GPU span. Block kernels are labelled by their slot in the block (the kernels between the
-embedding and the LM head repeat with one period per layer), the others by name. Two more numbers per step:
-the time between the step's events as `bench.decode_step_ms` measures it (host launch latency included), and the
-time per step of replays issued back to back without a host synchronisation.
+just before it; those sum to the step's GPU span. Block kernels are labelled by their slot in the block (the
+kernels between the embedding and the LM head repeat with one period per layer), the others by name. Two more
+numbers per step: the time between the step's events as `bench.decode_step_ms` measures it (host launch latency
+included), and the time per step of replays issued back to back without a host synchronisation.
 """
 from __future__ import annotations
 

@@ -872,13 +872,15 @@ def _sweep() -> None:
     save_rows(rows, "linear_sweep.csv")
 
 
-def _chain_sweep(prefetch_only: bool = False, fold_only: bool = False) -> None:
+def _chain_sweep(prefetch_only: bool = False, fold_only: bool = False, policies_only: bool = False) -> None:
     """The decode GEMVs of a whole GPT-345M step (24 layers x QKV+LN, out+residual, FC1+LN+GELU, FC2+residual,
     M = 1, fp16, distinct weights per layer so every one streams from HBM) captured as one CUDA graph, under
     block-size policies applied to every shape, with PDL on and off. In a chain what matters is how consecutive
     kernels overlap (PDL: the next one's programs load weights while the last ones of this one finish), which
     the one-kernel sweep cannot see. First the heuristic with L2 prefetch of a later GEMV's weight (off, bulk,
-    per line; 1 or 2 GEMVs ahead), then (unless prefetch_only) the block policies. Prints us per layer, best first."""
+    per line; 1 or 2 GEMVs ahead), then (unless prefetch_only) the block policies (policies_only: those alone, PDL
+    on). The LN GEMVs get their LayerNorm folded into the weight, as the model loads them (fold_layernorm;
+    fold_only compares that with the in-kernel fold and with no fold). Prints us per layer, best first."""
     from triton.testing import do_bench_cudagraph
 
     from ._bench import save_rows
@@ -891,10 +893,12 @@ def _chain_sweep(prefetch_only: bool = False, fold_only: bool = False) -> None:
 
     x = torch.randn(1, H, device=device).to(dtype)
     ln_w, ln_b = 1 + rand(H), rand(H)
+    ones, zeros = torch.ones_like(ln_w), torch.zeros_like(ln_b)
     chain = []  # (weight, bias, LN prologue, residual, GELU) of QKV, attention output, FC1, FC2
     for _ in range(layers):
         chain += [(rand(3 * H, H), rand(3 * H), True, False, False), (rand(H, H), rand(H), False, True, False),
                   (rand(4 * H, H), rand(4 * H), True, False, True), (rand(H, 4 * H), rand(H), False, True, False)]
+    folded = [fold_layernorm(w, b, ln_w, ln_b) if has_ln else None for w, b, has_ln, _, _ in chain]
 
     def policies():
         yield "heuristic", lambda N, K: pick_gemv_config(1, N, K, dtype, num_sms)
@@ -916,43 +920,48 @@ def _chain_sweep(prefetch_only: bool = False, fold_only: bool = False) -> None:
                         return GemvConfig(1, block_n, lanes, 8, max(1, min(warps_cap, lanes // 32)), 1)
                     yield f"{per_sm}/SM warps<={warps_cap} row/{div}", pick
 
-    def run_chain(pick, ahead=0):
+    def run_chain(pick, ahead=0, prefold=True):
         h, h4 = x, None
         for i, (w, b, has_ln, has_res, gelu) in enumerate(chain):
             N, K = w.shape
             src = h if K == H else h4
-            prefetch = chain[i + ahead][0] if ahead and i + ahead < len(chain) else None
-            out = _run_gemv(src, w, b, h if has_res else None, ln_w if has_ln else None, ln_b if has_ln else None,
-                            1e-5, gelu, pick(N, K), prefetch)
+            j = i + ahead  # the GEMV whose weight this one asks L2 for: the tensor that GEMV will read
+            prefetch = ((folded[j] or chain[j])[0] if prefold else chain[j][0]) if ahead and j < len(chain) else None
+            g, s, sums = (ln_w, ln_b, None) if has_ln else (None, None, None)
+            if has_ln and prefold:
+                (w, b, sums), g, s = folded[i], ones, zeros
+            out = _run_gemv(src, w, b, h if has_res else None, g, s, 1e-5, gelu, pick(N, K), prefetch, sums)
             if N == 4 * H:
                 h4 = out
             else:
                 h = out if N == H else h
         return h
 
-    def time_chain(pick, ahead=0):
-        return do_bench_cudagraph(lambda: run_chain(pick, ahead), rep=20, return_mode="median") * 1e3 / layers
+    def time_chain(pick, ahead=0, prefold=True):
+        return do_bench_cudagraph(lambda: run_chain(pick, ahead, prefold), rep=20, return_mode="median") * 1e3 / layers
 
     rows = []
     heuristic = next(policies())[1]
-    if fold_only:  # the LN prologue as one pass with the gain/shift folded into the weight before the wait, or not
-        for fold in ("0", "1", "0", "1"):
-            os.environ["FTLAB_LN_FOLD"] = fold
-            us = time_chain(heuristic)
-            rows.append(dict(pdl="1", policy=f"heuristic ln_fold={fold}", us_per_layer=us))
-            print(f"PDL=1 heuristic, LN fold {fold}: {us:7.2f} us/layer", flush=True)
+    if fold_only:  # LN folded at load time; in the kernel (gain/shift applied to the weight before the wait); not
+        for _ in range(2):
+            for fold, prefold in (("1", True), ("1", False), ("0", False)):
+                os.environ["FTLAB_LN_FOLD"] = fold
+                us = time_chain(heuristic, prefold=prefold)
+                name = "prefolded" if prefold else f"ln_fold={fold}"
+                rows.append(dict(pdl="1", policy=f"heuristic {name}", us_per_layer=us))
+                print(f"PDL=1 heuristic, LN {name}: {us:7.2f} us/layer", flush=True)
         os.environ.pop("FTLAB_LN_FOLD")
         save_rows(rows, "linear_chain_ln_fold.csv")
         return
     # L2 prefetch (kernels/_prefetch.py): each GEMV fetches the weight `ahead` GEMVs later, bulk or per line
-    for mode in ("0", "1", "2"):
+    for mode in (() if policies_only else ("0", "1", "2")):
         os.environ["FTLAB_PREFETCH"] = mode
         for ahead in ((0,) if mode == "0" else (1, 2)):
             us = time_chain(heuristic, ahead)
             rows.append(dict(pdl="1", policy=f"heuristic prefetch={mode} ahead={ahead}", us_per_layer=us))
             print(f"PDL=1 heuristic, prefetch mode {mode}, {ahead} ahead: {us:7.2f} us/layer", flush=True)
-    os.environ.pop("FTLAB_PREFETCH")
-    for pdl in (() if prefetch_only else ("1", "0")):
+    os.environ.pop("FTLAB_PREFETCH", None)
+    for pdl in (() if prefetch_only else ("1",) if policies_only else ("1", "0")):
         os.environ["FTLAB_PDL"] = pdl
         for name, pick in policies():
             us = time_chain(pick)
@@ -1016,7 +1025,8 @@ if __name__ == "__main__":
     if "--sweep" in sys.argv[1:]:
         _sweep()
     elif "--chain" in sys.argv[1:]:
-        _chain_sweep(prefetch_only="--prefetch-only" in sys.argv[1:], fold_only="--ln-fold" in sys.argv[1:])
+        _chain_sweep(prefetch_only="--prefetch-only" in sys.argv[1:], fold_only="--ln-fold" in sys.argv[1:],
+                     policies_only="--policies-only" in sys.argv[1:])
     elif "--gemm" in sys.argv[1:]:
         _gemm_sweep()
     else:
