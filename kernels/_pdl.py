@@ -13,11 +13,18 @@ kernels whose weight loads each pay a full memory latency and a launch gap; over
 
 Used on CUDA devices of compute capability >= 9 when triton has the grid-dependency ops; FTLAB_PDL=0 turns it off
 (for measuring what it gives). Never under the interpreter.
+
+`python -m ftlab.kernels._pdl` times one hop of such a chain (a kernel that waits, reads what the previous one
+wrote and writes for the next), with and without PDL: on the H200 0.7-1.3 us with PDL for 1 to 768 programs,
+1.0-1.7 without (data/bench/pdl_chain_hop.csv). At 4096 programs PDL is slower (5.5 vs 3.6 us), likely because
+programs launched early occupy the SMs while they wait.
 """
 import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401  (used in kernels)
@@ -49,9 +56,6 @@ def launch_options(use_pdl: bool) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # micro-benchmark: the latency of one hop of a dependent kernel chain (`python -m ftlab.kernels._pdl`)
 
-import triton  # noqa: E402  (the helpers above must stay importable without compiling anything)
-import triton.language as tl  # noqa: E402
-
 
 @triton.jit
 def _chain_hop_kernel(x_ptr, out_ptr, n, USE_PDL: tl.constexpr, READ_X: tl.constexpr, BLOCK: tl.constexpr):
@@ -69,6 +73,13 @@ def _chain_hop_kernel(x_ptr, out_ptr, n, USE_PDL: tl.constexpr, READ_X: tl.const
     tl.store(out_ptr + pid, (v * 0.5).to(out_ptr.dtype.element_ty))
 
 
+def chain_hop(x: torch.Tensor, out: torch.Tensor, programs: int, read_x: bool, use_pdl: bool = False) -> None:
+    """One hop: out[p] = 0.5 * (sum(x) if read_x else x[p % len(x)]) for p < programs."""
+    n = x.numel()
+    _chain_hop_kernel[(programs,)](x, out, n, USE_PDL=use_pdl, READ_X=read_x, BLOCK=triton.next_power_of_2(n),
+                                   num_warps=4, **launch_options(use_pdl))
+
+
 def chain_hop_us(programs: int, use_pdl: bool, read_x: bool, width: int = 1024, hops: int = 96) -> float:
     """Microseconds per kernel of a CUDA graph of `hops` dependent launches of `programs` programs (4 warps)."""
     from triton.testing import do_bench_cudagraph
@@ -77,9 +88,7 @@ def chain_hop_us(programs: int, use_pdl: bool, read_x: bool, width: int = 1024, 
 
     def chain():
         for i in range(hops):
-            _chain_hop_kernel[(programs,)](bufs[i % 2], bufs[(i + 1) % 2], width, USE_PDL=use_pdl, READ_X=read_x,
-                                           BLOCK=triton.next_power_of_2(width), num_warps=4,
-                                           **launch_options(use_pdl))
+            chain_hop(bufs[i % 2][:width], bufs[(i + 1) % 2], programs, read_x, use_pdl)
     return do_bench_cudagraph(chain, rep=50) * 1e3 / hops
 
 

@@ -1,24 +1,15 @@
-"""When kernels are launched with programmatic dependent launch (the kernels' PDL paths run in the GPU suite)."""
+"""kernels/_pdl.py's chain-hop probe (the micro-benchmark's kernel) computes what it says."""
+import pytest
 import torch
 
-from ftlab.kernels import _pdl
+from ftlab.kernels._pdl import chain_hop
 
 
-def test_never_on_the_cpu():
-    assert not _pdl.pdl_for(torch.device("cpu"))
-    assert _pdl.launch_options(False) == {}
-
-
-def test_hopper_or_later_unless_turned_off(monkeypatch):
-    cuda0 = torch.device("cuda", 0)  # a device object only: nothing here touches a GPU
-    monkeypatch.setattr(_pdl, "_HAS_GDC", True)
-    for major, expected in ((8, False), (9, True), (10, True)):
-        monkeypatch.setattr(_pdl, "_capability_major", lambda index, major=major: major)
-        assert _pdl.pdl_for(cuda0) is expected, major
-    monkeypatch.setenv("FTLAB_PDL", "0")
-    assert not _pdl.pdl_for(cuda0)
-    monkeypatch.setenv("FTLAB_PDL", "1")
-    assert _pdl.pdl_for(cuda0)
-    monkeypatch.setattr(_pdl, "_HAS_GDC", False)  # a triton without the grid-dependency ops
-    assert not _pdl.pdl_for(cuda0)
-    assert _pdl.launch_options(True) == {"launch_pdl": True}
+@pytest.mark.parametrize("n,programs", [(1, 1), (7, 13), (1023, 5)])
+@pytest.mark.parametrize("read_x", [False, True])
+def test_chain_hop(n, programs, read_x, device):
+    x = torch.randn(n).to(device)
+    out = torch.full((programs,), float("nan")).to(device)
+    chain_hop(x, out, programs, read_x)
+    expected = 0.5 * (x.double().sum().expand(programs) if read_x else x.double()[torch.arange(programs, device=x.device) % n])
+    torch.testing.assert_close(out.double().cpu(), expected.cpu(), rtol=1e-5, atol=1e-5)
