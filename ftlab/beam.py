@@ -66,7 +66,7 @@ def beam_search(model, prompts, *, max_new_tokens: int, beam_width: int, len_pen
     cache.v.copy_(prompt_cache.v[:, rows])
     del prompt_cache
     logits = logits[rows]  # (B*K, V)
-    positions = torch.tensor(batch.lengths, dtype=torch.int32, device=dev).repeat_interleave(K)
+    positions = batch.lengths_device.repeat_interleave(K)
     steps = torch.zeros(B * K, dtype=torch.int32, device=dev)
 
     running = torch.zeros(B, K, device=dev)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .kernels.sampling import check_sampling_params, sample
-from .model import GPT, PackedPrompts, pack_prompts
+from .model import GPT, PackedPrompts, host_to_device, pack_prompts
 from .processing import LogitsProcessor, normalize_words
 
 
@@ -115,13 +115,10 @@ class RequestParams:
                 raise GenerationError(f"min_length of request {b} = {min_len} must be >= 0")
         # FT's random_seed is a uint64: keep its bits in an int64 tensor
         seeds = [s - 2**64 if s >= 2**63 else s for s in params.random_seed]
-        params.tensors = {
-            "top_k": torch.tensor(params.top_k, dtype=torch.int32, device=device),
-            "top_p": torch.tensor(params.top_p, dtype=torch.float32, device=device),
-            "temperature": torch.tensor(params.temperature, dtype=torch.float32, device=device),
-            "seeds": torch.tensor(seeds, dtype=torch.int64, device=device),
-            "end_id": torch.tensor(params.end_id, dtype=torch.int64, device=device),
-        }
+        params.tensors = host_to_device(device, top_k=(params.top_k, torch.int32),
+                                        top_p=(params.top_p, torch.float32),
+                                        temperature=(params.temperature, torch.float32),
+                                        seeds=(seeds, torch.int64), end_id=(params.end_id, torch.int64))
         return params
 
 
@@ -326,7 +323,7 @@ class LocalSession:
             use_cuda_graph = model.device.type == "cuda" and self.processor is None
         self.graph = decode_graph(model, B, capacity) if use_cuda_graph else None
         self.cache = self.graph.cache if self.graph is not None else model.new_kv_cache(B, capacity)
-        self.positions = torch.tensor(self.batch.lengths, dtype=torch.int32, device=model.device)  # next slot
+        self.positions = self.batch.lengths_device.clone()  # (B,) int32, the next slot of each sequence
         self.steps = torch.zeros(B, dtype=torch.int32, device=model.device)
 
     def _sample(self, logits: torch.Tensor):

@@ -1,6 +1,7 @@
 """Generation API and `ftlab generate`: streaming, per-request parameters, JSON output, clear errors."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -8,7 +9,7 @@ from ftlab.checkpoint import random_ft_tensors, write_cmodel
 from ftlab.cli import main
 from ftlab.config import GPTConfig
 from ftlab.generate import GenerationError, cache_capacity, generate, lru_get, stream
-from ftlab.model import GPT
+from ftlab.model import GPT, host_to_device
 
 CFG = GPTConfig(head_num=2, size_per_head=8, num_layer=2, vocab_size=61, max_pos_seq_len=24, start_id=0, end_id=60)
 
@@ -183,3 +184,16 @@ def test_prompts_may_be_tuples_arrays_or_tensors(model):
     tensors = generate(model, [torch.tensor([1, 2, 3]), torch.tensor([4])], max_new_tokens=3)
     assert mixed.output_ids == as_lists.output_ids == tensors.output_ids
     assert all(type(t) is int for ids in mixed.output_ids for t in ids)  # JSON-ready
+
+
+def test_host_to_device_views_every_part_exactly(device):
+    # mixed dtypes and odd sizes share one buffer (8-byte aligned parts); each view holds its values exactly
+    seeds = [2**63 - 1, -(2**63), 12345]
+    parts = host_to_device(device, top_k=([1, 0, 40], torch.int32), top_p=([0.9, 1.0, 0.25], torch.float32),
+                           seeds=(seeds, torch.int64), empty=([], torch.int32),
+                           ids=(np.arange(7, dtype=np.int64) * 3, torch.int64), one=([5], torch.int32))
+    assert parts["top_k"].tolist() == [1, 0, 40] and parts["top_k"].dtype == torch.int32
+    assert parts["top_p"].tolist() == [torch.tensor(0.9).item(), 1.0, 0.25]
+    assert parts["seeds"].tolist() == seeds and parts["ids"].tolist() == [3 * i for i in range(7)]
+    assert parts["empty"].numel() == 0 and parts["one"].tolist() == [5]
+    assert all(t.device.type == torch.device(device).type for t in parts.values())
