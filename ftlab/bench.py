@@ -233,11 +233,16 @@ BREAKDOWN_COLUMNS = ["gpu", "date", "torch", "triton", "config", "dtype", "bs", 
                      "shared_ms", "no_blocks_ms", "per_block_full_us", "per_block_shared_us"]
 
 
+def run_info() -> dict:
+    """The GPU, date and versions every benchmark row starts with."""
+    return dict(gpu=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
+                triton=_triton_version())
+
+
 def breakdown_row(config: GPTConfig, parts: dict, *, batch: int, context: int = 512, dtype="fp16",
                   variant: str = "") -> dict:
     """A CSV row (BREAKDOWN_COLUMNS) of decode_step_breakdown's result, with the GPU, date and versions."""
-    return dict(gpu=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
-                triton=_triton_version(), config=config.model_name, dtype=dtype, bs=batch, context=context,
+    return dict(run_info(), config=config.model_name, dtype=dtype, bs=batch, context=context,
                 variant=variant, full_ms=parts["full"], shared_ms=parts["shared"], no_blocks_ms=parts["no_blocks"],
                 per_block_full_us=parts["per_block_full"] * 1e3, per_block_shared_us=parts["per_block_shared"] * 1e3)
 
@@ -264,8 +269,7 @@ def run(config: GPTConfig | None = None, model_dir=None, *, dtype="fp16", batche
     peer = Peer(config, ft, dtype, device, capacity=-(-capacity // 128) * 128) if with_peer else None
     hf = _hf_model(config, ft, torch_dtype, device) if with_hf else None
     del ft
-    common = dict(gpu=torch.cuda.get_device_name(device), date=datetime.date.today().isoformat(),
-                  torch=torch.__version__, triton=_triton_version(), config=label or config.model_name,
+    common = dict(run_info(), config=label or config.model_name,
                   layers=config.num_layer, heads=config.head_num, size_per_head=config.size_per_head,
                   vocab=config.vocab_size, dtype=dtype, tp=1, pp=1, sampling=sampling_label(sampling))
     rows = []
@@ -334,8 +338,7 @@ def run_parallel(model_dir=None, *, tensor_para_size: int, layer_para_size: int,
     engine = ParallelEngine(model_dir, config=config if model_dir is None else None, random_seed=random_seed,
                             tensor_para_size=tensor_para_size, layer_para_size=layer_para_size, dtype=dtype)
     config, device, rank = engine.config, engine.device, engine.layout.rank
-    common = dict(gpu=torch.cuda.get_device_name(device), date=datetime.date.today().isoformat(),
-                  torch=torch.__version__, triton=_triton_version(), config=label or config.model_name,
+    common = dict(run_info(), config=label or config.model_name,
                   layers=config.num_layer, heads=config.head_num, size_per_head=config.size_per_head,
                   vocab=config.vocab_size, dtype=dtype, tp=tensor_para_size, pp=layer_para_size, sampling="greedy")
     rows, tokens = [], {}

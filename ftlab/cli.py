@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -112,11 +113,17 @@ def _add_bench(sub) -> None:
                         "step at context 512 (--shape), for each of --batch-sizes")
     p.add_argument("--timeline-decode", action="store_true",
                    help="only print what each kernel adds to the captured decode step at context 512 as the graph "
-                        "runs it (overlaps and gaps included), for each of --batch-sizes (ftlab/timeline.py)")
+                        "runs it (overlaps and gaps included), for each of --batch-sizes (ftlab/timeline.py; rows "
+                        "appended to --csv, default data/bench/decode_timeline.csv)")
     p.add_argument("--breakdown-decode", action="store_true",
                    help="only split the captured decode step at context 512 into blocks (HBM weights, L2-resident "
                         "weights) and the rest, for each of --batch-sizes (rows appended to --csv, default "
                         "data/bench/decode_breakdown.csv; FTLAB_* settings recorded as the variant)")
+
+
+def _ftlab_env() -> str:
+    """The FTLAB_* settings of this run, recorded as a benchmark row's variant."""
+    return ",".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("FTLAB_"))
 
 
 def _parse_cells(text: str) -> list[tuple[int, int]]:
@@ -203,8 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_model(args):
-    import os
-
     import torch
 
     from .checkpoint import random_ft_tensors
@@ -259,8 +264,6 @@ def cmd_generate(args) -> int:
             print(tokenizer.decode(step.token_ids[:1], skip_special_tokens=True), end="", flush=True)
         else:
             print(step.token_ids[0], end=" ", flush=True)
-
-    import os
 
     printing = int(os.environ.get("RANK", 0)) == 0  # under torchrun every rank has the tokens; rank 0 prints
     streaming = args.stream and not args.json and printing
@@ -329,8 +332,6 @@ def cmd_convert(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import os
-
     from . import bench
     from .kernels.sampling import check_sampling_params
 
@@ -342,16 +343,19 @@ def cmd_bench(args) -> int:
             print(bench.profile_decode_step(config, batch=batch, dtype=args.dtype))
         return 0
     if args.timeline_decode:
-        from .timeline import decode_timeline
+        from . import timeline
 
         model = bench.random_model(config, args.dtype)
         sampling = dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
+        common = dict(bench.run_info(), config=config.model_name, dtype=args.dtype, variant=_ftlab_env(),
+                      sampling=bench.sampling_label(sampling))
         for batch in batches:
-            print(f"{config.model_name}, {args.dtype}, {bench.sampling_label(sampling)}:")
-            print(decode_timeline(model, batch=batch, **sampling), flush=True)
+            result = timeline.decode_timeline(model, batch=batch, **sampling)
+            print(f"{config.model_name}, {args.dtype}, {common['sampling']}:\n{result.text()}", flush=True)
+            bench.append_csv(result.csv_rows(**common), args.csv or timeline.DEFAULT_CSV, timeline.CSV_COLUMNS)
         return 0
     if args.breakdown_decode:
-        variant = ",".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("FTLAB_"))
+        variant = _ftlab_env()
         for batch in batches:
             parts = bench.decode_step_breakdown(config, batch=batch, dtype=args.dtype)
             print(f"{config.model_name}, batch {batch}, context 512, {args.dtype}: "
@@ -390,8 +394,6 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import os
-
     from .serve import InferenceServer
 
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
@@ -454,8 +456,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             return cmd_sweep(args)
     except (ValueError, OSError) as exc:  # OSError: missing or existing files, a port in use
-        import os
-
         where = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
         print(f"ftlab {args.command}{where}: error: {exc}", file=sys.stderr)
         return 2

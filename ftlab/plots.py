@@ -3,6 +3,7 @@ and the single-GPU grid against the baselines measured in the same run.
 
     python -m ftlab.plots scaling data/bench/scaling.csv data/bench/scaling.png
     python -m ftlab.plots grid data/bench/bench.csv data/bench/grid.png
+    python -m ftlab.plots timeline data/bench/decode_timeline.csv data/bench/decode_timeline.png
 
 Reads the bench CSV (columns: ftlab.bench.COLUMNS); only end-to-end rows (cell "e2e") are plotted. When a CSV holds
 several measurements of one point (same GPU, dtype, config, cell, T and L), the last row in the file wins: the newest
@@ -297,6 +298,71 @@ def plot_sampling(csv_path: str | Path, png_path: str | Path) -> Path:
     return _save(fig, png_path)
 
 
+# the five kernels of a decode block at batch <= 4 (GPT._block), by their slot in the timeline's labels
+_DECODE_BLOCK_SLOTS = {"block 0/5": "QKV GEMV", "block 1/5": "decode attention", "block 2/5": "out-proj GEMV",
+                       "block 3/5": "FC1 GEMV", "block 4/5": "FC2 GEMV"}
+
+
+def timeline_name(label: str) -> str:
+    """A readable name for a label of ftlab.timeline: the block slot's role at batch <= 4 ("FC1 GEMV (x24)" style
+    names come from the caller), the GEMV outside the blocks is the LM head, other kernels keep their names."""
+    slot, _, kernel = label.partition(": ")
+    if slot in _DECODE_BLOCK_SLOTS:
+        return _DECODE_BLOCK_SLOTS[slot]
+    if label == "_gemv_kernel":
+        return "LM head GEMV"
+    return label
+
+
+def timeline_rows(csv_path: str | Path, *, bs: int = 1, sampling: str = "greedy") -> dict[str, dict[str, float]]:
+    """{variant ("default" for none): {readable kernel name: us it adds per step}} from `ftlab bench
+    --timeline-decode` rows (data/bench/decode_timeline.csv) of one batch size and sampling; the newest run of a
+    variant wins."""
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("variant", "sampling", "bs", "label", "added_us", "date") if c not in
+                   (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{csv_path}: not a decode timeline CSV, missing columns {missing}")
+        runs: dict = {}
+        for row in reader:
+            if int(row["bs"]) == bs and row["sampling"] == sampling:
+                key = (row["variant"] or "default", row["date"], row["event_us"])  # one run of one variant
+                runs.setdefault(key, {})[timeline_name(row["label"])] = float(row["added_us"])
+    if not runs:
+        raise ValueError(f"{csv_path}: no timeline rows for batch {bs}, sampling {sampling!r}")
+    latest: dict = {}
+    for (variant, _, _), kernels in runs.items():  # file order: a later run of a variant replaces the earlier
+        latest[variant] = kernels
+    return latest
+
+
+def plot_timeline(csv_path: str | Path, png_path: str | Path, *, bs: int = 1, sampling: str = "greedy") -> Path:
+    """What each kernel adds to a captured decode step (us per step, summed over the layers), one bar per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = timeline_rows(csv_path, bs=bs, sampling=sampling)
+    names = sorted({n for kernels in variants.values() for n in kernels},
+                   key=lambda n: -max(kernels.get(n, 0.0) for kernels in variants.values()))
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.5), dpi=120)
+    height = 0.8 / len(variants)
+    for i, (variant, kernels) in enumerate(variants.items()):
+        ys = [y + (i - (len(variants) - 1) / 2) * height for y in range(len(names))]
+        total = sum(kernels.values())
+        ax.barh(ys, [kernels.get(n, 0.0) for n in names], height, label=f"{variant}: {total:.0f} us busy")
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("us added to one decode step (all layers)")
+    ax.set_title(f"Decode step at batch {bs}, context 512, {sampling}: what each kernel adds", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, png_path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ftlab.plots", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="plot", required=True)
@@ -311,9 +377,15 @@ def main(argv: list[str] | None = None) -> int:
     sampling = sub.add_parser("sampling", help="pass vs candidate sampler per batch and mode")
     sampling.add_argument("csv", type=Path, help="sampling benchmark CSV (e.g. data/bench/sampling_bench.csv)")
     sampling.add_argument("png", type=Path, help="PNG to write")
+    timeline = sub.add_parser("timeline", help="what each kernel adds to a decode step, per variant")
+    timeline.add_argument("csv", type=Path, help="timeline CSV (e.g. data/bench/decode_timeline.csv)")
+    timeline.add_argument("png", type=Path, help="PNG to write")
+    timeline.add_argument("--bs", type=int, default=1, help="batch size")
     args = parser.parse_args(argv)
     try:
-        if args.plot == "grid":
+        if args.plot == "timeline":
+            out = plot_timeline(args.csv, args.png, bs=args.bs)
+        elif args.plot == "grid":
             out = plot_grid(args.csv, args.png, config=args.config)
         elif args.plot == "sampling":
             out = plot_sampling(args.csv, args.png)

@@ -8,6 +8,8 @@ just before it; those sum to the step's GPU span. Block kernels are labelled by 
 kernels between the embedding and the LM head repeat with one period per layer), the others by name. Two more
 numbers per step: the time between the step's events as `bench.decode_step_ms` measures it (host launch latency
 included), and the time per step of replays issued back to back without a host synchronisation.
+`ftlab bench --timeline-decode` prints the table and appends its rows to data/bench/decode_timeline.csv
+(CSV_COLUMNS); `python -m ftlab.plots timeline` draws them.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import json
 import statistics
 import tempfile
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +25,9 @@ import torch
 from .bench import GREEDY, random_prompts
 from .generate import LocalSession, RequestParams
 from .model import GPT
+from .tokenizer import DATA_DIR
+
+DEFAULT_CSV = DATA_DIR / "bench" / "decode_timeline.csv"
 
 _KINDS = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -100,10 +106,47 @@ def _period(names: list[str]) -> int | None:
     return where[1] - where[0] if len(where) > 1 else None
 
 
+@dataclass
+class Timeline:
+    """decode_timeline's result: per-label rows (step_table) and the step's totals, all in us."""
+    batch: int
+    context: int
+    events_per_step: int
+    rows: list[dict]
+    span_us: float  # GPU span of a step under the profiler
+    event_us: float  # between the step's events without the profiler, one host synchronisation per step
+    back_to_back_us: float  # per step, replays issued back to back
+
+    def text(self) -> str:
+        lines = [f"batch {self.batch}, context {self.context}, {self.events_per_step} GPU events per step; GPU span "
+                 f"{self.span_us:.1f} us under the profiler; without it {self.event_us:.1f} us between the step's "
+                 f"events (synchronised per step), {self.back_to_back_us:.1f} us per step back to back",
+                 f"{'kernel (block slot/kernels per block)':<58} {'calls':>5} {'mean us':>8} {'gap us':>7} "
+                 f"{'adds us':>8} {'share':>6}"]
+        busy = self.span_us - sum(r["gap_us"] for r in self.rows)
+        for r in self.rows:
+            lines.append(f"{r['label'][:58]:<58} {r['calls']:>5.0f} {r['mean_us']:>8.2f} {r['gap_us']:>7.1f} "
+                         f"{r['added_us']:>8.1f} {r['added_us'] / busy:>6.1%}")
+        lines.append(f"(share: of the {busy:.1f} us the GPU was busy with the step; the gaps are mostly the "
+                     f"profiler's own launch latency)")
+        return "\n".join(lines)
+
+    def csv_rows(self, **common) -> list[dict]:
+        """One row per label (CSV_COLUMNS), `common` (gpu, date, versions, config, dtype, variant, sampling) first."""
+        return [dict(common, bs=self.batch, context=self.context, label=r["label"], calls=r["calls"],
+                     mean_us=round(r["mean_us"], 3), gap_us=round(r["gap_us"], 3), added_us=round(r["added_us"], 3),
+                     span_us=round(self.span_us, 2), event_us=round(self.event_us, 2),
+                     back_to_back_us=round(self.back_to_back_us, 2)) for r in self.rows]
+
+
+CSV_COLUMNS = ["gpu", "date", "torch", "triton", "config", "dtype", "variant", "sampling", "bs", "context", "label",
+               "calls", "mean_us", "gap_us", "added_us", "span_us", "event_us", "back_to_back_us"]
+
+
 @torch.no_grad()
-def decode_timeline(model: GPT, *, batch: int = 1, context: int = 512, steps: int = 10, **sampling) -> str:
+def decode_timeline(model: GPT, *, batch: int = 1, context: int = 512, steps: int = 10, **sampling) -> Timeline:
     """Profile `steps` replays of the captured decode step (each followed by a host synchronisation, as
-    bench.decode_step_ms times them) and return the table described in the module docstring."""
+    bench.decode_step_ms times them) and account for them as the module docstring says."""
     from torch.profiler import ProfilerActivity, profile
 
     cfg = model.config
@@ -137,20 +180,10 @@ def decode_timeline(model: GPT, *, batch: int = 1, context: int = 512, steps: in
             torch.cuda.synchronize()
     events = _gpu_events(prof)
     if not events or len(events) % steps:
-        return (f"the profiler saw {len(events)} GPU events in {steps} replays (not a whole number per step: "
-                f"CUPTI may not report kernels inside CUDA graphs here)")
+        raise RuntimeError(f"the profiler saw {len(events)} GPU events in {steps} replays (not a whole number per "
+                           f"step: CUPTI may not report kernels inside CUDA graphs here)")
     per = len(events) // steps
     step_events = [events[i * per:(i + 1) * per] for i in range(steps)]
     rows, span = step_table(step_events, _period([n for _, _, n in step_events[0]]))
-    lines = [f"batch {batch}, context {context}, {per} GPU events per step; GPU span {span:.1f} us under the "
-             f"profiler; without it {1e3 * statistics.median(event_ms):.1f} us between the step's events "
-             f"(synchronised per step), {1e3 * back_to_back_ms:.1f} us per step back to back",
-             f"{'kernel (block slot/kernels per block)':<58} {'calls':>5} {'mean us':>8} {'gap us':>7} "
-             f"{'adds us':>8} {'share':>6}"]
-    busy = span - sum(r["gap_us"] for r in rows)
-    for r in rows:
-        lines.append(f"{r['label'][:58]:<58} {r['calls']:>5.0f} {r['mean_us']:>8.2f} {r['gap_us']:>7.1f} "
-                     f"{r['added_us']:>8.1f} {r['added_us'] / busy:>6.1%}")
-    lines.append(f"(share: of the {busy:.1f} us the GPU was busy with the step; the gaps are mostly the profiler's "
-                 f"own launch latency)")
-    return "\n".join(lines)
+    return Timeline(batch=batch, context=context, events_per_step=per, rows=rows, span_us=span,
+                    event_us=1e3 * statistics.median(event_ms), back_to_back_us=1e3 * back_to_back_ms)

@@ -4,7 +4,9 @@ import csv
 import pytest
 
 from ftlab.bench import COLUMNS, append_csv, sampling_label
-from ftlab.plots import grid_rows, main, plot_grid, plot_sampling, sampling_rows
+from ftlab.plots import (grid_rows, main, plot_grid, plot_sampling, plot_timeline, sampling_rows, timeline_name,
+                         timeline_rows)
+from ftlab.timeline import CSV_COLUMNS as TIMELINE_COLUMNS
 from ftlab.tokenizer import DATA_DIR
 
 
@@ -105,4 +107,38 @@ def test_plot_sampling_of_the_shipped_h200_results(tmp_path):
     rows = sampling_rows(DATA_DIR / "bench" / "sampling_bench.csv")
     assert {r["B"] for r in rows} == {1, 8, 64} and all(r["candidates_us"] > 0 for r in rows)
     out = plot_sampling(DATA_DIR / "bench" / "sampling_bench.csv", tmp_path / "sampling.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def _timeline_row(variant, label, added, event_us, bs=1, sampling="greedy"):
+    return dict(gpu="G", date="2026-11-30", torch="t", triton="tr", config="c", dtype="fp16", variant=variant,
+                sampling=sampling, bs=bs, context=512, label=label, calls=24, mean_us=1.0, gap_us=0.0,
+                added_us=added, span_us=900.0, event_us=event_us, back_to_back_us=400.0)
+
+
+def test_timeline_rows_name_the_block_slots_and_keep_each_variants_newest_run(tmp_path):
+    path = tmp_path / "t.csv"
+    append_csv([_timeline_row("", "block 3/5: _gemv_kernel", 120.0, 500.0),
+                _timeline_row("", "_gemv_kernel", 48.0, 500.0),
+                _timeline_row("FTLAB_X=1", "block 1/5: _decode_partition_kernel", 90.0, 480.0),
+                _timeline_row("", "block 3/5: _gemv_kernel", 80.0, 450.0),  # a newer run of the default
+                _timeline_row("", "block 1/8: nvjet_sm90_x", 7.0, 450.0, bs=64),
+                _timeline_row("", "_select_kernel", 14.0, 460.0, sampling="top_k=40 top_p=0.9 temperature=1")],
+               path, TIMELINE_COLUMNS)
+    rows = timeline_rows(path)
+    assert rows == {"default": {"FC1 GEMV": 80.0}, "FTLAB_X=1": {"decode attention": 90.0}}
+    assert timeline_rows(path, bs=64) == {"default": {"block 1/8: nvjet_sm90_x": 7.0}}
+    assert timeline_name("_gemv_kernel") == "LM head GEMV" and timeline_name("Memcpy DtoD") == "Memcpy DtoD"
+    with pytest.raises(ValueError, match="no timeline rows for batch 8"):
+        timeline_rows(path, bs=8)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("bs,label\n1,x\n")
+    with pytest.raises(ValueError, match="missing columns"):
+        timeline_rows(bad)
+
+
+def test_plot_timeline_of_the_shipped_h200_results(tmp_path):
+    rows = timeline_rows(DATA_DIR / "bench" / "decode_timeline.csv")
+    assert len(rows) >= 2 and all(r["QKV GEMV"] > 0 and r["LM head GEMV"] > 0 for r in rows.values())
+    out = plot_timeline(DATA_DIR / "bench" / "decode_timeline.csv", tmp_path / "timeline.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000

@@ -1,7 +1,7 @@
 """ftlab.timeline's accounting of a profiled step (pure functions: no GPU needed)."""
 import random
 
-from ftlab.timeline import label_step, short_name, step_table
+from ftlab.timeline import CSV_COLUMNS, Timeline, label_step, short_name, step_table
 
 
 def _step(names, durations, gaps):
@@ -57,3 +57,17 @@ def test_a_kernel_hidden_under_another_adds_nothing():
     assert by_label["late"]["gap_us"] == 3.0 and by_label["late"]["added_us"] == 1.0
     assert by_label["hidden"]["added_us"] == 0.0 and by_label["hidden"]["mean_us"] == 3.0
     assert by_label["long"]["added_us"] == 10.0 and by_label["tail"]["added_us"] == 2.0
+
+
+def test_timeline_text_and_csv_rows():
+    events = [(0.0, 10.0, "embedding"), (12.0, 20.0, "gemv")]
+    rows, span = step_table([events], None)
+    result = Timeline(batch=1, context=512, events_per_step=2, rows=rows, span_us=span, event_us=25.0,
+                      back_to_back_us=21.0)
+    text = result.text()
+    assert "batch 1, context 512, 2 GPU events per step" in text and "gemv" in text and "embedding" in text
+    common = dict(gpu="G", date="d", torch="t", triton="tr", config="c", dtype="fp16", variant="", sampling="greedy")
+    csv_rows = result.csv_rows(**common)
+    assert [list(r) for r in csv_rows] == [CSV_COLUMNS] * 2
+    assert {r["label"]: (r["gap_us"], r["added_us"]) for r in csv_rows} == {"embedding": (0.0, 10.0),
+                                                                           "gemv": (2.0, 8.0)}
