@@ -144,26 +144,41 @@ def sampling_label(sampling: dict) -> str:
     return "greedy" if s["top_k"] == 1 else f"top_k={s['top_k']} top_p={s['top_p']:g} temperature={s['temperature']:g}"
 
 
-def decode_step_ms(model: GPT, context: int = 512, batch: int = 1, steps: int = 64, **sampling) -> list[float]:
-    """Per-token latency of the captured decode step at a given context (what a streaming user waits);
-    `sampling`: top_k / top_p / temperature (default greedy)."""
+def open_decode_session(model: GPT, *, batch: int, context: int, max_steps: int,
+                        **sampling) -> tuple[LocalSession, torch.Tensor]:
+    """A session over `batch` random prompts of `context` tokens (room for `max_steps` tokens), past its first
+    token and three warm-up replays of the captured step: (session, its last tokens). `sampling`: top_k / top_p /
+    temperature (default greedy)."""
     prompts = random_prompts(batch, context, model.config.vocab_size, seed=1)
     params = RequestParams.build(batch, model.config.vocab_size, model.device, **{**GREEDY, **sampling},
                                  random_seed=0, end_id=model.config.end_id)
-    session = LocalSession(model, prompts, steps + 1, params)
+    session = LocalSession(model, prompts, max_steps, params)
     tokens = session.first()[0]
     for _ in range(3):  # warm-up replays
         tokens = session.next(tokens)[0]
     torch.cuda.synchronize()
+    return session, tokens
+
+
+def timed_steps(session: LocalSession, tokens: torch.Tensor, n: int) -> tuple[list[float], torch.Tensor]:
+    """ms of each of `n` decode steps, timed between CUDA events with a host synchronisation after each (what a
+    streaming user waits per token); and the last tokens."""
     times = []
-    for _ in range(steps - 4):
+    for _ in range(n):
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         tokens = session.next(tokens)[0]
         stop.record()
         stop.synchronize()
         times.append(start.elapsed_time(stop))
-    return times
+    return times, tokens
+
+
+def decode_step_ms(model: GPT, context: int = 512, batch: int = 1, steps: int = 64, **sampling) -> list[float]:
+    """Per-token latency of the captured decode step at a given context (what a streaming user waits);
+    `sampling`: top_k / top_p / temperature (default greedy)."""
+    session, tokens = open_decode_session(model, batch=batch, context=context, max_steps=steps + 1, **sampling)
+    return timed_steps(session, tokens, steps - 4)[0]
 
 
 def random_model(config: GPTConfig, dtype: str = "fp16") -> GPT:

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import GREEDY, random_prompts
-from .generate import LocalSession, RequestParams
+from .bench import open_decode_session, timed_steps
 from .model import GPT
 from .tokenizer import DATA_DIR
 
@@ -149,23 +148,9 @@ def decode_timeline(model: GPT, *, batch: int = 1, context: int = 512, steps: in
     bench.decode_step_ms times them) and account for them as the module docstring says."""
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = model.config
-    params = RequestParams.build(batch, cfg.vocab_size, model.device, **{**GREEDY, **sampling}, random_seed=0,
-                                 end_id=cfg.end_id)
-    session = LocalSession(model, random_prompts(batch, context, cfg.vocab_size, seed=1), 3 * steps + 16, params)
-    tokens = session.first()[0]
-    for _ in range(3):
-        tokens = session.next(tokens)[0]
-    torch.cuda.synchronize()
-
-    event_ms = []
-    for _ in range(steps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        tokens = session.next(tokens)[0]
-        stop.record()
-        stop.synchronize()
-        event_ms.append(start.elapsed_time(stop))
+    session, tokens = open_decode_session(model, batch=batch, context=context, max_steps=3 * steps + 16,
+                                          **sampling)
+    event_ms, tokens = timed_steps(session, tokens, steps)
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(steps):
