@@ -190,25 +190,31 @@ GRID_SERIES = (("ftlab_ms", "ftlab"), ("peer_ms", "torch.compile peer"), ("hf_ms
                ("floor_ms", "physical floor"))
 
 
+def _csv_rows(csv_path: str | Path, required, kind: str) -> list[dict]:
+    """Every row of a small CSV, after checking that its header has the `required` columns (else a ValueError
+    naming the file, what it should be and what is missing)."""
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{csv_path}: not a {kind} CSV, missing columns {missing}")
+        return list(reader)
+
+
 def grid_rows(csv_path: str | Path, *, config: str = "gpt-345m") -> list[dict]:
     """The single-GPU greedy end-to-end rows of one config (T = L = 1), sorted by batch and lengths: per (gpu, dtype,
     bs, n_in, n_out) the newest ftlab and floor values, and for each baseline (peer, HF) its newest measured value,
     since `ftlab bench --no-peer --no-hf` runs re-measure ftlab alone; `date` is the ftlab row's and
     `baseline_date` the newest baseline row's. Values as floats (None where a baseline was never measured)."""
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED_COLUMNS + tuple(k for k, _ in GRID_SERIES) if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{csv_path}: not a bench CSV, missing columns {missing}")
-        latest, baselines = {}, {}
-        for row in reader:
-            greedy = row.get("sampling") in (None, "", "greedy")  # rows written before the column were greedy
-            if row["cell"] == "e2e" and row["tp"] == "1" and row["pp"] == "1" and row["config"] == config and greedy:
-                key = (row["gpu"], row["dtype"], int(row["bs"]), int(row["n_in"]), int(row["n_out"]))
-                latest[key] = row
-                for k in ("peer_ms", "hf_ms"):
-                    if row[k] not in ("", None):
-                        baselines.setdefault(key, {})[k] = (float(row[k]), row["date"])
+    latest, baselines = {}, {}
+    for row in _csv_rows(csv_path, REQUIRED_COLUMNS + tuple(k for k, _ in GRID_SERIES), "bench"):
+        greedy = row.get("sampling") in (None, "", "greedy")  # rows written before the column were greedy
+        if row["cell"] == "e2e" and row["tp"] == "1" and row["pp"] == "1" and row["config"] == config and greedy:
+            key = (row["gpu"], row["dtype"], int(row["bs"]), int(row["n_in"]), int(row["n_out"]))
+            latest[key] = row
+            for k in ("peer_ms", "hf_ms"):
+                if row[k] not in ("", None):
+                    baselines.setdefault(key, {})[k] = (float(row[k]), row["date"])
     if not latest:
         raise ValueError(f"{csv_path}: no single-GPU e2e rows of config {config!r}")
     out = []
@@ -255,15 +261,10 @@ SAMPLING_MODES = ("greedy", "top_k=40", "top_k=40+top_p=0.9", "temperature", "to
 def sampling_rows(csv_path: str | Path) -> list[dict]:
     """The sampling micro-benchmark's rows (`python -m ftlab.kernels.sampling`: B, mode, sampler, split, us) of
     the default split and of the pass sampler, as {B, mode, passes_us, candidates_us}, ordered by batch and mode."""
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("B", "mode", "sampler", "split", "us") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{csv_path}: not a sampling benchmark CSV, missing columns {missing}")
-        table: dict = {}
-        for row in reader:
-            if row["sampler"] in ("passes", "candidates") and row["split"] in ("", "default"):
-                table.setdefault((int(row["B"]), row["mode"]), {})[f"{row['sampler']}_us"] = float(row["us"])
+    table: dict = {}
+    for row in _csv_rows(csv_path, ("B", "mode", "sampler", "split", "us"), "sampling benchmark"):
+        if row["sampler"] in ("passes", "candidates") and row["split"] in ("", "default"):
+            table.setdefault((int(row["B"]), row["mode"]), {})[f"{row['sampler']}_us"] = float(row["us"])
     rank = {m: i for i, m in enumerate(SAMPLING_MODES)}
     out = [dict(B=B, mode=mode, **times) for (B, mode), times in table.items() if len(times) == 2]
     if not out:
@@ -304,9 +305,9 @@ _DECODE_BLOCK_SLOTS = {"block 0/5": "QKV GEMV", "block 1/5": "decode attention",
 
 
 def timeline_name(label: str) -> str:
-    """A readable name for a label of ftlab.timeline: the block slot's role at batch <= 4 ("FC1 GEMV (x24)" style
-    names come from the caller), the GEMV outside the blocks is the LM head, other kernels keep their names."""
-    slot, _, kernel = label.partition(": ")
+    """A readable name for a label of ftlab.timeline: the block slot's role at batch <= 4, the GEMV outside the
+    blocks is the LM head, other kernels keep their names."""
+    slot = label.partition(": ")[0]
     if slot in _DECODE_BLOCK_SLOTS:
         return _DECODE_BLOCK_SLOTS[slot]
     if label == "_gemv_kernel":
@@ -318,17 +319,12 @@ def timeline_rows(csv_path: str | Path, *, bs: int = 1, sampling: str = "greedy"
     """{variant ("default" for none): {readable kernel name: us it adds per step}} from `ftlab bench
     --timeline-decode` rows (data/bench/decode_timeline.csv) of one batch size and sampling; the newest run of a
     variant wins."""
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("variant", "sampling", "bs", "label", "added_us", "date") if c not in
-                   (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{csv_path}: not a decode timeline CSV, missing columns {missing}")
-        runs: dict = {}
-        for row in reader:
-            if int(row["bs"]) == bs and row["sampling"] == sampling:
-                key = (row["variant"] or "default", row["date"], row["event_us"])  # one run of one variant
-                runs.setdefault(key, {})[timeline_name(row["label"])] = float(row["added_us"])
+    runs: dict = {}
+    required = ("variant", "sampling", "bs", "label", "added_us", "date", "event_us")
+    for row in _csv_rows(csv_path, required, "decode timeline"):
+        if int(row["bs"]) == bs and row["sampling"] == sampling:
+            key = (row["variant"] or "default", row["date"], row["event_us"])  # one run of one variant
+            runs.setdefault(key, {})[timeline_name(row["label"])] = float(row["added_us"])
     if not runs:
         raise ValueError(f"{csv_path}: no timeline rows for batch {bs}, sampling {sampling!r}")
     latest: dict = {}
