@@ -13,8 +13,9 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .kernels.finish_step import finish_step
 from .kernels.sampling import check_sampling_params, sample
-from .model import GPT, PackedPrompts, host_to_device, pack_prompts
+from .model import GPT, DeviceColumns, HostPrompts, host_to_device, pack_prompts_host
 from .processing import LogitsProcessor, normalize_words
 
 
@@ -78,7 +79,28 @@ class RequestParams:
     min_length: list[int]
     stop_words: list | None = None
     bad_words: list | None = None
-    tensors: dict = field(default_factory=dict)
+    device: object = None
+    _tensors: dict | None = field(default=None, repr=False)
+
+    def columns(self) -> dict:
+        """What the sampler and the end-of-sequence check read on the device, as name=(host values, dtype); FT's
+        random_seed is a uint64: its bits are kept in an int64."""
+        seeds = [s - 2**64 if s >= 2**63 else s for s in self.random_seed]
+        return dict(top_k=(self.top_k, torch.int32), top_p=(self.top_p, torch.float32),
+                    temperature=(self.temperature, torch.float32), seeds=(seeds, torch.int64),
+                    end_id=(self.end_id, torch.int64))
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """columns() on the device: copied on first use, unless a session loaded them with its own state in one
+        copy (use_tensors)."""
+        if self._tensors is None:
+            self._tensors = host_to_device(self.device, **self.columns())
+        return self._tensors
+
+    def use_tensors(self, moved: dict[str, torch.Tensor]) -> None:
+        """Take columns() from device columns a session loaded (views; the session keeps them alive)."""
+        self._tensors = {name: moved[name] for name in self.columns()}
 
     @classmethod
     def build(cls, batch_size: int, vocab_size: int, device, *, top_k=1, top_p=1.0, temperature=1.0, random_seed=0,
@@ -92,7 +114,7 @@ class RequestParams:
                      end_id=[int(e) for e in _per_request("end_id", end_id, B)],
                      repetition_penalty=[float(r) for r in _per_request("repetition_penalty", repetition_penalty, B)],
                      presence_penalty=[float(q) for q in _per_request("presence_penalty", presence_penalty, B)],
-                     min_length=[int(m) for m in _per_request("min_length", min_length, B)])
+                     min_length=[int(m) for m in _per_request("min_length", min_length, B)], device=device)
         try:
             check_sampling_params(params.top_k, params.top_p, params.temperature, vocab_size)
             params.stop_words = normalize_words("stop_words", stop_words, B, vocab_size)
@@ -113,12 +135,6 @@ class RequestParams:
                                       f"they are exclusive (as in FasterTransformer)")
             if min_len < 0:
                 raise GenerationError(f"min_length of request {b} = {min_len} must be >= 0")
-        # FT's random_seed is a uint64: keep its bits in an int64 tensor
-        seeds = [s - 2**64 if s >= 2**63 else s for s in params.random_seed]
-        params.tensors = host_to_device(device, top_k=(params.top_k, torch.int32),
-                                        top_p=(params.top_p, torch.float32),
-                                        temperature=(params.temperature, torch.float32),
-                                        seeds=(seeds, torch.int64), end_id=(params.end_id, torch.int64))
         return params
 
 
@@ -213,82 +229,100 @@ def lru_get(cache: dict, key, make: Callable[[], object], limit: int):
 
 
 class DecodeGraph:
-    """The whole decode step (embedding, every block, LM head, sampling) captured once as a CUDA graph over static
-    buffers: one launch per token and no host synchronisation. Kept on the model per (batch, capacity) so that
-    later calls of the same size reuse both the graph and its KV cache."""
+    """The whole decode step (embedding, every block, LM head, sampling, end-of-sequence bookkeeping) captured once
+    as a CUDA graph over static buffers: one launch per token and no host synchronisation. Kept on the model per
+    (batch, capacity) so that later calls of the same size reuse both the graph and its KV cache.
+
+    A call loads its parameters and starting state in one copy (load_request), runs `first` (the prefill and the
+    first token; captured too from a packed shape's second call) and then `replay`s the step: each token, its
+    log-prob and the finished flags land in row `step` of the history buffers (kernels/finish_step.py), which the
+    caller reads every few steps."""
 
     def __init__(self, model: GPT, batch_size: int, capacity: int):
-        dev = model.device
-        self.cache = model.new_kv_cache(batch_size, capacity)
-        self.tokens = torch.zeros(batch_size, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(batch_size, dtype=torch.int32, device=dev)
-        self.steps = torch.zeros(batch_size, dtype=torch.int32, device=dev)
-        self.top_k = torch.ones(batch_size, dtype=torch.int32, device=dev)
-        self.top_p = torch.ones(batch_size, dtype=torch.float32, device=dev)
-        self.temperature = torch.ones(batch_size, dtype=torch.float32, device=dev)
-        self.seeds = torch.zeros(batch_size, dtype=torch.int64, device=dev)
+        dev, B = model.device, batch_size
         self.model = model
+        self.cache = model.new_kv_cache(batch_size, capacity)
+        self.tokens = torch.zeros(batch_size, dtype=torch.int64, device=dev)  # each step's input (last tokens)
+        self.request = DeviceColumns(dev, top_k=(B, torch.int32), top_p=(B, torch.float32),
+                                     temperature=(B, torch.float32), seeds=(B, torch.int64), end_id=(B, torch.int64),
+                                     positions=(B, torch.int32), steps=(B, torch.int32), finished=(B, torch.bool))
+        self.request.load(top_k=1, top_p=1.0, temperature=1.0, seeds=0, end_id=0, positions=0, steps=0,
+                          finished=False)
+        for name, view in self.request.views.items():  # top_k .. finished: the graph's inputs and state
+            setattr(self, name, view)
+        # row s: what step s produced (s = 0: the first token, from the prefill); capacity >= max_new_tokens
+        self.hist_tokens = torch.zeros(capacity, B, dtype=torch.int64, device=dev)
+        self.hist_log_probs = torch.zeros(capacity, B, dtype=torch.float32, device=dev)
+        self.hist_finished = torch.zeros(capacity, B, dtype=torch.bool, device=dev)
         self.prefill_graphs: dict = {}  # PrefillGraph by (total tokens, longest prompt)
         self.prefill_seen: set = set()
-        self.graph, (self.out_tokens, self.out_log_probs) = capture_cuda_graph(self._step, dev)
+        self.graph, (_, self.out_log_probs) = capture_cuda_graph(self._step, dev)
+
+    def _finish(self, logits: torch.Tensor, positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, log_probs = sample(logits, self.top_k, self.top_p, self.temperature, self.seeds, self.steps,
+                                   return_logprobs=True)
+        finish_step(tokens, log_probs, self.end_id, self.finished, self.tokens, self.steps, self.hist_tokens,
+                    self.hist_log_probs, self.hist_finished, positions=positions)
+        return self.tokens, log_probs
 
     def _step(self):
-        logits = self.model.decode(self.tokens, self.positions, self.cache)
-        out = sample(logits, self.top_k, self.top_p, self.temperature, self.seeds, self.steps, return_logprobs=True)
-        self.positions += 1
-        self.steps += 1
-        return out
+        return self._finish(self.model.decode(self.tokens, self.positions, self.cache), self.positions)
 
-    def bind(self, params: "RequestParams", positions: torch.Tensor, steps: torch.Tensor) -> None:
-        t = params.tensors
-        for dst, src in ((self.top_k, t["top_k"]), (self.top_p, t["top_p"]), (self.temperature, t["temperature"]),
-                         (self.seeds, t["seeds"]), (self.positions, positions), (self.steps, steps)):
-            dst.copy_(src)
+    def load_request(self, params: "RequestParams", lengths: list[int]) -> dict[str, torch.Tensor]:
+        """A call's parameters and starting state into the graph's inputs, in one copy: the decode steps start at
+        the prompts' ends; the first token is RNG step 0; no request has finished. Returns the views."""
+        return self.request.load(**{name: values for name, (values, _) in params.columns().items()},
+                                 positions=lengths, steps=0, finished=False)
 
-    def run(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step: (B,) next tokens and their log-probs, in the graph's static buffers (valid until the next
-        run; not cloned, which would cost two launches per token)."""
-        self.tokens.copy_(tokens)
-        self.graph.replay()
-        return self.out_tokens, self.out_log_probs
-
-    def prefill(self, batch: PackedPrompts) -> torch.Tensor:
-        """The context phase into this graph's cache: (B, V) last-token logits. A packed shape (total tokens,
-        longest prompt) seen a second time is captured as a CUDA graph and replayed from then on: the prefill is
-        ~150 launches, whose host cost exceeds their GPU time for short prompts, while capturing a shape that
-        never comes back would only cost time."""
-        key = (len(batch.token_ids), batch.max_seqlen)
+    def first(self, prompts: HostPrompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """The context phase into this graph's cache and the first token: (B,) tokens and log-probs (static
+        buffers), history row 0 written. A packed shape (total tokens, longest prompt) seen a second time is
+        captured as a CUDA graph and replayed from then on: the prefill is ~150 launches, whose host cost exceeds
+        their GPU time for short prompts, while capturing a shape that never comes back would only cost time."""
+        key = (prompts.total, prompts.max_seqlen)
         if key not in self.prefill_graphs and key not in self.prefill_seen:
             self.prefill_seen.add(key)
-            return self.model.prefill(batch.token_ids, batch.positions, batch.cu_seqlens, batch.max_seqlen,
-                                      self.cache)
-        graph = lru_get(self.prefill_graphs, key, lambda: PrefillGraph(self.model, self.cache, batch),
-                        MAX_PREFILL_GRAPHS)
-        return graph.run(batch)
+            b = prompts.on_device(host_to_device(self.model.device, **prompts.columns()))
+            return self._finish(self.model.prefill(b.token_ids, b.positions, b.cu_seqlens, b.max_seqlen, self.cache),
+                                None)
+        graph = lru_get(self.prefill_graphs, key, lambda: PrefillGraph(self, prompts), MAX_PREFILL_GRAPHS)
+        return graph.run(prompts)
+
+    def replay(self) -> None:
+        """One decode step (its outputs: `tokens`, `out_log_probs`, history row `step`)."""
+        self.graph.replay()
+
+    def run(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step from the given last tokens: (B,) next tokens and their log-probs, in the graph's static buffers
+        (valid until the next step; not cloned)."""
+        if tokens is not self.tokens:
+            self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.tokens, self.out_log_probs
 
 
 class PrefillGraph:
-    """The context phase of one packed shape captured over a DecodeGraph's KV cache (inputs copied in per call)."""
+    """The context phase and first token of one packed shape, captured over a DecodeGraph's KV cache and state
+    (the prompts loaded from the host in one copy per call)."""
 
-    def __init__(self, model: GPT, cache, batch: PackedPrompts):
-        self.token_ids, self.positions = torch.empty_like(batch.token_ids), torch.empty_like(batch.positions)
-        self.cu_seqlens = torch.empty_like(batch.cu_seqlens)
-        self._copy_in(batch)
+    def __init__(self, decode: DecodeGraph, prompts: HostPrompts):
+        model, columns = decode.model, prompts.columns()
+        self.inputs = DeviceColumns.like(model.device, columns)
+        b = prompts.on_device(self.inputs.load_columns(columns))
 
-        def prefill():
-            return model.prefill(self.token_ids, self.positions, self.cu_seqlens, batch.max_seqlen, cache)
+        def first():
+            logits = model.prefill(b.token_ids, b.positions, b.cu_seqlens, b.max_seqlen, decode.cache)
+            return decode._finish(logits, None)
 
-        self.graph, self.logits = capture_cuda_graph(prefill, model.device)
+        # the capture's warm-up run samples a first token: leave the call's state as it was loaded
+        saved = decode.request.buffer.clone()
+        self.graph, self.out = capture_cuda_graph(first, model.device)
+        decode.request.buffer.copy_(saved)
 
-    def _copy_in(self, batch: PackedPrompts) -> None:
-        self.token_ids.copy_(batch.token_ids)
-        self.positions.copy_(batch.positions)
-        self.cu_seqlens.copy_(batch.cu_seqlens)
-
-    def run(self, batch: PackedPrompts) -> torch.Tensor:
-        self._copy_in(batch)
+    def run(self, prompts: HostPrompts) -> tuple[torch.Tensor, torch.Tensor]:
+        self.inputs.load_columns(prompts.columns())
         self.graph.replay()
-        return self.logits  # a static buffer: consumed (sampled) before the next replay
+        return self.out
 
 
 MAX_GRAPHS_PER_MODEL = 4
@@ -309,22 +343,31 @@ class LocalSession:
 
     `first()` runs the context phase and samples the first token of every request; `next(tokens)` feeds each
     request's last token and samples the following one. ftlab.parallel provides the same two methods across ranks.
+    On a DecodeGraph both already return the end-of-sequence-masked tokens (finished requests emit end_id with
+    log-prob 0) and record them in the graph's history rows; eager sessions return raw samples.
+    Request parameters, positions and RNG steps reach the device in one copy (one per call, too, for the prompts).
     """
 
     def __init__(self, model: GPT, prompts: list[list[int]], max_new_tokens: int, params: RequestParams,
                  use_cuda_graph: bool | None = None):
         self.model, self.params = model, params
-        self.batch = pack_prompts(prompts, model.device)
-        B = len(prompts)
-        capacity = cache_capacity(self.batch.lengths, max_new_tokens, model.config.max_pos_seq_len)
-        self.processor = LogitsProcessor.build(prompts, model.config.vocab_size, model.device, params)
-        if use_cuda_graph is None:
-            # the logits processors keep their own device state outside the captured step: those calls run eagerly
-            use_cuda_graph = model.device.type == "cuda" and self.processor is None
-        self.graph = decode_graph(model, B, capacity) if use_cuda_graph else None
-        self.cache = self.graph.cache if self.graph is not None else model.new_kv_cache(B, capacity)
-        self.positions = self.batch.lengths_device.clone()  # (B,) int32, the next slot of each sequence
-        self.steps = torch.zeros(B, dtype=torch.int32, device=model.device)
+        self.prompts = pack_prompts_host(prompts)
+        B, dev, lengths = len(prompts), model.device, self.prompts.lengths
+        capacity = cache_capacity(lengths, max_new_tokens, model.config.max_pos_seq_len)
+        self.processor = LogitsProcessor.build(prompts, model.config.vocab_size, dev, params)
+        # the logits processors keep their own device state outside the captured step: those calls run eagerly
+        use_cuda_graph = (model.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph)
+        self.graph = decode_graph(model, B, capacity) if use_cuda_graph and self.processor is None else None
+        if self.graph is not None:
+            state = self.graph.load_request(params, lengths)  # the graph's own inputs: nothing to copy later
+            self.cache = self.graph.cache
+        else:
+            state = host_to_device(dev, **params.columns(), positions=(lengths, torch.int32),
+                                   steps=(np.zeros(B), torch.int32))
+            self.cache = model.new_kv_cache(B, capacity)
+        params.use_tensors(state)
+        self.positions = state["positions"]  # (B,) int32, the next slot of each sequence
+        self.steps = state["steps"]  # (B,) int32, the RNG step of each request's next token
 
     def _sample(self, logits: torch.Tensor):
         tokens, log_probs, stopped = sample_step(logits, self.params, self.steps, self.processor)
@@ -333,15 +376,10 @@ class LocalSession:
 
     def first(self):
         """Context phase + first token: (tokens, log_probs, stopped-by-a-stop-word or None), each (B,)."""
-        b = self.batch
-        if self.graph is not None:
-            logits = self.graph.prefill(b)
-        else:
-            logits = self.model.prefill(b.token_ids, b.positions, b.cu_seqlens, b.max_seqlen, self.cache)
-        out = self._sample(logits)
-        if self.graph is not None:
-            self.graph.bind(self.params, self.positions, self.steps)
-        return out
+        if self.graph is not None:  # the graph also masks finished requests (kernels/finish_step.py)
+            return (*self.graph.first(self.prompts), None)
+        b = self.prompts.on_device(host_to_device(self.model.device, **self.prompts.columns()))
+        return self._sample(self.model.prefill(b.token_ids, b.positions, b.cu_seqlens, b.max_seqlen, self.cache))
 
     def next(self, tokens: torch.Tensor):
         if self.graph is not None:
@@ -352,7 +390,7 @@ class LocalSession:
 
 
 def _open(model, prompts: list[np.ndarray], max_new_tokens: int, use_cuda_graph, params: dict):
-    """Open the session of a checked batch (_checked_prompts): (session, RequestParams, all-False finished flags)."""
+    """Open the session of a checked batch (_checked_prompts): (session, RequestParams)."""
     cfg = model.config
     if params.get("end_id") is None:
         params = dict(params, end_id=cfg.end_id)
@@ -364,7 +402,52 @@ def _open(model, prompts: list[np.ndarray], max_new_tokens: int, use_cuda_graph,
         session = model.open_session(prompts, max_new_tokens, request, use_cuda_graph=use_cuda_graph)
     else:
         session = LocalSession(model, prompts, max_new_tokens, request, use_cuda_graph=use_cuda_graph)
-    return session, request, torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
+    return session, request
+
+
+class _Rows:
+    """Each step's tokens, finished flags and log-probs as rows on the device, for a session whose first()/next()
+    hand back raw samples (eager or tensor/layer-parallel): the end-of-sequence bookkeeping in torch ops, written
+    straight into the step's row (out=)."""
+
+    def __init__(self, session, request: RequestParams, n: int, device):
+        B = len(request.top_k)
+        self.session, self.end = session, request.tensors["end_id"]
+        self.tokens = torch.empty(n, B, dtype=torch.int64, device=device)
+        self.finished = torch.empty(n, B, dtype=torch.bool, device=device)
+        self.log_probs = torch.empty(n, B, dtype=torch.float32, device=device)
+        self.running = torch.zeros(B, dtype=torch.bool, device=device)  # finished before the current step
+
+    def first(self) -> None:
+        out = self.session.first()
+        self.zero = torch.zeros((), dtype=torch.float32, device=self.end.device)  # once the prefill is queued
+        self._record(0, *out)
+
+    def advance(self, step: int) -> None:
+        self._record(step, *self.session.next(self.tokens[step - 1]))
+
+    def _record(self, step, tokens, log_probs, stopped) -> None:
+        tokens = torch.where(self.running, self.end, tokens, out=self.tokens[step])  # finished: keep emitting end_id
+        torch.where(self.running, self.zero, log_probs, out=self.log_probs[step])
+        done = torch.eq(tokens, self.end)
+        if stopped is not None:  # the sequence now ends with a stop word (kept in the output, as FT and HF do)
+            done |= stopped
+        self.running = torch.logical_or(self.running, done, out=self.finished[step])
+
+
+class _GraphRows:
+    """The same rows for a LocalSession on a DecodeGraph, which keeps them itself (kernels/finish_step.py): one
+    graph launch per step and nothing else."""
+
+    def __init__(self, session: LocalSession):
+        self.session, graph = session, session.graph
+        self.tokens, self.finished, self.log_probs = graph.hist_tokens, graph.hist_finished, graph.hist_log_probs
+
+    def first(self) -> None:
+        self.session.first()
+
+    def advance(self, step: int) -> None:
+        self.session.graph.replay()
 
 
 @torch.no_grad()
@@ -387,28 +470,17 @@ def stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, retu
 @torch.no_grad()
 def _stream(model, prompts: list[np.ndarray], max_new_tokens: int, return_log_probs: bool, sync_every: int,
             use_cuda_graph: bool | None, params: dict) -> Iterator[StepOutput]:
-    session, request, finished = _open(model, prompts, max_new_tokens, use_cuda_graph, params)
-    end = request.tensors["end_id"]
-    B, dev = len(request.top_k), model.device
-    tokens_out = torch.empty(max_new_tokens, B, dtype=torch.int64, device=dev)
-    finished_out = torch.empty(max_new_tokens, B, dtype=torch.bool, device=dev)
-    log_probs_out = torch.empty(max_new_tokens, B, dtype=torch.float32, device=dev)
-    zero = torch.zeros((), dtype=torch.float32, device=dev)
-    tokens, log_probs, stopped = session.first()
+    session, request = _open(model, prompts, max_new_tokens, use_cuda_graph, params)
+    graphed = isinstance(session, LocalSession) and session.graph is not None
+    rows = _GraphRows(session) if graphed else _Rows(session, request, max_new_tokens, model.device)
+    rows.first()
     flushed = 0  # steps already handed to the host
     for step in range(max_new_tokens):
-        # written straight into the step's rows (out=): at batch 1 every launch here costs ~2 us of a ~0.6 ms step
-        tokens = torch.where(finished, end, tokens, out=tokens_out[step])  # finished requests keep emitting end_id
-        torch.where(finished, zero, log_probs, out=log_probs_out[step])
-        done = torch.eq(tokens, end)
-        if stopped is not None:  # the sequence now ends with a stop word (kept in the output, as FT and HF do)
-            done |= stopped
-        finished = torch.logical_or(finished, done, out=finished_out[step])
         last = step == max_new_tokens - 1
         if last or (step + 1) % sync_every == 0:
-            host_tokens = tokens_out[flushed:step + 1].tolist()
-            host_finished = finished_out[flushed:step + 1].tolist()
-            host_log_probs = log_probs_out[flushed:step + 1].tolist() if return_log_probs else None
+            host_tokens = rows.tokens[flushed:step + 1].tolist()
+            host_finished = rows.finished[flushed:step + 1].tolist()
+            host_log_probs = rows.log_probs[flushed:step + 1].tolist() if return_log_probs else None
             for i, now_done in enumerate(host_finished):
                 yield StepOutput(step=flushed + i, token_ids=host_tokens[i], finished=now_done,
                                  log_probs=host_log_probs[i] if return_log_probs else None)
@@ -417,7 +489,7 @@ def _stream(model, prompts: list[np.ndarray], max_new_tokens: int, return_log_pr
             flushed = step + 1
         if last:
             return
-        tokens, log_probs, stopped = session.next(tokens)
+        rows.advance(step + 1)
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, return_log_probs: bool = False,

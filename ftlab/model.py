@@ -387,23 +387,64 @@ class GPT:
         return list(out.split(batch.lengths))
 
 
+_NUMPY_DTYPES = {torch.int32: np.int32, torch.int64: np.int64, torch.float32: np.float32, torch.bool: np.bool_}
+
+
+class DeviceColumns:
+    """Named 1-D device tensors of fixed lengths and dtypes, all views of ONE byte buffer, so that filling every
+    one of them from the host is a single host-to-device copy (`load`). Why: a profiled generate() call on the
+    H200 machine (bs1, 512 -> 1) spent its first ~0.8 ms before the prefill on the host: eight small copies from
+    Python ~35 us apart, then clones, zero-fills and copies into the captured graphs' input buffers. A captured
+    graph keeps one DeviceColumns as its static inputs, so a call loads them in place (no device-side copies).
+    With kernels/finish_step.py (H200, GPT-345M, fp16, data/bench/host_overhead_ab.csv): bs1 128 -> 8 5.25 ->
+    4.25 ms, 512 -> 32 16.5 -> 14.9 ms, bs64 512 -> 32 104.2 -> 100.3 ms."""
+
+    def __init__(self, device, **spec):  # name=(length, torch dtype)
+        self.spec, self.offsets, nbytes = {}, {}, 0
+        for name, (length, dtype) in spec.items():
+            if dtype not in _NUMPY_DTYPES:
+                raise TypeError(f"DeviceColumns: column {name!r} has dtype {dtype}; supported: {list(_NUMPY_DTYPES)}")
+            size = int(length) * torch.empty((), dtype=dtype).element_size()
+            self.spec[name], self.offsets[name] = (int(length), dtype), (nbytes, size)
+            nbytes += -(-size // 8) * 8  # every part 8-byte aligned
+        self.nbytes = nbytes
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.views = {name: self.buffer[o:o + size].view(self.spec[name][1]) for name, (o, size) in self.offsets.items()}
+
+    def load(self, **values) -> dict[str, torch.Tensor]:
+        """Every column from host values (lists, numpy arrays; a scalar fills its column) in one copy: the views."""
+        if values.keys() != self.spec.keys():
+            raise KeyError(f"DeviceColumns.load: got columns {sorted(values)}, expected {sorted(self.spec)}")
+        host = np.empty(self.nbytes, dtype=np.uint8)
+        for name, value in values.items():
+            length, dtype = self.spec[name]
+            offset, size = self.offsets[name]
+            part = host[offset:offset + size].view(_NUMPY_DTYPES[dtype])
+            if np.ndim(value) == 0:
+                part[...] = value
+                continue
+            flat = np.asarray(value).reshape(-1)
+            if flat.size != length:
+                raise ValueError(f"DeviceColumns.load: column {name!r} has {flat.size} values, expected {length}")
+            part[...] = flat
+        self.buffer.copy_(torch.from_numpy(host))
+        return self.views
+
+
+    @classmethod
+    def like(cls, device, columns: dict) -> "DeviceColumns":
+        """Columns shaped for host data given as name=(values, torch dtype)."""
+        return cls(device, **{name: (int(np.size(values)), dtype) for name, (values, dtype) in columns.items()})
+
+    def load_columns(self, columns: dict) -> dict[str, torch.Tensor]:
+        """load() from name=(values, torch dtype)."""
+        return self.load(**{name: values for name, (values, _) in columns.items()})
+
+
 def host_to_device(device, **columns) -> dict[str, torch.Tensor]:
-    """name=(values, dtype) host data (lists, numpy arrays) -> {name: 1-D tensor on `device`} in ONE host-to-device
-    copy. Why: in a profiled generate() call on the H200 machine (bs1, 512 -> 1) the GPU ran nothing for the first
-    ~0.55 ms but eight small copies from Python, ~35 us apart (five request parameters, the packed prompts, their
-    boundaries, the positions); they are now two. Not yet timed on the GPU. Packed into one byte buffer (each
-    part 8-byte aligned) and viewed per dtype on the device."""
-    parts, nbytes = [], 0
-    for name, (values, dtype) in columns.items():
-        host = torch.as_tensor(values, dtype=dtype).reshape(-1)
-        size = host.numel() * host.element_size()
-        parts.append((name, host, nbytes, size))
-        nbytes += -(-size // 8) * 8
-    buffer = torch.empty(nbytes, dtype=torch.uint8)
-    for _, host, offset, size in parts:
-        buffer[offset:offset + size] = host.view(torch.uint8)
-    buffer = buffer.to(device)
-    return {name: buffer[offset:offset + size].view(host.dtype) for name, host, offset, size in parts}
+    """name=(values, torch dtype) host data (lists, numpy arrays) -> {name: 1-D tensor on `device`}, in ONE
+    host-to-device copy (DeviceColumns, allocated for this call)."""
+    return DeviceColumns.like(device, columns).load_columns(columns)
 
 
 @dataclass
@@ -416,10 +457,37 @@ class PackedPrompts:
     lengths_device: torch.Tensor | None = None  # (B,) int32, the same as `lengths` (do not modify: clone it)
 
 
-def pack_prompts(prompts: list[list[int]] | list[np.ndarray], device) -> PackedPrompts:
+@dataclass
+class HostPrompts:
+    """Prompts packed back to back on the host (numpy), ready for one copy to the device (`columns`)."""
+    ids_and_positions: np.ndarray  # (2, T) int64: token ids, then 0..len_b-1 within each prompt
+    cu_seqlens: np.ndarray  # (B+1,) int64 prompt boundaries
+    lengths: list[int]
+
+    @property
+    def max_seqlen(self) -> int:
+        return max(self.lengths)
+
+    @property
+    def total(self) -> int:
+        return int(self.cu_seqlens[-1])
+
+    def columns(self) -> dict:
+        """name=(values, dtype) for DeviceColumns / host_to_device."""
+        return dict(ids_and_positions=(self.ids_and_positions, torch.int64), cu_seqlens=(self.cu_seqlens, torch.int32),
+                    lengths=(self.lengths, torch.int32))
+
+    def on_device(self, moved: dict[str, torch.Tensor]) -> PackedPrompts:
+        """The PackedPrompts viewing device columns loaded from `columns()`."""
+        T = self.total
+        return PackedPrompts(token_ids=moved["ids_and_positions"][:T], positions=moved["ids_and_positions"][T:],
+                             cu_seqlens=moved["cu_seqlens"], lengths=self.lengths, max_seqlen=self.max_seqlen,
+                             lengths_device=moved["lengths"])
+
+
+def pack_prompts_host(prompts: list[list[int]] | list[np.ndarray]) -> HostPrompts:
     """Prompts (lists of ints or int64 arrays) back to back, built with numpy (64 prompts of 512 tokens: ~1.5 ms
-    of host time on our 2-core CPU instead of ~8 with Python lists) and moved to the device in one copy (with the
-    boundaries and lengths)."""
+    of host time on our 2-core CPU instead of ~8 with Python lists)."""
     lengths = [len(p) for p in prompts]
     cu = np.zeros(len(prompts) + 1, dtype=np.int64)
     np.cumsum(lengths, out=cu[1:])
@@ -430,9 +498,10 @@ def pack_prompts(prompts: list[list[int]] | list[np.ndarray], device) -> PackedP
         ids_and_positions[0] = np.fromiter(itertools.chain.from_iterable(prompts), dtype=np.int64,
                                            count=int(cu[-1]))
     ids_and_positions[1] = np.arange(cu[-1]) - np.repeat(cu[:-1], lengths)  # 0..len_b-1 within each prompt
-    packed = host_to_device(device, ids_and_positions=(ids_and_positions, torch.int64),
-                            cu_seqlens=(cu, torch.int32), lengths=(lengths, torch.int32))
-    T = int(cu[-1])
-    return PackedPrompts(token_ids=packed["ids_and_positions"][:T], positions=packed["ids_and_positions"][T:],
-                         cu_seqlens=packed["cu_seqlens"], lengths=lengths, max_seqlen=max(lengths),
-                         lengths_device=packed["lengths"])
+    return HostPrompts(ids_and_positions, cu, lengths)
+
+
+def pack_prompts(prompts: list[list[int]] | list[np.ndarray], device) -> PackedPrompts:
+    """pack_prompts_host, moved to the device in one copy (with the boundaries and lengths)."""
+    host = pack_prompts_host(prompts)
+    return host.on_device(host_to_device(device, **host.columns()))

@@ -142,6 +142,23 @@ def test_cuda_graph_on_and_off_agree(model):
             == generate(model, others, use_cuda_graph=False, **kwargs).output_ids)
 
 
+@pytest.mark.gpu
+def test_cuda_graph_masks_finished_requests_like_eager(model):
+    # the captured step keeps the end-of-sequence bookkeeping itself (kernels/finish_step.py): per step the same
+    # tokens, finished flags and log-probs as the torch ops of the eager path, also after a request has ended
+    prompts = [[1, 2, 3], [7], [4, 4, 4, 4]]
+    free = generate(model, prompts, max_new_tokens=10, use_cuda_graph=False)
+    end = free.generated_ids(0)[3]  # request 0 ends with its 4th token (others maybe earlier or never)
+    kwargs = dict(max_new_tokens=10, end_id=end, return_log_probs=True, sync_every=3)
+    eager = [(s.token_ids, s.finished, s.log_probs) for s in stream(model, prompts, use_cuda_graph=False, **kwargs)]
+    assert eager[3][1][0] and all(s[0][0] == end and s[2][0] == 0.0 for s in eager[3:])
+    for _ in range(3):  # the third call also replays a captured prefill (second sight of the packed shape)
+        graphed = [(s.token_ids, s.finished, s.log_probs) for s in stream(model, prompts, use_cuda_graph=True, **kwargs)]
+        assert [g[:2] for g in graphed] == [e[:2] for e in eager]
+        for g, e in zip(graphed, eager):
+            assert g[2] == pytest.approx(e[2], rel=1e-5, abs=1e-6)
+
+
 def test_cli_decoding_features(model_dir, capsys):
     base = ["generate", "-m", str(model_dir), "--input-ids", "1,2,3", "--max-new-tokens", "6", "--json"]
     assert main(base + ["--return-log-probs"]) == 0
