@@ -49,6 +49,8 @@ from .kernels.embedding import embedding
 from .kernels.layernorm import layernorm
 from .kernels.linear import GEMV_MAX_M, fold_layernorm, linear
 
+SMALL_M_MAX = 64  # up to this many rows (decode batches, short prompts) see GPT._small_m_gemm
+
 
 @dataclass
 class BlockWeights:
@@ -246,11 +248,13 @@ class GPT:
         """(T,) token ids and positions -> (T, H) residual stream."""
         return embedding(token_ids, positions, self.weights.wte, self.weights.wpe, out_dtype=self.dtype)
 
-    def _row_parallel(self, x_local: torch.Tensor, weight, bias, residual: torch.Tensor, prefetch=None) -> torch.Tensor:
+    def _row_parallel(self, x_local: torch.Tensor, weight, bias, residual: torch.Tensor, prefetch=None,
+                      impl=None) -> torch.Tensor:
         if self.all_reduce is None:
-            return linear(x_local, weight, bias, residual=residual, prefetch=prefetch)
+            return linear(x_local, weight, bias, residual=residual, prefetch=prefetch, impl=impl)
         lead = self.tp_rank == 0  # the lead rank adds bias + residual once; the others contribute partial sums
-        out = linear(x_local, weight, bias if lead else None, residual=residual if lead else None, prefetch=prefetch)
+        out = linear(x_local, weight, bias if lead else None, residual=residual if lead else None, prefetch=prefetch,
+                     impl=impl)
         self.all_reduce(out)
         return out
 
@@ -259,14 +263,15 @@ class GPT:
         """prefetch: for the QKV, out-proj, FC1 and FC2 GEMVs, a later kernel's weight to pull into L2 (decode)."""
         eps = self.config.layernorm_eps
         T = x.shape[0]
+        impl = "gemm" if self._small_m_gemm(T) else None
         qkv = linear(x, block.qkv_weight, block.qkv_bias, ln_weight=block.ln1_weight, ln_bias=block.ln1_bias,
-                     ln_eps=eps, prefetch=prefetch[0], ln_row_sums=block.qkv_ln_row_sums)  # (T, 3*nh*hs)
+                     ln_eps=eps, prefetch=prefetch[0], ln_row_sums=block.qkv_ln_row_sums, impl=impl)  # (T, 3*nh*hs)
         attn = attend(qkv.view(T, 3, self.local_heads, self.config.size_per_head))  # (T, nh, hs)
-        x = self._row_parallel(attn.view(T, -1), block.attn_out_weight, block.attn_out_bias, x, prefetch[1])
+        x = self._row_parallel(attn.view(T, -1), block.attn_out_weight, block.attn_out_bias, x, prefetch[1], impl)
         h = linear(x, block.fc1_weight, block.fc1_bias, activation="gelu", ln_weight=block.ln2_weight,
                    ln_bias=block.ln2_bias, ln_eps=eps, prefetch=prefetch[2],
-                   ln_row_sums=block.fc1_ln_row_sums)  # (T, I_local)
-        return self._row_parallel(h, block.fc2_weight, block.fc2_bias, x, prefetch[3])
+                   ln_row_sums=block.fc1_ln_row_sums, impl=impl)  # (T, I_local)
+        return self._row_parallel(h, block.fc2_weight, block.fc2_bias, x, prefetch[3], impl)
 
     def _reduced(self, partial: torch.Tensor) -> torch.Tensor:
         if self.all_reduce is not None:
@@ -277,8 +282,20 @@ class GPT:
         """Whether `tokens` rows take the cuBLAS-GEMM path (module docstring): above the GEMV sizes, for layer
         widths that cuBLAS handles well (multiples of 8, see kernels/linear.py's dispatch)."""
         b = self.weights.blocks[0] if self.weights.blocks else None
-        return (tokens > GEMV_MAX_M and b is not None
+        return (tokens > GEMV_MAX_M and b is not None and not self._small_m_gemm(tokens)
                 and all(w.shape[0] % 8 == 0 for w in (b.qkv_weight, b.attn_out_weight, b.fc1_weight, b.fc2_weight)))
+
+    def _small_m_gemm(self, tokens: int) -> bool:
+        """Whether `tokens` rows (GEMV_MAX_M < tokens <= SMALL_M_MAX) run every block GEMM on the Triton tensor-core
+        kernel instead of LayerNorm launches + cuBLAS: with the LayerNorms folded into the weights (ln_row_sums) the
+        kernel takes the normalisation into its epilogue and the residual adds into its own, so a block is five
+        launches plus two split-K reduces instead of eight. Off unless FTLAB_SMALL_M_GEMM=1 (read per call): on the
+        H200 (GPT-345M, fp16, context 512) the decode step measured 0.99 -> 1.23 ms at bs8 and 1.85 -> 2.08 ms at
+        bs64 with the best tile (FTLAB_GEMM_TILE=32,128,4,5), worse with PDL (data/bench/small_m_gemm_ab.csv): the
+        Triton GEMMs take 13-15 us where cuBLAS + LayerNorm take ~7."""
+        b = self.weights.blocks[0] if self.weights.blocks else None
+        return (GEMV_MAX_M < tokens <= SMALL_M_MAX and b is not None and b.qkv_ln_row_sums is not None
+                and os.environ.get("FTLAB_SMALL_M_GEMM", "0") == "1")
 
     def _blocks_cublas(self, x: torch.Tensor, attend: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """(T, H) through this stage's blocks with cuBLAS GEMMs, each LayerNorm fused with the residual add and

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._env import ints_from_env
 from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
 from ._prefetch import l2_prefetch, prefetch_plan
 
@@ -401,12 +402,17 @@ def pick_gemv_config(M: int, N: int, K: int, dtype: torch.dtype, num_sms: int = 
 
 @triton.jit
 def _gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, ln_w_ptr, ln_b_ptr, mean_ptr, rstd_ptr, out_ptr, part_ptr,
-    M, N, K, k_per_split,
+    x_ptr, w_ptr, bias_ptr, res_ptr, ln_w_ptr, ln_b_ptr, mean_ptr, rstd_ptr, out_ptr, part_ptr, row_sums_ptr,
+    M, N, K, k_per_split, ln_eps,
     HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_LN: tl.constexpr,
     WRITE_PARTIAL: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+    LN_PREFOLDED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # LN_PREFOLDED (decode batches; no split-K): the LayerNorm's gain and shift are folded into weight and bias
+    # (ln_row_sums, see `linear`), so LN(x) @ W'^T = rstd * (x @ W'^T - mean * rowsum(W')): the loop multiplies
+    # x as loaded and also sums it and its square, relative to the row's first element x0 (with |mean| >> std
+    # plain sums would cancel in fp32); the epilogue applies mean / rstd. No LayerNorm launch, no pre-pass.
     pid = tl.program_id(0)
     split = tl.program_id(1)
     # grouped order: GROUP_M row-blocks walk the column-blocks together, so a weight tile fetched for one of
@@ -426,14 +432,17 @@ def _gemm_kernel(
     rows_n = tl.minimum(offs_n, N - 1)
     x_ptrs = x_ptr + rows_m.to(tl.int64)[:, None] * K + cols[None, :]  # (BM, BK)
     w_ptrs = w_ptr + rows_n.to(tl.int64)[None, :] * K + cols[:, None]  # (BK, BN): a tile of W^T
-    if HAS_LN:
-        mean = tl.load(mean_ptr + rows_m)
-        rstd = tl.load(rstd_ptr + rows_m)
-
     # k_per_split is a multiple of BLOCK_K: saying so keeps the K-chunk loads provably aligned (vectorised, and
     # in the gemm pipelined through shared memory) even when the launch did not specialise it
     k_lo = tl.multiple_of(split * k_per_split, BLOCK_K)
     k_hi = tl.minimum(k_lo + k_per_split, K)
+    if HAS_LN:
+        mean = tl.load(mean_ptr + rows_m)
+        rstd = tl.load(rstd_ptr + rows_m)
+    if LN_PREFOLDED:
+        x0 = tl.load(x_ptr + rows_m.to(tl.int64) * K).to(tl.float32)  # (BM,)
+    x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    x_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
@@ -452,11 +461,22 @@ def _gemm_kernel(
                 b = tl.load(ln_b_ptr + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)
             xn = (xt.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]
             xt = xn.to(wt.dtype)  # tensor cores take both operands in the weight's dtype
+        if LN_PREFOLDED:  # the statistics only: the dot product takes the tile as loaded (kept pipelined)
+            xf = xt.to(tl.float32) - x0[:, None]
+            if not EVEN_K:
+                xf = tl.where(k_ok[None, :], xf, 0.0)
+            x_sum += tl.sum(xf, axis=1)
+            x_sq += tl.sum(xf * xf, axis=1)
         if IEEE:  # fp32: no TF32 rounding (fp32 results are held to 1e-5)
             acc = tl.dot(xt, wt, acc, input_precision="ieee")
         else:
             acc = tl.dot(xt, wt, acc)
 
+    if LN_PREFOLDED:  # acc = x @ W'^T; LN(x) @ W'^T = rstd * (acc - mean * rowsum(W'))
+        shift = x_sum / K  # mean - x0
+        rstd_x = 1.0 / tl.sqrt(tl.maximum(x_sq / K - shift * shift, 0.0) + ln_eps)
+        row_sums = tl.load(row_sums_ptr + rows_n)
+        acc = rstd_x[:, None] * (acc - (x0 + shift)[:, None] * row_sums[None, :])
     if WRITE_PARTIAL:
         _store_partial(acc, offs_m, offs_n, M, N, part_ptr, split)
     else:
@@ -478,6 +498,9 @@ def pick_gemm_config(M: int, N: int, K: int, dtype: torch.dtype, num_sms: int = 
 
     fp16/bf16: 128x128x64, 8 warps, 4 stages (128 KiB of shared memory) for M > 64; 64-row tiles up to M = 64
     and 16-row tiles below (decode batches forced onto this path). fp32 (ieee dot, FMA units) keeps 64x64x32.
+    (M x 32 x 128 tiles, 5 stages, won the isolated sweep at M <= 64 (data/bench/linear_gemm_sweep.csv), but a
+    decode step with every block GEMM on this kernel was 25-30 % slower than cuBLAS: FTLAB_SMALL_M_GEMM in
+    ftlab/model.py. Not changed without measuring the LM head, the main user of these tiles.)
     Split-K when the tiles do not fill one wave, bounded so every split gets >= 2 K chunks and the fp32 partial
     traffic (write + read) stays under half the weight bytes.
     """
@@ -504,6 +527,17 @@ def pick_gemm_config(M: int, N: int, K: int, dtype: torch.dtype, num_sms: int = 
 
 # ----------------------------------------------------------------------------------------------------------------
 # launchers
+
+
+def _gemm_config_from_env(M: int) -> Optional[GemmConfig]:
+    """FTLAB_GEMM_TILE="block_n,block_k,num_warps,num_stages" (rows: M rounded up to a power of two, 16..64; no
+    split-K): every gemm call uses this tile instead of pick_gemm_config (for measuring tiles inside a model's
+    step; read per call)."""
+    values = ints_from_env("FTLAB_GEMM_TILE", "block_n,block_k,num_warps,num_stages")
+    if values is None:
+        return None
+    block_n, block_k, warps, stages = values
+    return GemmConfig(max(16, min(64, triton.next_power_of_2(M))), block_n, block_k, 8, 1, warps, stages)
 
 
 def _pow2_floor(n: int) -> int:
@@ -580,21 +614,23 @@ def _ln_stats(x, eps):
     return mean, rstd
 
 
-def _run_gemm(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg: GemmConfig):
+def _run_gemm(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg: GemmConfig, ln_row_sums=None):
     M, K = x.shape
     N = weight.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    k_per_split, split_k = _split_bounds(K, cfg.block_k, cfg.split_k)
+    prefolded = ln_row_sums is not None  # row statistics inside the loop: every program needs whole rows of x
+    k_per_split, split_k = _split_bounds(K, cfg.block_k, 1 if prefolded else cfg.split_k)
     part = _workspace_or_out(out, split_k, M, N)
-    has_ln = ln_weight is not None
+    has_ln = ln_weight is not None and not prefolded
     mean, rstd = _ln_stats(x, ln_eps) if has_ln else (out, out)
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split_k)
     _gemm_kernel[grid](
         x, weight, bias if bias is not None else out, residual if residual is not None else out,
         ln_weight if has_ln else out, ln_bias if has_ln else out, mean, rstd, out, part,
-        M, N, K, k_per_split,
+        ln_row_sums if prefolded else out, M, N, K, k_per_split, float(ln_eps),
         HAS_BIAS=bias is not None, ACT_GELU=act_gelu, HAS_RES=residual is not None, HAS_LN=has_ln,
         WRITE_PARTIAL=split_k > 1, EVEN_K=K % cfg.block_k == 0, IEEE=x.dtype == torch.float32,
+        LN_PREFOLDED=prefolded,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -718,11 +754,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             cfg = cfg._replace(lanes=lanes, num_warps=max(1, min(4, lanes // 32)),
                                block_n=min(triton.next_power_of_2(N), widest), split_k=1)
         return _run_gemv(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg, prefetch, ln_row_sums)
-    cfg = pick_gemm_config(M, N, K, x.dtype, num_sms)
+    cfg = _gemm_config_from_env(M) or pick_gemm_config(M, N, K, x.dtype, num_sms)
     if x.device.type == "cpu":  # as above: fewer, larger tiles under the interpreter
         cfg = cfg._replace(block_m=min(triton.next_power_of_2(M), 64), block_n=min(triton.next_power_of_2(N), 64),
                            split_k=1)
-    return _run_gemm(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg)
+    return _run_gemm(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, cfg, ln_row_sums)
 
 
 def fold_layernorm(weight: torch.Tensor, bias: Optional[torch.Tensor], ln_weight: torch.Tensor,

@@ -137,6 +137,12 @@ def test_ln_prologue_with_large_mean(device):
         # an fp32 mean near 1000 is only good to ~6e-5 (its ulp), i.e. ~1e-4 of the unit std; the naive
         # formula would be off by percents
         assert_rel_close(out, ref, tol=1e-3, what=impl)
+    # the same with the LN folded into the weight (the model's default): the statistics come from the shifted x
+    folded, bias, row_sums = fold_layernorm(weight, None, ln_w, ln_b)
+    ones, zeros = torch.ones_like(ln_w), torch.zeros_like(ln_b)
+    for impl in ("gemv", "gemm"):
+        out = linear(x, folded, bias, ln_weight=ones, ln_bias=zeros, ln_row_sums=row_sums, impl=impl)
+        assert_rel_close(out, ref, tol=1e-3, what=f"{impl}, LN folded")
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # interpreter (numpy): exp -> inf is intended
