@@ -3,7 +3,8 @@
 Every request carries its own sampling parameters (FasterTransformer / HF names: top_k, top_p, temperature,
 random_seed, end_id); a scalar applies to the whole batch. `stream` yields each step's tokens as they are produced;
 `generate` runs the stream to the end and returns prompt + generated ids with sequence lengths. Nothing is global:
-all state (KV cache, positions, finished flags) lives in the call.
+all state (KV cache, positions, finished flags) belongs to the call, or on a GPU to the model's captured graph of
+that batch size, which the call loads and then owns until it returns (one CUDA-graph generate() per model at a time).
 """
 from __future__ import annotations
 
