@@ -291,8 +291,8 @@ class GPT:
         kernel takes the normalisation into its epilogue and the residual adds into its own, so a block is five
         launches plus two split-K reduces instead of eight. Off unless FTLAB_SMALL_M_GEMM=1 (read per call): on the
         H200 (GPT-345M, fp16, context 512) the decode step measured 0.99 -> 1.23 ms at bs8 and 1.85 -> 2.08 ms at
-        bs64 with the best tile (FTLAB_GEMM_TILE=32,128,4,5), worse with PDL (data/bench/small_m_gemm_ab.csv): the
-        Triton GEMMs take 13-15 us where cuBLAS + LayerNorm take ~7."""
+        bs64 with the best tile (FTLAB_GEMM_TILE=32,128,4,5), worse with PDL (data/bench/small_m_gemm_ab.csv; in a
+        timeline of the PDL variant at bs8 the QKV / FC1 GEMMs took ~13.5 us where LayerNorm + cuBLAS take ~7)."""
         b = self.weights.blocks[0] if self.weights.blocks else None
         return (GEMV_MAX_M < tokens <= SMALL_M_MAX and b is not None and b.qkv_ln_row_sums is not None
                 and os.environ.get("FTLAB_SMALL_M_GEMM", "0") == "1")

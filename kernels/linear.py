@@ -409,7 +409,7 @@ def _gemm_kernel(
     LN_PREFOLDED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # LN_PREFOLDED (decode batches; no split-K): the LayerNorm's gain and shift are folded into weight and bias
+    # LN_PREFOLDED (no split-K): the LayerNorm's gain and shift are folded into weight and bias
     # (ln_row_sums, see `linear`), so LN(x) @ W'^T = rstd * (x @ W'^T - mean * rowsum(W')): the loop multiplies
     # x as loaded and also sums it and its square, relative to the row's first element x0 (with |mean| >> std
     # plain sums would cancel in fp32); the epilogue applies mean / rstd. No LayerNorm launch, no pre-pass.
@@ -499,8 +499,9 @@ def pick_gemm_config(M: int, N: int, K: int, dtype: torch.dtype, num_sms: int = 
     fp16/bf16: 128x128x64, 8 warps, 4 stages (128 KiB of shared memory) for M > 64; 64-row tiles up to M = 64
     and 16-row tiles below (decode batches forced onto this path). fp32 (ieee dot, FMA units) keeps 64x64x32.
     (M x 32 x 128 tiles, 5 stages, won the isolated sweep at M <= 64 (data/bench/linear_gemm_sweep.csv), but a
-    decode step with every block GEMM on this kernel was 25-30 % slower than cuBLAS: FTLAB_SMALL_M_GEMM in
-    ftlab/model.py. Not changed without measuring the LM head, the main user of these tiles.)
+    decode step with every block GEMM on this kernel was still 12-24 % slower than LayerNorm + cuBLAS
+    (FTLAB_SMALL_M_GEMM in ftlab/model.py), and for the LM head (N = 50257, the main user of these tiles) that
+    tile took 80.5 us at M = 8 against these tiles' 46.7 (data/bench/small_m_gemm_ab.csv).)
     Split-K when the tiles do not fill one wave, bounded so every split gets >= 2 K chunks and the fp32 partial
     traffic (write + read) stays under half the weight bytes.
     """
