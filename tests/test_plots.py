@@ -97,10 +97,15 @@ def test_sampling_rows_pair_the_two_samplers(tmp_path):
     rows = sampling_rows(path)
     assert rows == [dict(B=1, mode="greedy", passes_us=12.0, candidates_us=5.0),
                     dict(B=1, mode="top_k=40", passes_us=200.0, candidates_us=27.0)]
+
+
+@pytest.mark.parametrize("reader, text", [(sampling_rows, "B,mode\n1,greedy\n"), (timeline_rows, "bs,label\n1,x\n")],
+                         ids=["sampling", "timeline"])
+def test_csv_readers_name_missing_columns(reader, text, tmp_path):
     bad = tmp_path / "bad.csv"
-    bad.write_text("B,mode\n1,greedy\n")
+    bad.write_text(text)
     with pytest.raises(ValueError, match="missing columns"):
-        sampling_rows(bad)
+        reader(bad)
 
 
 def test_plot_sampling_of_the_shipped_h200_results(tmp_path):
@@ -131,10 +136,6 @@ def test_timeline_rows_name_the_block_slots_and_keep_each_variants_newest_run(tm
     assert timeline_name("_gemv_kernel") == "LM head GEMV" and timeline_name("Memcpy DtoD") == "Memcpy DtoD"
     with pytest.raises(ValueError, match="no timeline rows for batch 8"):
         timeline_rows(path, bs=8)
-    bad = tmp_path / "bad.csv"
-    bad.write_text("bs,label\n1,x\n")
-    with pytest.raises(ValueError, match="missing columns"):
-        timeline_rows(bad)
 
 
 def test_plot_timeline_of_the_shipped_h200_results(tmp_path):
