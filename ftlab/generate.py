@@ -283,7 +283,7 @@ class DecodeGraph:
         key = (prompts.total, prompts.max_seqlen)
         if key not in self.prefill_graphs and key not in self.prefill_seen:
             self.prefill_seen.add(key)
-            b = prompts.on_device(host_to_device(self.model.device, **prompts.columns()))
+            b = prompts.to_device(self.model.device)
             return self._finish(self.model.prefill(b.token_ids, b.positions, b.cu_seqlens, b.max_seqlen, self.cache),
                                 None)
         graph = lru_get(self.prefill_graphs, key, lambda: PrefillGraph(self, prompts), MAX_PREFILL_GRAPHS)
@@ -379,7 +379,7 @@ class LocalSession:
         """Context phase + first token: (tokens, log_probs, stopped-by-a-stop-word or None), each (B,)."""
         if self.graph is not None:  # the graph also masks finished requests (kernels/finish_step.py)
             return (*self.graph.first(self.prompts), None)
-        b = self.prompts.on_device(host_to_device(self.model.device, **self.prompts.columns()))
+        b = self.prompts.to_device(self.model.device)
         return self._sample(self.model.prefill(b.token_ids, b.positions, b.cu_seqlens, b.max_seqlen, self.cache))
 
     def next(self, tokens: torch.Tensor):

@@ -494,6 +494,10 @@ class HostPrompts:
         return dict(ids_and_positions=(self.ids_and_positions, torch.int64), cu_seqlens=(self.cu_seqlens, torch.int32),
                     lengths=(self.lengths, torch.int32))
 
+    def to_device(self, device) -> PackedPrompts:
+        """The prompts in one copy to fresh device tensors."""
+        return self.on_device(host_to_device(device, **self.columns()))
+
     def on_device(self, moved: dict[str, torch.Tensor]) -> PackedPrompts:
         """The PackedPrompts viewing device columns loaded from `columns()`."""
         T = self.total
@@ -520,5 +524,4 @@ def pack_prompts_host(prompts: list[list[int]] | list[np.ndarray]) -> HostPrompt
 
 def pack_prompts(prompts: list[list[int]] | list[np.ndarray], device) -> PackedPrompts:
     """pack_prompts_host, moved to the device in one copy (with the boundaries and lengths)."""
-    host = pack_prompts_host(prompts)
-    return host.on_device(host_to_device(device, **host.columns()))
+    return pack_prompts_host(prompts).to_device(device)
