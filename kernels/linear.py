@@ -21,7 +21,10 @@ Three implementations, picked by `linear_impl_for(M, N, K)` or forced with impl=
           no LN parameter is loaded at all, only the weight's row sums (decode step 0.534 -> 0.422 ms). When
           N / BLOCK_N programs cannot fill the GPU, K is split over SPLIT_K programs that write fp32 partial sums
           to a workspace; a second small kernel adds the partials in a fixed order and applies the epilogue, so
-          results are deterministic and never depend on other rows of the batch.
+          results are deterministic and never depend on other rows of the batch. On a GPU, wherever a few whole
+          weight rows fit one program's registers (every GPT-345M decode GEMV and its LM head), linear() runs
+          kernels/gemv_rows.py instead: a few programs per SM, one warp each with the LN fold (decode step at bs1
+          0.41 -> 0.376 ms); this chunked kernel remains for longer rows, small grids (split-K), the interpreter.
   "gemm"  larger M (prefill): BLOCK_M x BLOCK_N x BLOCK_K tiles on tensor cores (tl.dot), grouped program order
           so row-blocks that run together share weight tiles in L2, the same epilogue, the LN prologue applied to
           each loaded x tile (per-row mean/rstd come from a cheap pre-pass kernel), and split-K when the tiles
@@ -52,7 +55,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._activations import gelu_tanh as _gelu_tanh
 from ._env import ints_from_env
+from .gemv_rows import gemv_rows, gemv_rows_on, pick_gemv_rows_config
 from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
 from ._prefetch import l2_prefetch, prefetch_plan
 
@@ -87,13 +92,6 @@ def _num_sms(device: torch.device) -> int:
 
 # ----------------------------------------------------------------------------------------------------------------
 # shared device helpers
-
-
-@triton.jit
-def _gelu_tanh(v):
-    # 0.5 * v * (1 + tanh(u)) == v * sigmoid(2u): no tanh needed, and saturates cleanly for large |v|
-    u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
-    return v / (1.0 + tl.exp(-2.0 * u))
 
 
 @triton.jit
@@ -729,8 +727,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     (ln_weight all ones, ln_bias all zeros: see ftlab/model.py fold_layernorms), and these are weight's row sums
     in fp32. The gemv then loads no LN parameter; the other paths apply ln_weight / ln_bias as usual.
 
-    prefetch: a tensor the next kernel will read (its weight); the gemv asks L2 to fetch it while it runs
-    (kernels/_prefetch.py). A hint only: ignored by the other paths, off the GPU, and with FTLAB_PREFETCH=0."""
+    prefetch: a tensor the next kernel will read (its weight); the chunked gemv asks L2 to fetch it while it runs
+    (kernels/_prefetch.py). A hint only: ignored by the other paths (gemv_rows included), off the GPU, and with
+    FTLAB_PREFETCH=0."""
     _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias, ln_eps, impl, prefetch)
     if ln_row_sums is not None:
         if ln_weight is None:
@@ -746,6 +745,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         return _run_torch(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu)
     num_sms = _num_sms(x.device)
     if impl == "gemv":
+        # whole weight rows per program where they fit (kernels/gemv_rows.py); on a GPU only: under the
+        # interpreter the chunked kernel below runs with few wide programs (gemv_rows is tested on its own)
+        if x.is_cuda and (ln_weight is None or ln_row_sums is not None) and gemv_rows_on():
+            rows_cfg = pick_gemv_rows_config(M, N, K, x.dtype, ln_weight is not None, num_sms)
+            if rows_cfg is not None:
+                return gemv_rows(x, weight, bias, residual, ln_row_sums, ln_eps, act_gelu, rows_cfg)
         cfg = pick_gemv_config(M, N, K, x.dtype, num_sms)
         if x.device.type == "cpu":
             # Triton's interpreter pays Python overhead per program and per op, not per element: few wide programs

@@ -1,0 +1,149 @@
+"""Row-tile GEMV: each program holds a few WHOLE weight rows in registers (decode at batch <= 4).
+
+y = act(LN?(x) @ weight.T + bias) + residual, the same function as kernels/linear.py's gemv (its torch reference,
+`linear_reference`, is this kernel's too), for the shapes where one program's share of the weight fits in
+registers as whole rows: program p owns output features [p*ROWS, (p+1)*ROWS) and loads their (ROWS, K) tile in one
+go, before its PDL wait (kernels/_pdl.py), with its bias and row sums. After the wait it reads each row of x, and
+one reduction over K gives the dot products; with the LayerNorm folded into the weight (ln_row_sums, see
+linear.fold_layernorm) the same reduction also sums x and x*x (shifted by x[0], so a large mean does not cancel),
+and the epilogue normalises: LN(x) . w' = rstd * (x . w' - mean * rowsum(w')).
+
+Why a second GEMV: at batch 1 a decode step is a chain of dependent kernels, and what counts is what each one
+still has to do after its wait, and how soon the next one's programs are resident to issue their weight loads.
+The chunked gemv (linear.py) splits rows over many small programs (two rows, two K chunks, 2-4 warps); here the
+grid is a few programs per SM, and with the LayerNorm fold a single warp per program, so the reduction is warp
+shuffles only (no shared memory, no barrier). Measured on the H200 (GPT-345M, fp16, context 512, this file's
+picks vs the chunked gemv in the same process, alternating, 2 rounds; data/bench/gemv_rows_ab.csv): decode step
+bs1 0.412-0.417 -> 0.376 ms, bs2 0.558-0.562 -> 0.465-0.471, bs4 0.973-0.979 -> 0.770-0.773; generate() bs1
+512 -> 32 14.6-14.8 -> 13.2-13.8 ms, bs4 33.5-33.8 -> 27.2-27.9; the 50257-row LM head alone at M = 1 32.3 ->
+24.3 us (its 103 MB at ~4.3 TB/s: ~24 us). The picks (rows, warps): QKV (4, 1), out-proj (2, 4), FC1 (4, 1),
+FC2 (2, 8). A model-level search (decode step, one slot at a time) found QKV (8, 1) and out-proj (4, 4) as good
+(0.374-0.381 ms) and 2 warps with the LN fold 3-8 % worse; in a chain of the block's GEMVs alone (no attention
+between them) other picks won and the gains were different: tune in the model, not in the chain.
+
+Not for: rows too long to hold one in registers (K * element size > 16 warps x 256 bytes per thread), and grids
+too small to give every SM a program (then the chunked gemv splits K). `pick_gemv_rows_config` returns None there,
+and linear() falls back. FTLAB_GEMV_ROWS=0 turns this path off (read per call, for comparing).
+"""
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._activations import gelu_tanh
+from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
+
+# weight bytes each thread holds (128 fp16 = 64 registers): the measured picks above sit at or below it
+_THREAD_TILE_BYTES = 256
+_MAX_ROWS = 8
+_MAX_WARPS = 16
+MAX_M = 4  # rows of x per program (each reuses the weight tile in registers)
+
+
+@triton.jit
+def _add3(a0, b0, c0, a1, b1, c1):
+    return a0 + a1, b0 + b1, c0 + c1
+
+
+@triton.jit
+def _gemv_rows_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, row_sums_ptr, out_ptr,
+    M, N, K, ln_eps,
+    HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, LN_PREFOLDED: tl.constexpr,
+    USE_PDL: tl.constexpr, COMBINED_REDUCE: tl.constexpr,
+    BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    n_ok = offs_n < N
+    w_rows = tl.minimum(offs_n, N - 1)  # tail features clamped onto the last one; their results are not stored
+    offs_k = tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    if USE_PDL:
+        gdc_launch_dependents()
+    # everything that no kernel of the chain writes goes out before the wait
+    w = tl.load(w_ptr + w_rows.to(tl.int64)[:, None] * K + offs_k[None, :], mask=k_ok[None, :], other=0.0,
+                eviction_policy="evict_first")  # (ROWS, BLOCK_K)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + w_rows).to(tl.float32)
+    if LN_PREFOLDED:
+        row_sums = tl.load(row_sums_ptr + w_rows)  # (ROWS,) fp32
+    if USE_PDL:
+        gdc_wait()  # x, the residual and out belong to the kernel chain
+    for m in tl.static_range(BLOCK_M):
+        row = tl.program_id(1) * BLOCK_M + m
+        x_row = x_ptr + tl.minimum(row, M - 1).to(tl.int64) * K
+        x = tl.load(x_row + offs_k, mask=k_ok, other=0.0).to(tl.float32)  # (BLOCK_K,)
+        if HAS_RES:
+            res = tl.load(res_ptr + tl.minimum(row, M - 1).to(tl.int64) * N + w_rows).to(tl.float32)
+        if LN_PREFOLDED:
+            d = tl.where(k_ok, x - tl.load(x_row).to(tl.float32), 0.0)[None, :]  # x - x[0]
+            prod = d * w.to(tl.float32)  # (ROWS, BLOCK_K)
+            d_b = tl.broadcast_to(d, prod.shape)
+            if COMBINED_REDUCE:  # one pass of shuffles for all three sums
+                dot, s1, s2 = tl.reduce((prod, d_b, d_b * d_b), 1, _add3)
+            else:  # the interpreter runs a tuple reduce element by element in Python: three plain sums
+                dot, s1, s2 = tl.sum(prod, axis=1), tl.sum(d_b, axis=1), tl.sum(d_b * d_b, axis=1)
+            shift = s1 / K  # mean - x[0]
+            rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - shift * shift, 0.0) + ln_eps)
+            acc = rstd * (dot - shift * row_sums)
+        else:
+            acc = tl.sum(x[None, :] * w.to(tl.float32), axis=1)  # (ROWS,)
+        if HAS_BIAS:
+            acc = acc + bias
+        if ACT_GELU:
+            acc = gelu_tanh(acc)
+        if HAS_RES:
+            acc = acc + res
+        tl.store(out_ptr + row.to(tl.int64) * N + offs_n, acc.to(out_ptr.dtype.element_ty),
+                 mask=n_ok & (offs_n * 0 + row < M))
+
+
+class GemvRowsConfig(NamedTuple):
+    block_m: int  # rows of x per program
+    rows: int  # weight rows (output features) per program
+    num_warps: int
+    block_k: int  # K padded to a power of two: the whole row
+
+
+def gemv_rows_on() -> bool:
+    return os.environ.get("FTLAB_GEMV_ROWS", "1") != "0"
+
+
+def pick_gemv_rows_config(M: int, N: int, K: int, dtype: torch.dtype, has_ln: bool,
+                          num_sms: int) -> Optional[GemvRowsConfig]:
+    """(rows, warps) from the shapes (module docstring), or None where this kernel does not apply.
+
+    With the LayerNorm fold one warp (shuffle-only reductions) unless a row needs more threads to stay within
+    _THREAD_TILE_BYTES per thread; without it 4-8 warps (K / 512). Then the most rows (up to 8) that keep the
+    per-thread budget and still give the grid two programs per SM."""
+    block_k = triton.next_power_of_2(K)
+    row_bytes = block_k * torch.finfo(dtype).bits // 8
+    warps = 1 if has_ln else max(4, min(8, K // 512))
+    warps = max(warps, triton.next_power_of_2(triton.cdiv(row_bytes, 32 * _THREAD_TILE_BYTES)))
+    if warps > _MAX_WARPS:
+        return None
+    rows = _MAX_ROWS
+    while rows > 1 and (rows * row_bytes > 32 * warps * _THREAD_TILE_BYTES or triton.cdiv(N, rows) < 2 * num_sms):
+        rows //= 2
+    if triton.cdiv(N, rows) < num_sms:
+        return None
+    return GemvRowsConfig(min(triton.next_power_of_2(M), MAX_M), rows, warps, block_k)
+
+
+def gemv_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+              ln_row_sums: Optional[torch.Tensor], ln_eps: float, act_gelu: bool, cfg: GemvRowsConfig) -> torch.Tensor:
+    """The launch (arguments checked by linear()): ln_row_sums given means weight/bias carry a folded LayerNorm."""
+    M, K = x.shape
+    N = weight.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    use_pdl = pdl_for(x.device)
+    _gemv_rows_kernel[(triton.cdiv(N, cfg.rows), triton.cdiv(M, cfg.block_m))](
+        x, weight, bias if bias is not None else out, residual if residual is not None else out,
+        ln_row_sums if ln_row_sums is not None else out, out, M, N, K, float(ln_eps),
+        HAS_BIAS=bias is not None, ACT_GELU=act_gelu, HAS_RES=residual is not None,
+        LN_PREFOLDED=ln_row_sums is not None, USE_PDL=use_pdl, COMBINED_REDUCE=x.is_cuda,
+        BLOCK_M=cfg.block_m, ROWS=cfg.rows, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **launch_options(use_pdl),
+    )
+    return out
