@@ -207,10 +207,18 @@ def pick_decode_blocks(batch: int, num_heads: int, s_max: int, head_dim: int, nu
     programs per SM, and four or eight while 16 per SM remain (large batches: fewer partials to combine).
     Chosen vs best measured (us): B=1 nh=16 d=64 6.7/6.7; B=8 11.3/11.3; B=64 42.7/42.7; B=1 nh=32 d=128
     9.4/9.4 (the previous heuristic: 7.1, 12.8, 45.7, 10.7).
+
+    Up to 64 (sequence, head) pairs (batches <= 4 at 16 heads: the decode GEMVs' range) the step itself, not the
+    kernel alone, picked one warp and tiles of ~2K elements (32 keys at d = 64), one per partition: on the H200
+    with kernels/gemv_rows.py (GPT-345M, context 512, decode step) bs1 0.391-0.395 -> 0.382 ms and bs4 0.760-0.766
+    -> 0.727-0.728 ms against the rule below; 16 or 64 keys at one warp 5-14 % slower, 2 warps or 2 tiles 2-4 %
+    (data/bench/decode_attention_step.csv). At one warp the softmax and the combine reduce by shuffles alone.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_s = max(16, min(64, 4096 // block_d))
     heads = batch * num_heads
+    if heads <= 64:
+        return DecodeBlocks(max(16, min(64, 2048 // block_d)), 1, 1)
+    block_s = max(16, min(64, 4096 // block_d))
 
     def programs(tiles: int) -> int:
         return heads * triton.cdiv(s_max, block_s * tiles)

@@ -4,7 +4,8 @@ import torch.nn.functional as F
 
 from ftlab.kernels import decode_attention as decode_module
 from ftlab.kernels.attention import context_attention
-from ftlab.kernels.decode_attention import DecodeBlocks, decode_attention, decode_attention_reference
+from ftlab.kernels.decode_attention import (DecodeBlocks, decode_attention, decode_attention_reference,
+                                           pick_decode_blocks)
 from tests.util import DTYPES, assert_rel_close, cache_with_history
 
 
@@ -51,6 +52,8 @@ def test_decode_attention_matches_reference_and_appends(positions, num_heads, he
     (DecodeBlocks(16, 2, 4), [16, 31, 49], 50),
     # 38 partitions: more than the reduction handles in one chunk
     (DecodeBlocks(16, 1, 4), [599, 0, 300], 600),
+    # one warp per 32-key partition (the small-batch pick): new key on a first / last slot, 19 partitions
+    (DecodeBlocks(32, 1, 1), [32, 63, 0], 600),
 ])
 @pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
 def test_decode_attention_partition_boundaries(blocks, positions, s_max, dtype_name, device):
@@ -219,3 +222,13 @@ def test_decode_attention_rejects_bad_inputs(what, mutate, match, device):
     mutate(args)
     with pytest.raises(ValueError, match=match):
         decode_attention(**args)
+
+
+def test_pick_decode_blocks():
+    # up to 64 (sequence, head) pairs: one warp on ~2K-element tiles (the decode step's best on the H200); above,
+    # 2 warps and ~4K elements, more tiles per partition as the grid grows (kernels/decode_attention.py)
+    assert pick_decode_blocks(1, 16, 576, 64) == DecodeBlocks(32, 1, 1)
+    assert pick_decode_blocks(4, 16, 576, 64) == DecodeBlocks(32, 1, 1)
+    assert pick_decode_blocks(1, 32, 576, 128) == DecodeBlocks(16, 1, 1)
+    assert pick_decode_blocks(8, 16, 768, 64) == DecodeBlocks(64, 2, 2)
+    assert pick_decode_blocks(64, 16, 768, 64) == DecodeBlocks(64, 4, 2)
