@@ -208,27 +208,30 @@ def pick_decode_blocks(batch: int, num_heads: int, s_max: int, head_dim: int, nu
     Chosen vs best measured (us): B=1 nh=16 d=64 6.7/6.7; B=8 11.3/11.3; B=64 42.7/42.7; B=1 nh=32 d=128
     9.4/9.4 (the previous heuristic: 7.1, 12.8, 45.7, 10.7).
 
-    Up to 64 (sequence, head) pairs (batches <= 4 at 16 heads: the decode GEMVs' range) the step itself, not the
-    kernel alone, picked one warp and tiles of ~2K elements (32 keys at d = 64), one per partition: on the H200
-    with kernels/gemv_rows.py (GPT-345M, context 512, decode step) bs1 0.391-0.395 -> 0.382 ms and bs4 0.760-0.766
-    -> 0.727-0.728 ms against the rule below; 16 or 64 keys at one warp 5-14 % slower, 2 warps or 2 tiles 2-4 %
-    (data/bench/decode_attention_step.csv). At one warp the softmax and the combine reduce by shuffles alone.
+    Then the decode step itself (not the kernel alone) preferred ONE warp per program at d <= 64, with tiles of
+    ~2K elements (32 keys at d = 64): at one warp the softmax and the combine reduce by shuffles alone. H200,
+    GPT-345M, context 512, with kernels/gemv_rows.py, decode step (data/bench/decode_attention_step.csv): bs1
+    0.391-0.395 -> 0.382 ms, bs4 0.760-0.766 -> 0.727 (one tile per partition up to 64 (sequence, head) pairs; 2
+    tiles 2-4 % slower, 16 or 64 keys 5-14 %), bs8 1.000 -> 0.984 (2 tiles), bs32 1.414 -> 1.319 (8 tiles; 4:
+    1.351-1.382), bs64 1.847-1.942 -> 1.846-1.873 (8 tiles); 64-key tiles at one warp 13-42 % slower. Partitions
+    grow to 8 tiles while 8 programs per SM remain. d = 128 keeps the kernel sweep's rule (not measured in a step).
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     heads = batch * num_heads
-    if heads <= 64:
-        return DecodeBlocks(max(16, min(64, 2048 // block_d)), 1, 1)
-    block_s = max(16, min(64, 4096 // block_d))
+    one_warp = block_d <= 64
+    block_s = max(16, min(64, (2048 if one_warp else 4096) // block_d))
 
     def programs(tiles: int) -> int:
         return heads * triton.cdiv(s_max, block_s * tiles)
 
     while block_s > 16 and programs(1) < num_sms:
         block_s //= 2
+    if one_warp and heads <= 64:
+        return DecodeBlocks(block_s, 1, 1)
     tiles = 2 if programs(2) >= 2 * num_sms else 1
-    while 2 <= tiles < 8 and programs(tiles * 2) >= 16 * num_sms:
+    while 2 <= tiles < 8 and programs(tiles * 2) >= (8 if one_warp else 16) * num_sms:
         tiles *= 2
-    return DecodeBlocks(block_s, tiles, 2)
+    return DecodeBlocks(block_s, tiles, 1 if one_warp else 2)
 
 
 def _check(cond: bool, message: str) -> None:

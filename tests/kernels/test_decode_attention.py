@@ -225,10 +225,12 @@ def test_decode_attention_rejects_bad_inputs(what, mutate, match, device):
 
 
 def test_pick_decode_blocks():
-    # up to 64 (sequence, head) pairs: one warp on ~2K-element tiles (the decode step's best on the H200); above,
-    # 2 warps and ~4K elements, more tiles per partition as the grid grows (kernels/decode_attention.py)
+    # d <= 64: one warp on ~2K-element tiles (the decode step's best on the H200), one tile per partition up to 64
+    # (sequence, head) pairs, then more while 8 programs per SM remain; d = 128: 2 warps, ~4K elements
     assert pick_decode_blocks(1, 16, 576, 64) == DecodeBlocks(32, 1, 1)
     assert pick_decode_blocks(4, 16, 576, 64) == DecodeBlocks(32, 1, 1)
-    assert pick_decode_blocks(1, 32, 576, 128) == DecodeBlocks(16, 1, 1)
-    assert pick_decode_blocks(8, 16, 768, 64) == DecodeBlocks(64, 2, 2)
-    assert pick_decode_blocks(64, 16, 768, 64) == DecodeBlocks(64, 4, 2)
+    assert pick_decode_blocks(8, 16, 576, 64) == DecodeBlocks(32, 2, 1)
+    assert pick_decode_blocks(32, 16, 576, 64) == DecodeBlocks(32, 8, 1)
+    assert pick_decode_blocks(64, 16, 576, 64) == DecodeBlocks(32, 8, 1)
+    assert pick_decode_blocks(1, 32, 576, 128) == DecodeBlocks(32, 2, 2)
+    assert pick_decode_blocks(1, 16, 40, 64) == DecodeBlocks(16, 1, 1)  # short caches: smaller tiles fill the GPU
