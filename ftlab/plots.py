@@ -310,7 +310,7 @@ def timeline_name(label: str) -> str:
     slot = label.partition(": ")[0]
     if slot in _DECODE_BLOCK_SLOTS:
         return _DECODE_BLOCK_SLOTS[slot]
-    if label == "_gemv_kernel":
+    if label in ("_gemv_kernel", "_gemv_rows_kernel"):
         return "LM head GEMV"
     return label
 

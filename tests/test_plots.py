@@ -134,6 +134,7 @@ def test_timeline_rows_name_the_block_slots_and_keep_each_variants_newest_run(tm
     assert rows == {"default": {"FC1 GEMV": 80.0}, "FTLAB_X=1": {"decode attention": 90.0}}
     assert timeline_rows(path, bs=64) == {"default": {"block 1/8: nvjet_sm90_x": 7.0}}
     assert timeline_name("_gemv_kernel") == "LM head GEMV" and timeline_name("Memcpy DtoD") == "Memcpy DtoD"
+    assert timeline_name("_gemv_rows_kernel") == "LM head GEMV"  # kernels/gemv_rows.py runs the M = 1 LM head
     with pytest.raises(ValueError, match="no timeline rows for batch 8"):
         timeline_rows(path, bs=8)
 
