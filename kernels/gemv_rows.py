@@ -23,7 +23,8 @@ between them) other picks won and the gains were different: tune in the model, n
 
 Not for: rows too long to hold one in registers (K * element size > 16 warps x 256 bytes per thread), and grids
 too small to give every SM a program (then the chunked gemv splits K). `pick_gemv_rows_config` returns None there,
-and linear() falls back. FTLAB_GEMV_ROWS=0 turns this path off (read per call, for comparing).
+and linear() falls back. FTLAB_GEMV_ROWS=0 turns this path off, FTLAB_GEMV_ROWS_TILE forces (rows, warps) for
+given weight shapes (both read per call, for comparing).
 """
 import os
 from typing import NamedTuple, Optional
@@ -33,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ._activations import gelu_tanh
+from ._env import is_pow2
 from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
 
 # weight bytes each thread holds (128 fp16 = 64 registers): the measured picks above sit at or below it
@@ -111,6 +113,23 @@ def gemv_rows_on() -> bool:
     return os.environ.get("FTLAB_GEMV_ROWS", "1") != "0"
 
 
+def _tiles_from_env() -> dict:
+    """FTLAB_GEMV_ROWS_TILE="N,K,rows,warps;..." overrides the pick for weights of those shapes (for tuning inside a
+    running model, `bash .ci/gpu-check gemv-rows-search`; read per call)."""
+    text = os.environ.get("FTLAB_GEMV_ROWS_TILE", "")
+    tiles = {}
+    for entry in filter(None, text.split(";")):
+        try:
+            N, K, rows, warps = (int(v) for v in entry.split(","))
+        except ValueError:
+            raise ValueError(f"FTLAB_GEMV_ROWS_TILE entry {entry!r}: expected four integers N,K,rows,warps") from None
+        if not (is_pow2(rows) and is_pow2(warps) and warps <= _MAX_WARPS):
+            raise ValueError(f"FTLAB_GEMV_ROWS_TILE entry {entry!r}: rows and warps must be powers of two, warps <= "
+                             f"{_MAX_WARPS}")
+        tiles[(N, K)] = (rows, warps)
+    return tiles
+
+
 def pick_gemv_rows_config(M: int, N: int, K: int, dtype: torch.dtype, has_ln: bool,
                           num_sms: int) -> Optional[GemvRowsConfig]:
     """(rows, warps) from the shapes (module docstring), or None where this kernel does not apply.
@@ -119,6 +138,10 @@ def pick_gemv_rows_config(M: int, N: int, K: int, dtype: torch.dtype, has_ln: bo
     _THREAD_TILE_BYTES per thread; without it 4-8 warps (K / 512). Then the most rows (up to 8) that keep the
     per-thread budget and still give the grid two programs per SM."""
     block_k = triton.next_power_of_2(K)
+    block_m = min(triton.next_power_of_2(M), MAX_M)
+    forced = _tiles_from_env().get((N, K))
+    if forced is not None:
+        return GemvRowsConfig(block_m, forced[0], forced[1], block_k)
     row_bytes = block_k * torch.finfo(dtype).bits // 8
     warps = 1 if has_ln else max(4, min(8, K // 512))
     warps = max(warps, triton.next_power_of_2(triton.cdiv(row_bytes, 32 * _THREAD_TILE_BYTES)))
@@ -129,7 +152,7 @@ def pick_gemv_rows_config(M: int, N: int, K: int, dtype: torch.dtype, has_ln: bo
         rows //= 2
     if triton.cdiv(N, rows) < num_sms:
         return None
-    return GemvRowsConfig(min(triton.next_power_of_2(M), MAX_M), rows, warps, block_k)
+    return GemvRowsConfig(block_m, rows, warps, block_k)
 
 
 def gemv_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],

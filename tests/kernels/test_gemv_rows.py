@@ -91,6 +91,17 @@ def test_pick_config_on_gpt345m_shapes():
         assert cfg.rows * cfg.block_k * 4 <= 32 * cfg.num_warps * 256, (N, K, cfg)
 
 
+def test_tile_override_from_env(monkeypatch):
+    monkeypatch.setenv("FTLAB_GEMV_ROWS_TILE", "3072,1024,8,1;1024,4096,4,16")
+    assert pick_gemv_rows_config(1, 3072, 1024, torch.float16, True, 132) == GemvRowsConfig(1, 8, 1, 1024)
+    assert pick_gemv_rows_config(2, 1024, 4096, torch.float16, False, 132) == GemvRowsConfig(2, 4, 16, 4096)
+    assert pick_gemv_rows_config(1, 4096, 1024, torch.float16, True, 132) == GemvRowsConfig(1, 4, 1, 1024)  # not listed
+    for bad in ("3072,1024,8", "3072,1024,6,1", "3072,1024,8,32", "a,b,c,d"):
+        monkeypatch.setenv("FTLAB_GEMV_ROWS_TILE", bad)
+        with pytest.raises(ValueError, match="FTLAB_GEMV_ROWS_TILE"):
+            pick_gemv_rows_config(1, 3072, 1024, torch.float16, True, 132)
+
+
 @pytest.mark.gpu
 def test_linear_dispatches_to_rows_on_the_gpu(monkeypatch):
     # impl="gemv" on a GPU takes this kernel where its config applies; FTLAB_GEMV_ROWS=0 keeps the chunked one
