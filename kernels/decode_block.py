@@ -52,7 +52,7 @@ import triton.language as tl
 from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
 from .attention import LOG2E
 from .decode_attention import _combine_partitions, _load_kv_tile
-from ._activations import gelu_tanh as _gelu_tanh
+from ._shared import gelu_tanh as _gelu_tanh
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_BATCH = 4  # rows of x per launch (every GEMV stage multiplies all of them with each weight load)

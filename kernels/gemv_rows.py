@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._activations import gelu_tanh
+from ._shared import add3, bias_act_residual
 from ._env import is_pow2
 from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
 
@@ -42,11 +42,6 @@ _THREAD_TILE_BYTES = 256
 _MAX_ROWS = 8
 _MAX_WARPS = 16
 MAX_M = 4  # rows of x per program (each reuses the weight tile in registers)
-
-
-@triton.jit
-def _add3(a0, b0, c0, a1, b1, c1):
-    return a0 + a1, b0 + b1, c0 + c1
 
 
 @triton.jit
@@ -67,6 +62,7 @@ def _gemv_rows_kernel(
     # everything that no kernel of the chain writes goes out before the wait
     w = tl.load(w_ptr + w_rows.to(tl.int64)[:, None] * K + offs_k[None, :], mask=k_ok[None, :], other=0.0,
                 eviction_policy="evict_first")  # (ROWS, BLOCK_K)
+    bias = 0.0
     if HAS_BIAS:
         bias = tl.load(bias_ptr + w_rows).to(tl.float32)
     if LN_PREFOLDED:
@@ -77,6 +73,7 @@ def _gemv_rows_kernel(
         row = tl.program_id(1) * BLOCK_M + m
         x_row = x_ptr + tl.minimum(row, M - 1).to(tl.int64) * K
         x = tl.load(x_row + offs_k, mask=k_ok, other=0.0).to(tl.float32)  # (BLOCK_K,)
+        res = 0.0
         if HAS_RES:
             res = tl.load(res_ptr + tl.minimum(row, M - 1).to(tl.int64) * N + w_rows).to(tl.float32)
         if LN_PREFOLDED:
@@ -84,7 +81,7 @@ def _gemv_rows_kernel(
             prod = d * w.to(tl.float32)  # (ROWS, BLOCK_K)
             d_b = tl.broadcast_to(d, prod.shape)
             if COMBINED_REDUCE:  # one pass of shuffles for all three sums
-                dot, s1, s2 = tl.reduce((prod, d_b, d_b * d_b), 1, _add3)
+                dot, s1, s2 = tl.reduce((prod, d_b, d_b * d_b), 1, add3)
             else:  # the interpreter runs a tuple reduce element by element in Python: three plain sums
                 dot, s1, s2 = tl.sum(prod, axis=1), tl.sum(d_b, axis=1), tl.sum(d_b * d_b, axis=1)
             shift = s1 / K  # mean - x[0]
@@ -92,12 +89,7 @@ def _gemv_rows_kernel(
             acc = rstd * (dot - shift * row_sums)
         else:
             acc = tl.sum(x[None, :] * w.to(tl.float32), axis=1)  # (ROWS,)
-        if HAS_BIAS:
-            acc = acc + bias
-        if ACT_GELU:
-            acc = gelu_tanh(acc)
-        if HAS_RES:
-            acc = acc + res
+        acc = bias_act_residual(acc, bias, res, ACT_GELU, HAS_BIAS, HAS_RES)
         tl.store(out_ptr + row.to(tl.int64) * N + offs_n, acc.to(out_ptr.dtype.element_ty),
                  mask=n_ok & (offs_n * 0 + row < M))
 

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._activations import gelu_tanh as _gelu_tanh
+from ._shared import add3 as _add3, bias_act_residual
 from ._env import ints_from_env
 from .gemv_rows import gemv_rows, gemv_rows_on, pick_gemv_rows_config
 from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
@@ -151,12 +151,7 @@ def _load_residual(res_ptr, offs_m, offs_n, M, N, HAS_RES: tl.constexpr):
 def _finish_store(acc, offs_m, offs_n, M, N, bias, res, out_ptr,
                   ACT_GELU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
     # out = act(acc + bias) + res, bias/res from _load_bias/_load_residual (loaded early by the gemv)
-    if HAS_BIAS:
-        acc = acc + bias
-    if ACT_GELU:
-        acc = _gelu_tanh(acc)
-    if HAS_RES:
-        acc = acc + res
+    acc = bias_act_residual(acc, bias, res, ACT_GELU, HAS_BIAS, HAS_RES)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -219,11 +214,6 @@ def _load_x_chunk(x_tile, k, k_hi, chunk4):
 def _sum_chunk(v):
     # (BM, 1, LANES, VEC) -> (BM,)
     return tl.sum(tl.sum(tl.sum(v, axis=3), axis=2), axis=1)
-
-
-@triton.jit
-def _add3(a0, b0, c0, a1, b1, c1):
-    return a0 + a1, b0 + b1, c0 + c1
 
 
 @triton.jit

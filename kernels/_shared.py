@@ -1,0 +1,28 @@
+"""Device helpers shared by several kernel families (kept apart so that those files need not import each other)."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def gelu_tanh(v):
+    # 0.5 * v * (1 + tanh(u)) == v * sigmoid(2u): no tanh needed, and saturates cleanly for large |v|
+    u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+    return v / (1.0 + tl.exp(-2.0 * u))
+
+
+@triton.jit
+def add3(a0, b0, c0, a1, b1, c1):
+    # the combine function of one tl.reduce over three tensors at once (one pass of shuffles for all three sums)
+    return a0 + a1, b0 + b1, c0 + c1
+
+
+@triton.jit
+def bias_act_residual(acc, bias, res, ACT_GELU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+    # a GEMM epilogue in fp32: act(acc + bias) + res (bias / res already loaded, broadcastable to acc)
+    if HAS_BIAS:
+        acc = acc + bias
+    if ACT_GELU:
+        acc = gelu_tanh(acc)
+    if HAS_RES:
+        acc = acc + res
+    return acc
