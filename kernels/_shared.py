@@ -26,3 +26,12 @@ def bias_act_residual(acc, bias, res, ACT_GELU: tl.constexpr, HAS_BIAS: tl.const
     if HAS_RES:
         acc = acc + res
     return acc
+
+
+@triton.jit
+def shifted_ln_stats(s1, s2, K, eps):
+    # a LayerNorm's statistics from the sums over a row of K of d = x - x0 and of d * d (x0: the row's first element,
+    # so that a mean much larger than the spread does not cancel in fp32): (mean - x0, rstd)
+    shift = s1 / K
+    rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - shift * shift, 0.0) + eps)
+    return shift, rstd

@@ -33,9 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import add3, bias_act_residual
 from ._env import is_pow2
 from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
+from ._shared import add3, bias_act_residual, shifted_ln_stats
 
 # weight bytes each thread holds (128 fp16 = 64 registers): the measured picks above sit at or below it
 _THREAD_TILE_BYTES = 256
@@ -84,8 +84,7 @@ def _gemv_rows_kernel(
                 dot, s1, s2 = tl.reduce((prod, d_b, d_b * d_b), 1, add3)
             else:  # the interpreter runs a tuple reduce element by element in Python: three plain sums
                 dot, s1, s2 = tl.sum(prod, axis=1), tl.sum(d_b, axis=1), tl.sum(d_b * d_b, axis=1)
-            shift = s1 / K  # mean - x[0]
-            rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - shift * shift, 0.0) + ln_eps)
+            shift, rstd = shifted_ln_stats(s1, s2, K, ln_eps)  # shift = mean - x[0]
             acc = rstd * (dot - shift * row_sums)
         else:
             acc = tl.sum(x[None, :] * w.to(tl.float32), axis=1)  # (ROWS,)

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._shared import add3 as _add3, bias_act_residual
+from ._shared import add3 as _add3, bias_act_residual, shifted_ln_stats
 from ._env import ints_from_env
 from .gemv_rows import gemv_rows, gemv_rows_on, pick_gemv_rows_config
 from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
@@ -308,8 +308,7 @@ def _gemv_kernel(
             dot, s1, s2 = tl.reduce((dot, s1, s2), 2, _add3)  # (BM, BN) each
         else:  # the interpreter runs a tuple reduce element by element in Python (100x slower): three sums
             dot, s1, s2 = tl.sum(dot, axis=2), tl.sum(s1, axis=2), tl.sum(s2, axis=2)
-        shift = s1 / K  # mean - x0
-        rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - shift * shift, 0.0) + ln_eps)
+        shift, rstd = shifted_ln_stats(s1, s2, K, ln_eps)  # shift = mean - x0
         out = rstd * (dot - shift * gw_sum[None, :]) + bw_sum[None, :]
     elif HAS_LN:
         if ROW_IN_REGS:  # no split and K <= 2 chunks: the whole row is in x_next/x_after already (zero past K)
@@ -461,8 +460,7 @@ def _gemm_kernel(
             acc = tl.dot(xt, wt, acc)
 
     if LN_PREFOLDED:  # acc = x @ W'^T; LN(x) @ W'^T = rstd * (acc - mean * rowsum(W'))
-        shift = x_sum / K  # mean - x0
-        rstd_x = 1.0 / tl.sqrt(tl.maximum(x_sq / K - shift * shift, 0.0) + ln_eps)
+        shift, rstd_x = shifted_ln_stats(x_sum, x_sq, K, ln_eps)  # shift = mean - x0
         row_sums = tl.load(row_sums_ptr + rows_n)
         acc = rstd_x[:, None] * (acc - (x0 + shift)[:, None] * row_sums[None, :])
     if WRITE_PARTIAL:

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import triton
 
 from ftlab.kernels.gemv_rows import GemvRowsConfig, gemv_rows, pick_gemv_rows_config
 from ftlab.kernels.linear import fold_layernorm, linear, linear_reference
@@ -33,7 +34,7 @@ def test_gemv_rows_matches_reference(features, case, dtype_name, device):
     bias = bias if "bias" in features else None
     residual = residual if "residual" in features else None
     gelu = "gelu" in features
-    cfg = GemvRowsConfig(block_m, rows, warps, triton_pow2(K))
+    cfg = GemvRowsConfig(block_m, rows, warps, triton.next_power_of_2(K))
     out = gemv_rows(x, weight, bias, residual, None, 1e-5, gelu, cfg)
     ref = _reference64(x, weight, bias=bias, residual=residual, activation="gelu" if gelu else None)
     assert_rel_close(out, ref, dtype, what=f"{features} M={M} N={N} K={K} rows={rows}")
@@ -53,7 +54,7 @@ def test_gemv_rows_with_folded_layernorm(offset, case, dtype_name, device):
     ln_w = (1 + 0.5 * torch.randn(K)).to(dtype=dtype, device=device)
     ln_b = (0.5 * torch.randn(K)).to(dtype=dtype, device=device)
     folded, folded_bias, row_sums = fold_layernorm(weight, bias, ln_w, ln_b)
-    cfg = GemvRowsConfig(block_m, rows, warps, triton_pow2(K))
+    cfg = GemvRowsConfig(block_m, rows, warps, triton.next_power_of_2(K))
     out = gemv_rows(x, folded, folded_bias, residual, row_sums, 1e-5, True, cfg)
     ref = _reference64(x, weight, bias=bias, residual=residual, activation="gelu", ln_weight=ln_w, ln_bias=ln_b)
     # folding rounds W * g and c + W @ b once in the dtype (as in test_linear's prefolded test)
@@ -117,7 +118,3 @@ def test_linear_dispatches_to_rows_on_the_gpu(monkeypatch):
     monkeypatch.setenv("FTLAB_GEMV_ROWS", "0")
     assert_rel_close(linear(x, weight, bias, residual=residual), ref, torch.float16)
     assert len(calls) == 1
-
-
-def triton_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
