@@ -14,6 +14,16 @@ or combine): always under the interpreter, on a GPU only with FTLAB_DECODE_SINGL
 `bash .ci/gpu-check experiments` times it with FTLAB_DECODE_BLOCKS, which overrides pick_decode_blocks).
 With PDL (kernels/_pdl.py) the first tile of cached keys/values can be loaded while the QKV GEMV still runs.
 Scores are kept in log2 units (scale folded with log2(e)) so exp2 can be used; everything accumulates in fp32.
+
+What the counter and combine cost, and what did not pay (H200, GPT-345M fp16, context 512, decode step in ms;
+data/bench/decode_attention_experiments.csv; the variants were scratch edits, not kept): with no counter and no
+combine at all (wrong output, timing only) the bs1 step took 0.341-0.349 against 0.380-0.388, the counter's release
+and atomic ~0.02 of it and the combine's reload ~0.02. Ways tried to take that off the critical path, all slower or
+equal: one partition per (sequence, head) with big tiles (bs1 0.454-1.45); one program per (sequence, head) that
+holds the whole history in registers, loaded before the PDL wait (512 + 32 keys, 8 warps: bs1 0.385, bs4
+0.713-0.722 vs 0.729-0.730; 16 or 32 warps 0.42-0.50); partials polled by a designated combiner for a
+never-computed NaN sentinel instead of a release + counter (0.393-0.399 vs 0.373-0.385); the out-projection GEMV
+combining the partials in its prologue (0.424-0.557: every program reads every partial).
 """
 import math
 import os
