@@ -10,8 +10,8 @@ Each program then bumps a per-(sequence, head) counter (atomic, acquire-release)
 head's last valid partition rescales and sums all of them into out, and resets the counter to zero. This replaces
 a second reduction launch, which cost ~3 us per layer at batch 1 on the H200 (8.6 % of a GPT-345M decode step).
 With one partition per (sequence, head) the program writes its output directly (SINGLE_PART: no partials, counter
-or combine): always under the interpreter, on a GPU only with FTLAB_DECODE_SINGLE_PART=1 (not yet measured there;
-`bash .ci/gpu-check experiments` times it with FTLAB_DECODE_BLOCKS, which overrides pick_decode_blocks).
+or combine): always under the interpreter, on a GPU only with FTLAB_DECODE_SINGLE_PART=1 and FTLAB_DECODE_BLOCKS
+wide enough for one partition (measured slower there: see below).
 With PDL (kernels/_pdl.py) the first tile of cached keys/values can be loaded while the QKV GEMV still runs.
 Scores are kept in log2 units (scale folded with log2(e)) so exp2 can be used; everything accumulates in fp32.
 
@@ -349,7 +349,7 @@ def _blocks_from_env() -> Optional[DecodeBlocks]:
 def _single_part_on(device: torch.device) -> bool:
     # a launch with one partition per (sequence, head) writes its output directly instead of a partial, a counter
     # bump and a combine. Always under the interpreter (its default is one partition, tested there); on a GPU only
-    # with FTLAB_DECODE_SINGLE_PART=1 until measured there (added after this session's last GPU run)
+    # with FTLAB_DECODE_SINGLE_PART=1: the tiles that make one partition per head lost there (module docstring)
     return device.type != "cuda" or os.environ.get("FTLAB_DECODE_SINGLE_PART", "0") == "1"
 
 
