@@ -16,10 +16,15 @@ shuffles only (no shared memory, no barrier). Measured on the H200 (GPT-345M, fp
 picks vs the chunked gemv in the same process, alternating, 2 rounds; data/bench/gemv_rows_ab.csv): decode step
 bs1 0.412-0.417 -> 0.376 ms, bs2 0.558-0.562 -> 0.465-0.471, bs4 0.973-0.979 -> 0.770-0.773; generate() bs1
 512 -> 32 14.6-14.8 -> 13.2-13.8 ms, bs4 33.5-33.8 -> 27.2-27.9; the 50257-row LM head alone at M = 1 32.3 ->
-24.3 us (its 103 MB at ~4.3 TB/s: ~24 us). The picks (rows, warps): QKV (4, 1), out-proj (2, 4), FC1 (4, 1),
+24.3 us (its 103 MB at ~4.3 TB/s: ~24 us). The picks then (rows, warps): QKV (4, 1), out-proj (2, 4), FC1 (4, 1),
 FC2 (2, 8). A model-level search (decode step, one slot at a time) found QKV (8, 1) and out-proj (4, 4) as good
 (0.374-0.381 ms) and 2 warps with the LN fold 3-8 % worse; in a chain of the block's GEMVs alone (no attention
 between them) other picks won and the gains were different: tune in the model, not in the chain.
+At M = 1 with the fold a warp holds up to 512 bytes per thread (8 rows of 1024 fp16): `bash .ci/gpu-check
+gemv-rows-search` found QKV and FC1 at (8, 1) (0.384-0.389 -> 0.362-0.367 ms, data/bench/gemv_rows_search.csv),
+and alternating in one process (data/bench/gemv_rows_m1_ab.csv) the bs1 step went 0.377-0.388 -> 0.366-0.372 ms
+with QKV and FC1 at 8 rows, 0.364-0.374 with the LM head at 8 rows too; at M = 4 the same tiles were 13 % slower
+(0.730-0.737 -> 0.831-0.843), so M > 1 keeps 256 bytes.
 
 Not for: rows too long to hold one in registers (K * element size > 16 warps x 256 bytes per thread), and grids
 too small to give every SM a program (then the chunked gemv splits K). `pick_gemv_rows_config` returns None there,
@@ -37,7 +42,8 @@ from ._env import is_pow2
 from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
 from ._shared import add3, bias_act_residual, shifted_ln_stats
 
-# weight bytes each thread holds (128 fp16 = 64 registers): the measured picks above sit at or below it
+# weight bytes each thread holds (128 fp16 = 64 registers): the measured picks above sit at or below it; twice that
+# for one row of x with the LayerNorm fold (one warp: see the module docstring)
 _THREAD_TILE_BYTES = 256
 _MAX_ROWS = 8
 _MAX_WARPS = 16
@@ -127,7 +133,7 @@ def pick_gemv_rows_config(M: int, N: int, K: int, dtype: torch.dtype, has_ln: bo
 
     With the LayerNorm fold one warp (shuffle-only reductions) unless a row needs more threads to stay within
     _THREAD_TILE_BYTES per thread; without it 4-8 warps (K / 512). Then the most rows (up to 8) that keep the
-    per-thread budget and still give the grid two programs per SM."""
+    per-thread budget (doubled for one row of x with the fold) and still give the grid two programs per SM."""
     block_k = triton.next_power_of_2(K)
     block_m = min(triton.next_power_of_2(M), MAX_M)
     forced = _tiles_from_env().get((N, K))
@@ -138,8 +144,9 @@ def pick_gemv_rows_config(M: int, N: int, K: int, dtype: torch.dtype, has_ln: bo
     warps = max(warps, triton.next_power_of_2(triton.cdiv(row_bytes, 32 * _THREAD_TILE_BYTES)))
     if warps > _MAX_WARPS:
         return None
+    budget = _THREAD_TILE_BYTES * (2 if has_ln and block_m == 1 else 1)
     rows = _MAX_ROWS
-    while rows > 1 and (rows * row_bytes > 32 * warps * _THREAD_TILE_BYTES or triton.cdiv(N, rows) < 2 * num_sms):
+    while rows > 1 and (rows * row_bytes > 32 * warps * budget or triton.cdiv(N, rows) < 2 * num_sms):
         rows //= 2
     if triton.cdiv(N, rows) < num_sms:
         return None
