@@ -328,9 +328,19 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         BLOCK_S=blocks.block_s, TILES_PER_PART=blocks.tiles_per_part, BLOCK_D=block_d,
         BLOCK_P=max(4, min(32, triton.next_power_of_2(num_parts))), USE_PDL=use_pdl, HISTORY_READY=history_ready,
         PREFETCH=pf.mode, SINGLE_PART=num_parts == 1 and _single_part_on(qkv.device),
-        num_warps=blocks.num_warps, **launch_options(use_pdl),
+        num_warps=blocks.num_warps, **launch_options(use_pdl), **_maxnreg_from_env(qkv.device),
     )
     return out
+
+
+def _maxnreg_from_env(device: torch.device) -> dict:
+    """FTLAB_DECODE_MAXNREG=n caps the kernel's registers per thread (a ptxas option; GPU only, read per call):
+    fewer registers let more one-warp programs share an SM, for measuring occupancy against spills."""
+    value = os.environ.get("FTLAB_DECODE_MAXNREG", "")
+    if not value or device.type != "cuda":
+        return {}
+    _check(value.isdigit() and 24 <= int(value) <= 255, f"FTLAB_DECODE_MAXNREG must be 24..255, got {value!r}")
+    return {"maxnreg": int(value)}
 
 
 def _blocks_from_env() -> Optional[DecodeBlocks]:

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # widest row held in registers in one block; wider rows take the chunked path
 _MAX_BLOCK_N = 16384
@@ -52,8 +54,13 @@ def _layernorm_kernel(
     x_ptr, res_ptr, xb_ptr, w_ptr, b_ptr, y_ptr, s_ptr,
     M, N, eps,
     HAS_RES: tl.constexpr, HAS_XB: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    # with PDL (kernels/_pdl.py) the next kernel may start loading its weights while this one runs; x and the
+    # residual come from the previous kernel, so nothing is read before the wait
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     row_offs = offs_m.to(tl.int64)[:, None] * N  # (BLOCK_M, 1)
@@ -148,12 +155,13 @@ def _layernorm_launch(x, weight, bias, eps, residual, max_block_n, x_bias=None):
     if M > 0 and N > 0:
         block_m, block_n, num_warps, single = _pick_blocks(N, max_block_n)
         grid = (triton.cdiv(M, block_m),)
+        use_pdl = pdl_for(x.device)
         _layernorm_kernel[grid](
             x, residual if residual is not None else x, x_bias if x_bias is not None else weight, weight, bias, y,
             s if s is not None else y, M, N, float(eps),
             HAS_RES=residual is not None, HAS_XB=x_bias is not None, SINGLE_BLOCK=single,
-            BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=num_warps,
+            BLOCK_M=block_m, BLOCK_N=block_n, USE_PDL=use_pdl,
+            num_warps=num_warps, **launch_options(use_pdl),
         )
     return y if residual is None else (y, s)
 

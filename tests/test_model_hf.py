@@ -161,4 +161,25 @@ def test_small_m_gemm_path_matches_hf(dtype, tol, device, monkeypatch):
         assert_rel_close(got.float().cpu(), ref, tol=tol, what=f"{dtype} logits, prompt of {len(prompt)}")
     small = generate(model, prompts, max_new_tokens=5, use_cuda_graph=False)
     monkeypatch.setenv("FTLAB_SMALL_M_GEMM", "0")
+    monkeypatch.setenv("FTLAB_SKINNY", "0")  # cuBLAS (test_skinny_gemm_path_matches_hf checks the skinny GEMM)
     assert generate(model, prompts, max_new_tokens=5, use_cuda_graph=False).output_ids == small.output_ids
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [("fp16", 5e-3), ("bf16", 3e-2)])
+def test_skinny_gemm_path_matches_hf(dtype, tol, device, monkeypatch):
+    # on a GPU, 5..64 rows (a 20-token prefill, a batch of 6 decoding) take kernels/skinny_gemm.py between the
+    # LayerNorm kernels; logits against HF, greedy tokens (CUDA graphs on) against the same model on cuBLAS
+    cfg = dict(n_embd=128, n_head=4, n_layer=3, vocab_size=97, n_inner=200)
+    hf = random_hf_model(**cfg)
+    model = ftlab_model(hf, dtype, device)
+    prompts = random_prompts(cfg["vocab_size"], [2, 7, 1, 5, 3, 2])  # 20 tokens packed
+    assert model._uses_cublas(20) and model._uses_cublas(6)  # the LayerNorm + dense path, not the GEMV one
+    for prompt, got in zip(prompts, model.logits(prompts)):
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0]
+        assert_rel_close(got.float().cpu(), ref, tol=tol, what=f"{dtype} logits, prompt of {len(prompt)}")
+    skinny = generate(model, prompts, max_new_tokens=6)
+    monkeypatch.setenv("FTLAB_SKINNY", "0")
+    model.graph_cache.clear()
+    assert generate(model, prompts, max_new_tokens=6).output_ids == skinny.output_ids

@@ -1,0 +1,326 @@
+"""Skinny GEMM on tensor cores for decode batches (5 to 64 rows): y = act(x @ weight.T + bias) + residual.
+
+Between the GEMV sizes (kernels/gemv_rows.py, M <= 4) and prefill, a decode step's GEMMs move a layer's weights
+(25 MB at GPT-345M) for at most 64 rows of x: bandwidth-bound work that cuBLAS does at ~1 TB/s on the H200 (its
+kernels for M = 8..64 use few programs and cannot start before the previous kernel ends). Here each program owns a
+BLOCK_N x K_SPLIT slice of the weight and loads it before its PDL wait (kernels/_pdl.py: while the previous kernel
+finishes), then multiplies all rows of x by it with one tl.dot. Split-K programs store fp32 partials; the last of
+an output tile's programs to finish (an acquire-release counter, as in kernels/decode_attention.py) adds them in a
+fixed order and applies the epilogue: no reduce launch, and results that do not depend on arrival order.
+
+H200, fp16, a block's four GEMMs chained over 24 layers of distinct weights in one CUDA graph (`python -m
+ftlab.kernels.skinny_gemm`, data/bench/skinny_gemm_chain.csv), us per layer against cuBLAS (+ two adds):
+M = 8 12.4 vs 23.8, M = 32 20.3 vs 25.1, M = 64 21.3 vs 26.2. GPT's decode blocks use it at 4 < B <= 64 on a GPU
+(ftlab/model.py; FTLAB_SKINNY=0 goes back to cuBLAS).
+"""
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._env import ints_from_env
+from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
+from ._shared import bias_act_residual
+
+
+@triton.jit
+def _skinny_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, counter_ptr,
+    M, N, K, stride_xm,
+    HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, USE_PDL: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    if USE_PDL:
+        gdc_launch_dependents()
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = split * K_SPLIT + tl.arange(0, K_SPLIT)
+    k_ok = offs_k < K
+    rows_n = tl.minimum(offs_n, N - 1)  # tail features clamped (never stored)
+    # the weight slice is independent of the previous kernel: it streams in before the wait
+    w = tl.load(w_ptr + rows_n.to(tl.int64)[:, None] * K + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rows_n).to(tl.float32)[None, :]
+    else:
+        bias = 0.0
+    if USE_PDL:
+        gdc_wait()
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :],
+                mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    if IEEE:  # fp32: no TF32 rounding
+        acc = tl.dot(x, tl.trans(w), input_precision="ieee")  # (BLOCK_M, BLOCK_N) fp32
+    else:
+        acc = tl.dot(x, tl.trans(w))
+    out_mask = m_ok[:, None] & (offs_n < N)[None, :]
+    tile = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    if SPLIT_K > 1:
+        tl.store(part_ptr + split.to(tl.int64) * M * N + tile, acc, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial stores are issued before the (single-thread) release below
+        arrived_before = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived_before != SPLIT_K - 1:
+            return
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in range(SPLIT_K):  # fixed order: the sum does not depend on which program finished last
+            acc += tl.load(part_ptr + s * M * N + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
+        tl.store(counter_ptr + pid_n, 0)  # leave the counter zero for the next launch
+    if HAS_RES:
+        res = tl.load(res_ptr + tile, mask=out_mask, other=0.0).to(tl.float32)
+    else:
+        res = 0.0
+    acc = bias_act_residual(acc, bias, res, ACT_GELU, HAS_BIAS, HAS_RES)
+    tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+MAX_M = 64  # rows of x held by one program (tl.dot tiles of up to 64 x K_SPLIT)
+
+
+class SkinnyConfig(NamedTuple):
+    block_n: int  # output features per program
+    k_split: int  # K elements per program (a power of two); SPLIT_K = cdiv(K, k_split)
+    num_warps: int
+
+
+def pick_skinny_config(M: int, N: int, K: int) -> SkinnyConfig:
+    """From the H200 chain sweep (fp16, GPT-345M's four block GEMMs, M = 8 / 32 / 64; data/bench/
+    skinny_gemm_chain.csv), then the decode step (data/bench/skinny_gemm_tiles_step.csv). Up to 16 rows: whole K
+    up to 1024 per program (FC2's 4096 split in four), 64 features on 8 warps, but 32 on 4 warps for square
+    1024 x 1024 weights; chosen vs best in the chain (us per GEMM, qkv / out / fc1 / fc2) at M = 8: 3.15 / 2.36 /
+    3.48 / 4.01 vs 3.15 / 2.36 / 3.48 / 3.90. 17-32 rows: 64 features, 512 of K, 8 warps for every GEMM (the
+    chain's per-GEMM bests, mostly whole K, made a slower step: bs32 1.210-1.212 vs 1.119-1.122 ms). 33-64 rows:
+    32 features and whole K up to 1024 on one warpgroup (wgmma; wider tiles ran out of shared memory), the best in
+    the chain for each GEMM and in the bs64 step (1.745-1.750 ms; five other tiles 1.91-2.15)."""
+    k_split = max(16, min(triton.next_power_of_2(K), 1024))  # tl.dot takes K tiles of >= 16
+    block_m = max(16, triton.next_power_of_2(M))
+    if block_m >= 64:
+        return SkinnyConfig(32, k_split, 4)
+    if block_m == 32:
+        return SkinnyConfig(64, max(16, min(k_split, 512)), 8)
+    square = N <= 1024 and K <= 1024
+    return SkinnyConfig(32 if square else 64, k_split, 4 if square else 8)
+
+
+def _config_from_env() -> Optional[SkinnyConfig]:
+    """FTLAB_SKINNY_TILE="block_n,k_split,num_warps": every call without config= uses it (for measuring tiles inside
+    a model's step; read per call)."""
+    values = ints_from_env("FTLAB_SKINNY_TILE", "block_n,k_split,num_warps")
+    return SkinnyConfig(*values) if values is not None else None
+
+
+def skinny_gemm_on(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether skinny_gemm should take this product in a model: on a GPU, fp16 / bf16, 1..MAX_M rows
+    (FTLAB_SKINNY=0: never; read per call)."""
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and 1 <= x.shape[0] <= MAX_M
+            and weight.dtype == x.dtype and os.environ.get("FTLAB_SKINNY", "1") != "0")
+
+
+_COUNTERS: dict = {}
+
+
+def _counter(device: torch.device, tiles: int) -> torch.Tensor:
+    """A zeroed int32 counter per output tile that every launch leaves zero again, one per (device, stream): calls
+    in one stream run one after another (with PDL a kernel touches it only after its wait), so they can share it."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    counter = _COUNTERS.get(key)
+    if counter is None or counter.numel() < tiles:
+        counter = _COUNTERS[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    return counter
+
+
+def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                activation: Optional[str] = None, residual: Optional[torch.Tensor] = None,
+                config: Optional[SkinnyConfig] = None, counter: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x (M, K) with 1 <= M <= MAX_M, weight (N, K), bias (N,), residual (M, N) -> (M, N) in x.dtype; activation
+    None or "gelu" (tanh). fp32 inputs multiply exactly (no TF32). counter: int32, at least cdiv(N, block_n) long,
+    zero before the call and left zero after it (default: one shared by the calls of this stream)."""
+    _check_args(x, weight, bias, activation, residual)
+    M, K = x.shape
+    N = weight.shape[0]
+    cfg = config or _config_from_env() or pick_skinny_config(M, N, K)
+    if cfg.block_n < 16 or cfg.k_split < 16 or cfg.k_split & (cfg.k_split - 1) or cfg.block_n & (cfg.block_n - 1):
+        raise ValueError(f"skinny_gemm config {cfg}: block_n and k_split must be powers of two >= 16")
+    split_k = triton.cdiv(K, cfg.k_split)
+    tiles_n = triton.cdiv(N, cfg.block_n)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if N == 0:
+        return out
+    part = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device) if split_k > 1 else out
+    if counter is None:
+        counter = _counter(x.device, tiles_n)
+    elif counter.dtype != torch.int32 or counter.numel() < tiles_n or counter.device != x.device:
+        raise ValueError(f"counter must be int32 on {x.device} with >= {tiles_n} elements, got {counter.dtype} "
+                         f"({counter.numel()},) on {counter.device}")
+    use_pdl = pdl_for(x.device)
+    _skinny_gemm_kernel[(tiles_n, split_k)](
+        x, weight, bias if bias is not None else out, residual if residual is not None else out, out, part, counter,
+        M, N, K, x.stride(0),
+        HAS_BIAS=bias is not None, ACT_GELU=activation == "gelu", HAS_RES=residual is not None, USE_PDL=use_pdl,
+        IEEE=x.dtype == torch.float32,
+        BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=cfg.block_n, K_SPLIT=cfg.k_split, SPLIT_K=split_k,
+        num_warps=cfg.num_warps, **launch_options(use_pdl),
+    )
+    return out
+
+
+def _check_args(x, weight, bias, activation, residual) -> None:
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
+    M, K = x.shape
+    if not 1 <= M <= MAX_M:
+        raise ValueError(f"skinny_gemm takes 1..{MAX_M} rows of x, got x {tuple(x.shape)}")
+    if weight.shape[1] != K:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match x {tuple(x.shape)} (K = {K})")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
+        raise ValueError(f"x and weight must share a float dtype (fp32/fp16/bf16), got {x.dtype} and {weight.dtype}")
+    if x.stride(1) != 1 or not weight.is_contiguous():
+        raise ValueError(f"x must be contiguous along K (strides {x.stride()}) and weight contiguous")
+    if activation not in (None, "gelu"):
+        raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
+    N = weight.shape[0]
+    for name, t, shape in (("bias", bias, (N,)), ("residual", residual, (M, N))):
+        if t is None:
+            continue
+        if tuple(t.shape) != shape or not t.is_contiguous() or t.device != x.device:
+            raise ValueError(f"{name} must be contiguous {shape} on {x.device}, got {tuple(t.shape)} on {t.device}")
+    if residual is not None and residual.dtype != x.dtype:
+        raise ValueError(f"residual dtype {residual.dtype} != x dtype {x.dtype}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+
+
+def skinny_gemm_reference(x, weight, bias=None, *, activation=None, residual=None):
+    """Plain torch in fp32 (fp64 for fp64 inputs), rounded to x.dtype."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.to(compute) @ weight.to(compute).t()
+    if bias is not None:
+        y = y + bias.to(compute)
+    if activation == "gelu":
+        y = torch.nn.functional.gelu(y, approximate="tanh")
+    if residual is not None:
+        y = y + residual.to(compute)
+    return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# micro-benchmark (`python -m ftlab.kernels.skinny_gemm`): a decode step's block GEMMs, 24 layers of distinct
+# weights (streamed from HBM) in one CUDA graph, cuBLAS against this kernel under a few tiles
+
+
+def _graph_us(fn, reps: int = 20) -> float:
+    fn()  # compile / warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _chain_benchmark() -> None:
+    import datetime
+    import itertools
+
+    from ._bench import save_rows
+    from .linear import linear_gelu_cublas
+
+    F = torch.nn.functional
+    layers, H, I = 24, 1024, 4096
+    dt, dev = torch.float16, "cuda"
+    shapes = {"qkv": (3 * H, H), "out": (H, H), "fc1": (I, H), "fc2": (H, I)}
+    weights = [{k: torch.randn(n, kk, dtype=dt, device=dev) / kk ** 0.5 for k, (n, kk) in shapes.items()}
+               for _ in range(layers)]
+    biases = {k: torch.randn(n, dtype=dt, device=dev) for k, (n, _) in shapes.items()}
+    counters = torch.zeros(4096, dtype=torch.int32, device=dev)
+    info = dict(gpu=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
+                triton=triton.__version__, dtype="fp16", layers=layers)
+    rows = []
+    only_m = [int(m) for m in os.environ.get("SKINNY_M", "8,32,64").split(",")]
+    for M in only_m:
+        xs = {k: torch.randn(M, kk, dtype=dt, device=dev) for k, (_, kk) in shapes.items()}
+        res = torch.randn(M, H, dtype=dt, device=dev)
+
+        def cublas_one(name):
+            def run():
+                for w in weights:
+                    if name == "fc1":
+                        linear_gelu_cublas(xs[name], w[name], biases[name])
+                    else:
+                        F.linear(xs[name], w[name], biases[name])
+            return run
+
+        def skinny_one(name, cfg):
+            def run():
+                for w in weights:
+                    skinny_gemm(xs[name], w[name], biases[name], activation="gelu" if name == "fc1" else None,
+                                residual=res if name in ("out", "fc2") else None, config=cfg, counter=counters)
+            return run
+
+        best = {}
+        for name, (N, K) in shapes.items():
+            t_cublas = _graph_us(cublas_one(name)) / layers
+            rows.append(dict(info, M=M, gemm=name, N=N, K=K, impl="cublas", cfg="", us=round(t_cublas, 3)))
+            print(rows[-1], flush=True)
+            results = []
+            for block_n, k_split, warps in itertools.product((32, 64, 128), (128, 256, 512, 1024), (4, 8)):
+                if block_n * k_split > 64 * 1024 or k_split > K or triton.cdiv(N, block_n) * triton.cdiv(K, k_split) < 32:
+                    continue
+                cfg = SkinnyConfig(block_n, k_split, warps)
+                try:
+                    t = _graph_us(skinny_one(name, cfg)) / layers
+                except Exception as e:  # out of resources etc.
+                    print("skip", cfg, type(e).__name__, str(e)[:100], flush=True)
+                    continue
+                results.append((t, cfg))
+                rows.append(dict(info, M=M, gemm=name, N=N, K=K, impl="skinny", cfg=f"{block_n},{k_split},{warps}",
+                                 us=round(t, 3)))
+            results.sort(key=lambda r: r[0])
+            best[name] = results[0][1]
+            print(f"M={M} {name}: cublas {t_cublas:.2f} us, skinny best " +
+                  ", ".join(f"{t:.2f} {c.block_n},{c.k_split},{c.num_warps}" for t, c in results[:4]), flush=True)
+
+        # a block's four GEMMs chained as in the model (out-proj reads attention-shaped rows, FC2 reads FC1's output)
+        def block_chain(skinny: bool):
+            def run():
+                x = xs["qkv"]
+                for w in weights:
+                    if skinny:
+                        qkv = skinny_gemm(x, w["qkv"], biases["qkv"], config=best["qkv"], counter=counters)
+                        h = skinny_gemm(qkv[:, :H], w["out"], biases["out"], residual=x, config=best["out"],
+                                        counter=counters)
+                        g = skinny_gemm(h, w["fc1"], biases["fc1"], activation="gelu", config=best["fc1"],
+                                        counter=counters)
+                        x = skinny_gemm(g, w["fc2"], biases["fc2"], residual=h, config=best["fc2"], counter=counters)
+                    else:
+                        qkv = F.linear(x, w["qkv"], biases["qkv"])
+                        h = F.linear(qkv[:, :H], w["out"], biases["out"]) + x
+                        g = linear_gelu_cublas(h, w["fc1"], biases["fc1"])
+                        x = F.linear(g, w["fc2"], biases["fc2"]) + h
+            return run
+
+        for skinny in (False, True, False, True):
+            t = _graph_us(block_chain(skinny)) / layers
+            rows.append(dict(info, M=M, gemm="block chain", N=0, K=0, impl="skinny" if skinny else "cublas (+2 adds)",
+                             cfg=";".join(f"{k}={c.block_n},{c.k_split},{c.num_warps}" for k, c in best.items())
+                             if skinny else "", us=round(t, 3)))
+            print(rows[-1], flush=True)
+        save_rows(rows, "skinny_gemm_chain.csv")  # after each M: a run cut off by a time limit keeps its rows
+
+
+if __name__ == "__main__":
+    _chain_benchmark()

@@ -1,0 +1,108 @@
+import pytest
+import torch
+import triton
+
+from ftlab.kernels.skinny_gemm import (SkinnyConfig, pick_skinny_config, skinny_gemm, skinny_gemm_on,
+                                       skinny_gemm_reference)
+from ftlab.kernels.linear import linear_reference
+from tests.util import DTYPES, assert_rel_close, skip_if_interpreter_bf16
+
+# (M, N, K, block_n, k_split, warps): N not a multiple of block_n, K not a multiple of k_split (masked tails),
+# one split and several (the last-arriving program sums the partials), 1 and 64 rows of x
+CASES = [(1, 7, 13, 16, 16, 4), (7, 33, 100, 16, 32, 4), (13, 50, 300, 32, 128, 4), (5, 96, 1023, 32, 256, 8),
+         (64, 40, 64, 16, 64, 4), (33, 17, 257, 16, 64, 4), (2, 64, 128, 64, 128, 4)]
+
+
+def _inputs(M, N, K, dtype, device):
+    x = (torch.randn(M, K) + 0.3).to(dtype=dtype, device=device)
+    weight = (torch.randn(N, K) / K ** 0.5).to(dtype=dtype, device=device)
+    bias = torch.randn(N).to(dtype=dtype, device=device)
+    residual = torch.randn(M, N).to(dtype=dtype, device=device)
+    return x, weight, bias, residual
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("features", ["none", "bias", "bias+gelu+residual"])
+def test_skinny_gemm_matches_reference(features, case, dtype_name, device):
+    dtype = DTYPES[dtype_name]
+    skip_if_interpreter_bf16(dtype, device)
+    M, N, K, block_n, k_split, warps = CASES[case]
+    x, weight, bias, residual = _inputs(M, N, K, dtype, device)
+    bias = bias if "bias" in features else None
+    residual = residual if "residual" in features else None
+    act = "gelu" if "gelu" in features else None
+    counter = torch.zeros(64, dtype=torch.int32, device=device)
+    out = skinny_gemm(x, weight, bias, activation=act, residual=residual,
+                      config=SkinnyConfig(block_n, k_split, warps), counter=counter)
+    ref = linear_reference(x.double(), weight.double(), bias=None if bias is None else bias.double(),
+                           residual=None if residual is None else residual.double(), activation=act)
+    assert out.dtype == dtype
+    assert_rel_close(out, ref, dtype, what=f"{features} M={M} N={N} K={K} cfg={block_n},{k_split},{warps}")
+    assert int(counter.abs().sum()) == 0, "the split-K counters must be left zero for the next launch"
+
+
+def test_skinny_gemm_repeated_calls_share_the_default_counter(device):
+    # split-K with the per-stream counter: a second and third call must see it zero again, with other shapes between
+    x, weight, bias, _ = _inputs(6, 40, 200, torch.float32, device)
+    cfg = SkinnyConfig(16, 64, 4)
+    first = skinny_gemm(x, weight, bias, config=cfg)
+    skinny_gemm(x[:3], weight[:17], config=SkinnyConfig(16, 32, 4))
+    again = skinny_gemm(x, weight, bias, config=cfg)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert_rel_close(first, skinny_gemm_reference(x.double(), weight.double(), bias.double()), torch.float32)
+
+
+def test_skinny_gemm_reference_agrees_with_linear_reference(device):
+    x, weight, bias, residual = _inputs(3, 9, 20, torch.float64, device)
+    torch.testing.assert_close(skinny_gemm_reference(x, weight, bias, activation="gelu", residual=residual),
+                               linear_reference(x, weight, bias=bias, activation="gelu", residual=residual))
+
+
+@pytest.mark.parametrize("M", [5, 8, 16, 32, 33, 64])
+def test_pick_skinny_config_for_gpt_shapes(M):
+    for N, K in ((3072, 1024), (1024, 1024), (4096, 1024), (1024, 4096), (50, 13)):
+        cfg = pick_skinny_config(M, N, K)
+        assert cfg.block_n in (32, 64) and cfg.num_warps in (4, 8)
+        assert cfg.k_split & (cfg.k_split - 1) == 0 and 16 <= cfg.k_split <= 1024
+        # whole K up to 1024 per program (one split for GPT-345M's K = 1024 GEMMs), halves of it at 17-32 rows
+        assert cfg.k_split >= min(triton.next_power_of_2(K), 512 if 16 < M <= 32 else 1024)
+
+
+def test_skinny_gemm_on_only_for_gpu_half_precision():
+    x = torch.randn(8, 16)
+    assert not skinny_gemm_on(x, torch.randn(4, 16))  # a CPU tensor: cuBLAS / torch stays
+    if torch.cuda.is_available():
+        xc = x.cuda().half()
+        assert skinny_gemm_on(xc, torch.randn(4, 16, device="cuda").half())
+        assert not skinny_gemm_on(torch.randn(65, 16, device="cuda").half(),
+                                  torch.randn(4, 16, device="cuda").half())
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(x=torch.randn(65, 8)), "1..64 rows"),
+    (dict(x=torch.randn(0, 8)), "1..64 rows"),
+    (dict(weight=torch.randn(4, 9)), "does not match x"),
+    (dict(weight=torch.randn(4, 8).half()), "share a float dtype"),
+    (dict(bias=torch.randn(5)), "bias must be contiguous"),
+    (dict(residual=torch.randn(3, 5)), "residual must be contiguous"),
+    (dict(activation="relu"), "activation"),
+    (dict(config=SkinnyConfig(24, 64, 4)), "powers of two"),
+    (dict(counter=torch.zeros(1, dtype=torch.int64)), "counter must be int32"),
+])
+def test_skinny_gemm_rejects_bad_input(bad, match):
+    args = dict(x=torch.randn(3, 8), weight=torch.randn(4, 8), bias=None, activation=None, residual=None,
+                config=None, counter=None)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        skinny_gemm(args.pop("x"), args.pop("weight"), args.pop("bias"), **args)
+
+
+def test_skinny_tile_from_env(monkeypatch, device):
+    x, weight, bias, _ = _inputs(4, 24, 40, torch.float32, device)
+    monkeypatch.setenv("FTLAB_SKINNY_TILE", "16,16,4")  # three splits of K, two output tiles
+    out = skinny_gemm(x, weight, bias)
+    assert_rel_close(out, skinny_gemm_reference(x.double(), weight.double(), bias.double()), torch.float32)
+    monkeypatch.setenv("FTLAB_SKINNY_TILE", "16,16")
+    with pytest.raises(ValueError, match="FTLAB_SKINNY_TILE"):
+        skinny_gemm(x, weight, bias)
