@@ -49,7 +49,7 @@ from .kernels.decode_block import MAX_BATCH as FUSED_MAX_BATCH, decode_block, ne
 from .kernels.embedding import embedding
 from .kernels.layernorm import layernorm
 from .kernels.linear import GEMV_MAX_M, fold_layernorm, linear
-from .kernels.skinny_gemm import skinny_gemm, skinny_gemm_on
+from .kernels.skinny_gemm import LN_MAX_K as SKINNY_LN_MAX_K, MAX_M as SKINNY_MAX_M, skinny_gemm, skinny_gemm_on
 
 SMALL_M_MAX = 64  # up to this many rows (decode batches, short prompts) see GPT._small_m_gemm
 
@@ -276,7 +276,7 @@ class GPT:
         """prefetch: for the QKV, out-proj, FC1 and FC2 GEMVs, a later kernel's weight to pull into L2 (decode)."""
         eps = self.config.layernorm_eps
         T = x.shape[0]
-        impl = "gemm" if self._small_m_gemm(T) else None
+        impl = "skinny" if self._skinny_blocks(T) else "gemm" if self._small_m_gemm(T) else None
         qkv = linear(x, block.qkv_weight, block.qkv_bias, ln_weight=block.ln1_weight, ln_bias=block.ln1_bias,
                      ln_eps=eps, prefetch=prefetch[0], ln_row_sums=block.qkv_ln_row_sums, impl=impl)  # (T, 3*nh*hs)
         attn = attend(qkv.view(T, 3, self.local_heads, self.config.size_per_head))  # (T, nh, hs)
@@ -296,7 +296,7 @@ class GPT:
         widths that cuBLAS handles well (multiples of 8, see kernels/linear.py's dispatch)."""
         b = self.weights.blocks[0] if self.weights.blocks else None
         return (tokens > GEMV_MAX_M and b is not None and not self._small_m_gemm(tokens)
-                and all(w.shape[0] % 8 == 0 for w in (b.qkv_weight, b.attn_out_weight, b.fc1_weight, b.fc2_weight)))
+                and not self._skinny_blocks(tokens) and all(w.shape[0] % 8 == 0 for w in (b.qkv_weight, b.attn_out_weight, b.fc1_weight, b.fc2_weight)))
 
     def _small_m_gemm(self, tokens: int) -> bool:
         """Whether `tokens` rows (GEMV_MAX_M < tokens <= SMALL_M_MAX) run every block GEMM on the Triton tensor-core
@@ -309,6 +309,16 @@ class GPT:
         b = self.weights.blocks[0] if self.weights.blocks else None
         return (GEMV_MAX_M < tokens <= SMALL_M_MAX and b is not None and b.qkv_ln_row_sums is not None
                 and os.environ.get("FTLAB_SMALL_M_GEMM", "0") == "1")
+
+    def _skinny_blocks(self, tokens: int) -> bool:
+        """Whether `tokens` rows (GEMV_MAX_M < tokens <= 64) run the five-launch block of the GEMV path with every
+        GEMM on kernels/skinny_gemm.py, the LayerNorms folded into QKV and FC1 (their row statistics taken inside
+        the GEMM) and the residual adds in the out-projection's and FC2's epilogues: two LayerNorm launches fewer
+        per block than `_blocks_cublas`. EXPERIMENT, off unless FTLAB_SKINNY_LN=1 (read per call): not yet timed on
+        a GPU (the LayerNorm + skinny GEMM path of `_blocks_cublas` is the measured default there)."""
+        b = self.weights.blocks[0] if self.weights.blocks else None
+        return (GEMV_MAX_M < tokens <= SKINNY_MAX_M and b is not None and b.qkv_ln_row_sums is not None
+                and self.config.hidden <= SKINNY_LN_MAX_K and os.environ.get("FTLAB_SKINNY_LN", "0") == "1")
 
     def _blocks_cublas(self, x: torch.Tensor, attend: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """(T, H) through this stage's blocks with cuBLAS GEMMs, each LayerNorm fused with the residual add and

@@ -6,7 +6,7 @@ x (M, K), weight (N, K) in nn.Linear layout (out, in), bias (N,), residual (M, N
 x.dtype. activation None or "gelu" (tanh approximation). With ln_weight/ln_bias (K,) the GEMM reads LN(x) instead
 of x (row statistics over K in fp32): the LayerNorm that precedes QKV and FC1 in a GPT block costs no extra pass.
 
-Three implementations, picked by `linear_impl_for(M, N, K)` or forced with impl=:
+Implementations, picked by `linear_impl_for(M, N, K)` or forced with impl=:
   "gemv"  small M (decode). Streams the weight once: each program owns BLOCK_N output features (rows of
           weight, contiguous along K) for BLOCK_M rows of x and walks K in chunks of one 16-byte vector per thread
           and weight row (1024 fp16 per chunk at 4 warps), fp32 FMAs on CUDA cores (at a few rows the GEMM is
@@ -33,6 +33,8 @@ Three implementations, picked by `linear_impl_for(M, N, K)` or forced with impl=
           the baseline, and the default where the benchmark measured it faster (M > GEMV_MAX_M with N a multiple of
           8; see linear_impl_for). GPT's blocks at those sizes bypass it (ftlab/model.py: LayerNorm fused with the
           residual add instead of run before each GEMM).
+  "skinny" kernels/skinny_gemm.py (up to 64 rows, a LayerNorm only pre-folded): GPT's blocks call it for decode
+          batches of 5-64 on a GPU (ftlab/model.py), never picked by linear_impl_for.
 Block sizes come from small heuristics of the shapes (no autotuning, so everything also runs in the interpreter);
 `python -m ftlab.kernels.linear` times all three paths (--sweep also tries other block sizes; --chain a whole
 decode step's GEMVs under block policies with PDL on/off; --gemm tensor-core tiles at decode batches).
@@ -58,12 +60,13 @@ import triton.language as tl
 from ._shared import add3 as _add3, bias_act_residual, shifted_ln_stats
 from ._env import ints_from_env
 from .gemv_rows import gemv_rows, gemv_rows_on, pick_gemv_rows_config
+from .skinny_gemm import skinny_gemm
 from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
 from ._prefetch import l2_prefetch, prefetch_plan
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACTIVATIONS = (None, "gelu")
-_IMPLS = (None, "gemv", "gemm", "torch")
+_IMPLS = (None, "gemv", "gemm", "torch", "skinny")
 
 # Default dispatch, measured with `python -m ftlab.kernels.linear` on an H200 (fp16, CUDA-graph timings, weights
 # streamed from HBM; 2026-11-29, data/bench/linear_bench.csv), GPT-345M shapes:
@@ -731,6 +734,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         return torch.empty((M, N), dtype=x.dtype, device=x.device)
     if impl == "torch":
         return _run_torch(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu)
+    if impl == "skinny":  # kernels/skinny_gemm.py: up to 64 rows, a LayerNorm only folded (ln_row_sums)
+        if ln_weight is not None and ln_row_sums is None:
+            raise ValueError("impl='skinny' takes a LayerNorm only folded into the weight (ln_row_sums=)")
+        return skinny_gemm(x, weight, bias, activation=activation, residual=residual, ln_row_sums=ln_row_sums,
+                           ln_eps=ln_eps)
     num_sms = _num_sms(x.device)
     if impl == "gemv":
         # whole weight rows per program where they fit (kernels/gemv_rows.py); on a GPU only: under the

@@ -12,6 +12,10 @@ H200, fp16, a block's four GEMMs chained over 24 layers of distinct weights in o
 ftlab.kernels.skinny_gemm`, data/bench/skinny_gemm_chain.csv), us per layer against cuBLAS (+ two adds):
 M = 8 12.4 vs 23.8, M = 32 20.3 vs 25.1, M = 64 21.3 vs 26.2. GPT's decode blocks use it at 4 < B <= 64 on a GPU
 (ftlab/model.py; FTLAB_SKINNY=0 goes back to cuBLAS).
+
+With ln_row_sums a LayerNorm folded into weight and bias is applied in the epilogue (one split of whole rows; the
+statistics from a chunked second pass over x), so a block needs no LayerNorm launch: the model's FTLAB_SKINNY_LN=1
+path, correct on the CPU (interpreter) but not yet timed or tested on a GPU.
 """
 import os
 from typing import NamedTuple, Optional
@@ -22,15 +26,17 @@ import triton.language as tl
 
 from ._env import ints_from_env
 from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
-from ._shared import bias_act_residual
+from ._shared import bias_act_residual, shifted_ln_stats
 
 
 @triton.jit
 def _skinny_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, counter_ptr,
-    M, N, K, stride_xm,
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, counter_ptr, row_sums_ptr,
+    M, N, K, stride_xm, ln_eps,
     HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, USE_PDL: tl.constexpr, IEEE: tl.constexpr,
+    LN_PREFOLDED: tl.constexpr,  # the LayerNorm's affine folded into weight / bias (kernels/linear.py fold_layernorm)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
+    STAT_K: tl.constexpr,  # columns of x per step of the LayerNorm statistics pass
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -46,6 +52,8 @@ def _skinny_gemm_kernel(
         bias = tl.load(bias_ptr + rows_n).to(tl.float32)[None, :]
     else:
         bias = 0.0
+    if LN_PREFOLDED:
+        row_sums = tl.load(row_sums_ptr + rows_n)  # (BLOCK_N,) fp32: the folded weight's row sums
     if USE_PDL:
         gdc_wait()
     offs_m = tl.arange(0, BLOCK_M)
@@ -56,6 +64,20 @@ def _skinny_gemm_kernel(
         acc = tl.dot(x, tl.trans(w), input_precision="ieee")  # (BLOCK_M, BLOCK_N) fp32
     else:
         acc = tl.dot(x, tl.trans(w))
+    if LN_PREFOLDED:  # one split holds whole rows of x: LN(x) @ W'^T = rstd * (x @ W'^T - mean * rowsum(W'))
+        # x's statistics from a second, chunked pass over it (L1/L2-hot): the whole tile in fp32 would spill
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        x0 = tl.load(x_ptr + offs_m.to(tl.int64) * stride_xm, mask=m_ok, other=0.0).to(tl.float32)  # (BLOCK_M,)
+        x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        x_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in tl.static_range(0, K_SPLIT, STAT_K):
+            cols = k0 + tl.arange(0, STAT_K)
+            xc = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & (cols < K)[None, :], other=0.0)
+            xf = tl.where((cols < K)[None, :], xc.to(tl.float32) - x0[:, None], 0.0)  # relative to x0: no cancellation
+            x_sum += tl.sum(xf, axis=1)
+            x_sq += tl.sum(xf * xf, axis=1)
+        shift, rstd = shifted_ln_stats(x_sum, x_sq, K, ln_eps)
+        acc = rstd[:, None] * (acc - (x0 + shift)[:, None] * row_sums[None, :])
     out_mask = m_ok[:, None] & (offs_n < N)[None, :]
     tile = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     if SPLIT_K > 1:
@@ -77,6 +99,7 @@ def _skinny_gemm_kernel(
 
 
 MAX_M = 64  # rows of x held by one program (tl.dot tiles of up to 64 x K_SPLIT)
+LN_MAX_K = 1024  # widest row whose LayerNorm a program takes in (it holds whole rows of x)
 
 
 class SkinnyConfig(NamedTuple):
@@ -85,7 +108,7 @@ class SkinnyConfig(NamedTuple):
     num_warps: int
 
 
-def pick_skinny_config(M: int, N: int, K: int) -> SkinnyConfig:
+def pick_skinny_config(M: int, N: int, K: int, ln: bool = False) -> SkinnyConfig:
     """From the H200 chain sweep (fp16, GPT-345M's four block GEMMs, M = 8 / 32 / 64; data/bench/
     skinny_gemm_chain.csv), then the decode step (data/bench/skinny_gemm_tiles_step.csv). Up to 16 rows: whole K
     up to 1024 per program (FC2's 4096 split in four), 64 features on 8 warps, but 32 on 4 warps for square
@@ -93,13 +116,15 @@ def pick_skinny_config(M: int, N: int, K: int) -> SkinnyConfig:
     3.48 / 4.01 vs 3.15 / 2.36 / 3.48 / 3.90. 17-32 rows: 64 features, 512 of K, 8 warps for every GEMM (the
     chain's per-GEMM bests, mostly whole K, made a slower step: bs32 1.210-1.212 vs 1.119-1.122 ms). 33-64 rows:
     32 features and whole K up to 1024 on one warpgroup (wgmma; wider tiles ran out of shared memory), the best in
-    the chain for each GEMM and in the bs64 step (1.745-1.750 ms; five other tiles 1.91-2.15)."""
+    the chain for each GEMM and in the bs64 step (1.745-1.750 ms; five other tiles 1.91-2.15).
+    ln (a folded LayerNorm: one split of whole rows): at 17-32 rows 32 features on 8 warps, the tile that compiles
+    for sm_90 without spilling (64 features spill 352 bytes per thread); not yet timed."""
     k_split = max(16, min(triton.next_power_of_2(K), 1024))  # tl.dot takes K tiles of >= 16
     block_m = max(16, triton.next_power_of_2(M))
     if block_m >= 64:
         return SkinnyConfig(32, k_split, 4)
     if block_m == 32:
-        return SkinnyConfig(64, max(16, min(k_split, 512)), 8)
+        return SkinnyConfig(32, k_split, 8) if ln else SkinnyConfig(64, max(16, min(k_split, 512)), 8)
     square = N <= 1024 and K <= 1024
     return SkinnyConfig(32 if square else 64, k_split, 4 if square else 8)
 
@@ -134,14 +159,26 @@ def _counter(device: torch.device, tiles: int) -> torch.Tensor:
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                 activation: Optional[str] = None, residual: Optional[torch.Tensor] = None,
-                config: Optional[SkinnyConfig] = None, counter: Optional[torch.Tensor] = None) -> torch.Tensor:
+                config: Optional[SkinnyConfig] = None, counter: Optional[torch.Tensor] = None,
+                ln_row_sums: Optional[torch.Tensor] = None, ln_eps: float = 1e-5) -> torch.Tensor:
     """x (M, K) with 1 <= M <= MAX_M, weight (N, K), bias (N,), residual (M, N) -> (M, N) in x.dtype; activation
     None or "gelu" (tanh). fp32 inputs multiply exactly (no TF32). counter: int32, at least cdiv(N, block_n) long,
-    zero before the call and left zero after it (default: one shared by the calls of this stream)."""
+    zero before the call and left zero after it (default: one shared by the calls of this stream).
+    ln_row_sums (N,) fp32: x is LayerNorm-ed first, its gain and shift already folded into weight and bias
+    (kernels/linear.py fold_layernorm); each program then takes whole rows of K (at most LN_MAX_K) and computes
+    their statistics itself, so no LayerNorm launch precedes it."""
     _check_args(x, weight, bias, activation, residual)
     M, K = x.shape
     N = weight.shape[0]
-    cfg = config or _config_from_env() or pick_skinny_config(M, N, K)
+    cfg = config or _config_from_env() or pick_skinny_config(M, N, K, ln=ln_row_sums is not None)
+    if ln_row_sums is not None:
+        if K > LN_MAX_K:
+            raise ValueError(f"skinny_gemm folds a LayerNorm over at most {LN_MAX_K} features, got K = {K}")
+        if (ln_row_sums.shape != (N,) or ln_row_sums.dtype != torch.float32 or ln_row_sums.device != x.device
+                or not ln_row_sums.is_contiguous()):
+            raise ValueError(f"ln_row_sums must be contiguous fp32 ({N},) on {x.device}, got {ln_row_sums.dtype} "
+                             f"{tuple(ln_row_sums.shape)} on {ln_row_sums.device}")
+        cfg = cfg._replace(k_split=max(cfg.k_split, triton.next_power_of_2(K)))  # one split: whole rows
     if cfg.block_n < 16 or cfg.k_split < 16 or cfg.k_split & (cfg.k_split - 1) or cfg.block_n & (cfg.block_n - 1):
         raise ValueError(f"skinny_gemm config {cfg}: block_n and k_split must be powers of two >= 16")
     split_k = triton.cdiv(K, cfg.k_split)
@@ -158,10 +195,11 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     use_pdl = pdl_for(x.device)
     _skinny_gemm_kernel[(tiles_n, split_k)](
         x, weight, bias if bias is not None else out, residual if residual is not None else out, out, part, counter,
-        M, N, K, x.stride(0),
+        ln_row_sums if ln_row_sums is not None else part, M, N, K, x.stride(0), float(ln_eps),
         HAS_BIAS=bias is not None, ACT_GELU=activation == "gelu", HAS_RES=residual is not None, USE_PDL=use_pdl,
-        IEEE=x.dtype == torch.float32,
+        IEEE=x.dtype == torch.float32, LN_PREFOLDED=ln_row_sums is not None,
         BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=cfg.block_n, K_SPLIT=cfg.k_split, SPLIT_K=split_k,
+        STAT_K=min(cfg.k_split, 128),
         num_warps=cfg.num_warps, **launch_options(use_pdl),
     )
     return out

@@ -145,23 +145,27 @@ def _small_m_cases():
     return [("fp32", 1e-4)] + [pytest.param(d, t, marks=pytest.mark.gpu) for d, t in (("fp16", 5e-3), ("bf16", 3e-2))]
 
 
+@pytest.mark.parametrize("flag, uses", [("FTLAB_SMALL_M_GEMM", "_small_m_gemm"), ("FTLAB_SKINNY_LN", "_skinny_blocks")])
 @pytest.mark.parametrize("dtype, tol", _small_m_cases())
-def test_small_m_gemm_path_matches_hf(dtype, tol, device, monkeypatch):
-    # FTLAB_SMALL_M_GEMM=1: 5..64 rows (a batch of 6 decoding, a 20-token prefill) run every block GEMM on the
-    # Triton kernel with the LayerNorm in its epilogue; logits against HF and greedy tokens against the cuBLAS path
-    monkeypatch.setenv("FTLAB_SMALL_M_GEMM", "1")
+def test_small_m_block_paths_match_hf(dtype, tol, flag, uses, device, monkeypatch):
+    # 5..64 rows (a batch of 6 decoding, a 20-token prefill) in the five-launch block with every GEMM on a Triton
+    # tensor-core kernel and the LayerNorms folded in: FTLAB_SMALL_M_GEMM=1 the tiled gemm, FTLAB_SKINNY_LN=1 the
+    # skinny GEMM. Logits against HF, greedy tokens against the LayerNorm + cuBLAS path
+    monkeypatch.setenv(flag, "1")
     cfg = dict(n_embd=64, n_head=2, n_layer=3, vocab_size=67, n_inner=72)
     hf = random_hf_model(**cfg)
     model = ftlab_model(hf, dtype, device)
     prompts = random_prompts(cfg["vocab_size"], [2, 7, 1, 5, 3, 2])  # 20 tokens packed
-    assert model._small_m_gemm(20) and model._small_m_gemm(6) and not model._small_m_gemm(4)
+    path = getattr(model, uses)
+    assert path(20) and path(6) and not path(4) and not model._uses_cublas(6)
     for prompt, got in zip(prompts, model.logits(prompts)):
         with torch.no_grad():
             ref = hf(torch.tensor([prompt])).logits[0]
         assert_rel_close(got.float().cpu(), ref, tol=tol, what=f"{dtype} logits, prompt of {len(prompt)}")
     small = generate(model, prompts, max_new_tokens=5, use_cuda_graph=False)
-    monkeypatch.setenv("FTLAB_SMALL_M_GEMM", "0")
+    monkeypatch.setenv(flag, "0")
     monkeypatch.setenv("FTLAB_SKINNY", "0")  # cuBLAS (test_skinny_gemm_path_matches_hf checks the skinny GEMM)
+    assert model._uses_cublas(6)
     assert generate(model, prompts, max_new_tokens=5, use_cuda_graph=False).output_ids == small.output_ids
 
 

@@ -4,8 +4,8 @@ import triton
 
 from ftlab.kernels.skinny_gemm import (SkinnyConfig, pick_skinny_config, skinny_gemm, skinny_gemm_on,
                                        skinny_gemm_reference)
-from ftlab.kernels.linear import linear_reference
-from tests.util import DTYPES, assert_rel_close, skip_if_interpreter_bf16
+from ftlab.kernels.linear import fold_layernorm, linear_reference
+from tests.util import DTYPES, REL_TOL, assert_rel_close, skip_if_interpreter_bf16
 
 # (M, N, K, block_n, k_split, warps): N not a multiple of block_n, K not a multiple of k_split (masked tails),
 # one split and several (the last-arriving program sums the partials), 1 and 64 rows of x
@@ -40,6 +40,39 @@ def test_skinny_gemm_matches_reference(features, case, dtype_name, device):
     assert out.dtype == dtype
     assert_rel_close(out, ref, dtype, what=f"{features} M={M} N={N} K={K} cfg={block_n},{k_split},{warps}")
     assert int(counter.abs().sum()) == 0, "the split-K counters must be left zero for the next launch"
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("offset", [0.5, 300.0])
+def test_skinny_gemm_with_folded_layernorm(offset, case, dtype_name, device):
+    # LN folded into weight and bias, row sums given: each program takes whole rows (the config's K split is
+    # widened to one) and their statistics relative to x[:, 0] (offset 300: |mean| >> std would cancel in fp32)
+    dtype = DTYPES[dtype_name]
+    skip_if_interpreter_bf16(dtype, device)
+    M, N, K, block_n, k_split, warps = CASES[case]
+    x, weight, bias, residual = _inputs(M, N, K, dtype, device)
+    x = x + offset
+    ln_w = (1 + 0.5 * torch.randn(K)).to(dtype=dtype, device=device)
+    ln_b = (0.5 * torch.randn(K)).to(dtype=dtype, device=device)
+    folded, folded_bias, row_sums = fold_layernorm(weight, bias, ln_w, ln_b)
+    out = skinny_gemm(x, folded, folded_bias, activation="gelu", residual=residual,
+                      config=SkinnyConfig(block_n, k_split, warps), ln_row_sums=row_sums)
+    ref = linear_reference(x.double(), weight.double(), bias=bias.double(), residual=residual.double(),
+                           activation="gelu", ln_weight=ln_w.double(), ln_bias=ln_b.double())
+    # folding rounds W * g and c + W @ b once in the dtype, and at offset 300 x @ W'^T - mean * rowsum(W') loses
+    # ~log2(300 / std) bits of fp32 (the same allowance as test_gemv_rows' folded test)
+    tol = REL_TOL[dtype] * (2 if dtype != torch.float32 else 10)
+    assert_rel_close(out, ref, tol=tol, what=f"LN fold, offset {offset}, M={M} N={N} K={K}")
+
+
+def test_skinny_gemm_layernorm_fold_limits(device):
+    x = torch.randn(3, 1025, device=device)
+    with pytest.raises(ValueError, match="at most 1024 features"):
+        skinny_gemm(x, torch.randn(4, 1025, device=device), ln_row_sums=torch.zeros(4, device=device))
+    with pytest.raises(ValueError, match="ln_row_sums must be contiguous fp32"):
+        skinny_gemm(x[:, :8].contiguous(), torch.randn(4, 8, device=device),
+                    ln_row_sums=torch.zeros(5, device=device))
 
 
 def test_skinny_gemm_repeated_calls_share_the_default_counter(device):
@@ -106,3 +139,18 @@ def test_skinny_tile_from_env(monkeypatch, device):
     monkeypatch.setenv("FTLAB_SKINNY_TILE", "16,16")
     with pytest.raises(ValueError, match="FTLAB_SKINNY_TILE"):
         skinny_gemm(x, weight, bias)
+
+
+def test_linear_dispatches_impl_skinny(device):
+    from ftlab.kernels.linear import linear
+
+    x, weight, bias, residual = _inputs(6, 20, 48, torch.float32, device)
+    ln_w, ln_b = 1 + 0.3 * torch.randn(48, device=device), 0.3 * torch.randn(48, device=device)
+    folded, folded_bias, row_sums = fold_layernorm(weight, bias, ln_w, ln_b)
+    out = linear(x, folded, folded_bias, residual=residual, ln_weight=torch.ones_like(ln_w),
+                 ln_bias=torch.zeros_like(ln_b), ln_row_sums=row_sums, impl="skinny")
+    ref = linear_reference(x.double(), weight.double(), bias=bias.double(), residual=residual.double(),
+                           ln_weight=ln_w.double(), ln_bias=ln_b.double())
+    assert_rel_close(out, ref, tol=1e-4, what="linear(impl='skinny') with a folded LayerNorm")
+    with pytest.raises(ValueError, match="only folded"):
+        linear(x, weight, bias, ln_weight=ln_w, ln_bias=ln_b, impl="skinny")
