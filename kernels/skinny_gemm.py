@@ -148,7 +148,9 @@ _COUNTERS: dict = {}
 
 def _counter(device: torch.device, tiles: int) -> torch.Tensor:
     """A zeroed int32 counter per output tile that every launch leaves zero again, one per (device, stream): calls
-    in one stream run one after another (with PDL a kernel touches it only after its wait), so they can share it."""
+    in one stream run one after another (with PDL a kernel touches it only after its wait), so they can share it.
+    CUDA graphs captured on one stream share it too, so two of them must not replay at the same time on different
+    streams (ftlab replays its graphs from one thread; decode attention's counters, kept per KV cache, allow it)."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
     counter = _COUNTERS.get(key)
