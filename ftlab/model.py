@@ -296,7 +296,8 @@ class GPT:
         widths that cuBLAS handles well (multiples of 8, see kernels/linear.py's dispatch)."""
         b = self.weights.blocks[0] if self.weights.blocks else None
         return (tokens > GEMV_MAX_M and b is not None and not self._small_m_gemm(tokens)
-                and not self._skinny_blocks(tokens) and all(w.shape[0] % 8 == 0 for w in (b.qkv_weight, b.attn_out_weight, b.fc1_weight, b.fc2_weight)))
+                and not self._skinny_blocks(tokens)
+                and all(w.shape[0] % 8 == 0 for w in (b.qkv_weight, b.attn_out_weight, b.fc1_weight, b.fc2_weight)))
 
     def _small_m_gemm(self, tokens: int) -> bool:
         """Whether `tokens` rows (GEMV_MAX_M < tokens <= SMALL_M_MAX) run every block GEMM on the Triton tensor-core

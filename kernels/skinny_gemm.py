@@ -6,7 +6,8 @@ kernels for M = 8..64 use few programs and cannot start before the previous kern
 BLOCK_N x K_SPLIT slice of the weight and loads it before its PDL wait (kernels/_pdl.py: while the previous kernel
 finishes), then multiplies all rows of x by it with one tl.dot. Split-K programs store fp32 partials; the last of
 an output tile's programs to finish (an acquire-release counter, as in kernels/decode_attention.py) adds them in a
-fixed order and applies the epilogue: no reduce launch, and results that do not depend on arrival order.
+fixed order and applies the epilogue: no reduce launch, and results that do not depend on arrival order. Its
+torch reference is kernels/linear.py's linear_reference (the same function, LayerNorm included).
 
 H200, fp16, a block's four GEMMs chained over 24 layers of distinct weights in one CUDA graph (`python -m
 ftlab.kernels.skinny_gemm`, data/bench/skinny_gemm_chain.csv), us per layer against cuBLAS (+ two adds):
@@ -230,22 +231,8 @@ def _check_args(x, weight, bias, activation, residual) -> None:
             raise ValueError(f"{name} must be contiguous {shape} on {x.device}, got {tuple(t.shape)} on {t.device}")
     if residual is not None and residual.dtype != x.dtype:
         raise ValueError(f"residual dtype {residual.dtype} != x dtype {x.dtype}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
-
-
-def skinny_gemm_reference(x, weight, bias=None, *, activation=None, residual=None):
-    """Plain torch in fp32 (fp64 for fp64 inputs), rounded to x.dtype."""
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y = x.to(compute) @ weight.to(compute).t()
-    if bias is not None:
-        y = y + bias.to(compute)
-    if activation == "gelu":
-        y = torch.nn.functional.gelu(y, approximate="tanh")
-    if residual is not None:
-        y = y + residual.to(compute)
-    return y.to(x.dtype)
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device}, x on {x.device}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
