@@ -19,6 +19,9 @@ GEMM before it, FasterTransformer's layout:
     g    = cublas(h, W_fc1) + b_fc1, GELU in cuBLASLt's epilogue
     h, x = layernorm(cublas(g, W_fc2), ln_1', x_bias=b_fc2, residual=x) # ln_1' of the next block
 
+Except at 5-16 rows on a GPU (decode batches 8-16), where the five-launch layout above runs on the skinny GEMM
+with the LayerNorms folded in (`_skinny_blocks`): fewer launches win there, whole-row tiles lose above.
+
 Two phases share the weights: `prefill` runs packed ragged prompts (T = sum of prompt lengths) through causal
 context attention; `decode` runs one token per sequence (T = B) through decode attention over the KV cache.
 
@@ -52,6 +55,7 @@ from .kernels.linear import GEMV_MAX_M, fold_layernorm, linear
 from .kernels.skinny_gemm import LN_MAX_K as SKINNY_LN_MAX_K, MAX_M as SKINNY_MAX_M, skinny_gemm, skinny_gemm_on
 
 SMALL_M_MAX = 64  # up to this many rows (decode batches, short prompts) see GPT._small_m_gemm
+SKINNY_LN_AUTO_MAX_M = 16  # up to this many rows take GPT._skinny_blocks by default on a GPU
 
 
 @dataclass
@@ -315,11 +319,20 @@ class GPT:
         """Whether `tokens` rows (GEMV_MAX_M < tokens <= 64) run the five-launch block of the GEMV path with every
         GEMM on kernels/skinny_gemm.py, the LayerNorms folded into QKV and FC1 (their row statistics taken inside
         the GEMM) and the residual adds in the out-projection's and FC2's epilogues: two LayerNorm launches fewer
-        per block than `_blocks_cublas`. EXPERIMENT, off unless FTLAB_SKINNY_LN=1 (read per call): not yet timed on
-        a GPU (the LayerNorm + skinny GEMM path of `_blocks_cublas` is the measured default there)."""
+        per block than `_blocks_cublas`. Default on a GPU in fp16 / bf16 for up to SKINNY_LN_AUTO_MAX_M rows: H200,
+        GPT-345M, decode step at context 512 (data/bench/skinny_gemm_step_ab.csv, 2026-12-01) bs8 0.636 -> 0.573 ms,
+        bs16 0.776 -> 0.722, but bs32 1.126 -> 1.154 and bs64 1.76 -> 2.30 (its whole-row tiles are slower there).
+        FTLAB_SKINNY_LN=1 forces it for 5..64 rows, =0 turns it off (read per call)."""
         b = self.weights.blocks[0] if self.weights.blocks else None
-        return (GEMV_MAX_M < tokens <= SKINNY_MAX_M and b is not None and b.qkv_ln_row_sums is not None
-                and self.config.hidden <= SKINNY_LN_MAX_K and os.environ.get("FTLAB_SKINNY_LN", "0") == "1")
+        if not (GEMV_MAX_M < tokens <= SKINNY_MAX_M and b is not None and b.qkv_ln_row_sums is not None
+                and self.config.hidden <= SKINNY_LN_MAX_K):
+            return False
+        flag = os.environ.get("FTLAB_SKINNY_LN")
+        if flag is not None:
+            return flag == "1"
+        return (tokens <= SKINNY_LN_AUTO_MAX_M and self.device.type == "cuda"
+                and self.dtype in (torch.float16, torch.bfloat16) and os.environ.get("FTLAB_SKINNY", "1") != "0"
+                and not self._small_m_gemm(tokens))
 
     def _blocks_cublas(self, x: torch.Tensor, attend: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """(T, H) through this stage's blocks with cuBLAS GEMMs, each LayerNorm fused with the residual add and

@@ -151,6 +151,7 @@ def test_small_m_block_paths_match_hf(dtype, tol, flag, uses, device, monkeypatc
     # 5..64 rows (a batch of 6 decoding, a 20-token prefill) in the five-launch block with every GEMM on a Triton
     # tensor-core kernel and the LayerNorms folded in: FTLAB_SMALL_M_GEMM=1 the tiled gemm, FTLAB_SKINNY_LN=1 the
     # skinny GEMM. Logits against HF, greedy tokens against the LayerNorm + cuBLAS path
+    monkeypatch.setenv("FTLAB_SKINNY_LN", "0")
     monkeypatch.setenv(flag, "1")
     cfg = dict(n_embd=64, n_head=2, n_layer=3, vocab_size=67, n_inner=72)
     hf = random_hf_model(**cfg)
@@ -170,20 +171,43 @@ def test_small_m_block_paths_match_hf(dtype, tol, flag, uses, device, monkeypatc
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("ln_folded", ["0", "1"])
 @pytest.mark.parametrize("dtype, tol", [("fp16", 5e-3), ("bf16", 3e-2)])
-def test_skinny_gemm_path_matches_hf(dtype, tol, device, monkeypatch):
-    # on a GPU, 5..64 rows (a 20-token prefill, a batch of 6 decoding) take kernels/skinny_gemm.py between the
-    # LayerNorm kernels; logits against HF, greedy tokens (CUDA graphs on) against the same model on cuBLAS
+def test_skinny_gemm_path_matches_hf(dtype, tol, ln_folded, device, monkeypatch):
+    # on a GPU, 5..64 rows (a 20-token prefill, a batch of 6 decoding) take kernels/skinny_gemm.py, between the
+    # LayerNorm kernels (FTLAB_SKINNY_LN=0) or with the LayerNorms folded in (=1); logits against HF, greedy tokens
+    # (CUDA graphs on) against the same model on cuBLAS
+    monkeypatch.setenv("FTLAB_SKINNY_LN", ln_folded)
     cfg = dict(n_embd=128, n_head=4, n_layer=3, vocab_size=97, n_inner=200)
     hf = random_hf_model(**cfg)
     model = ftlab_model(hf, dtype, device)
     prompts = random_prompts(cfg["vocab_size"], [2, 7, 1, 5, 3, 2])  # 20 tokens packed
-    assert model._uses_cublas(20) and model._uses_cublas(6)  # the LayerNorm + dense path, not the GEMV one
+    folded = ln_folded == "1"
+    assert model._skinny_blocks(20) == folded and model._skinny_blocks(6) == folded
+    assert model._uses_cublas(20) != folded and model._uses_cublas(6) != folded  # cublas = the LayerNorm + dense path
     for prompt, got in zip(prompts, model.logits(prompts)):
         with torch.no_grad():
             ref = hf(torch.tensor([prompt])).logits[0]
         assert_rel_close(got.float().cpu(), ref, tol=tol, what=f"{dtype} logits, prompt of {len(prompt)}")
     skinny = generate(model, prompts, max_new_tokens=6)
     monkeypatch.setenv("FTLAB_SKINNY", "0")
+    monkeypatch.setenv("FTLAB_SKINNY_LN", "0")
     model.graph_cache.clear()
     assert generate(model, prompts, max_new_tokens=6).output_ids == skinny.output_ids
+
+
+@pytest.mark.parametrize("dtype", ["fp32", pytest.param("fp16", marks=pytest.mark.gpu)])
+def test_skinny_ln_blocks_default(dtype, device, monkeypatch):
+    # which rows take the LayerNorm-folded skinny block unless FTLAB_SKINNY_LN says: 5..16 on a GPU in fp16 / bf16
+    # (measured faster there), never on the CPU or in fp32; FTLAB_SKINNY=0 (cuBLAS) and FTLAB_SMALL_M_GEMM=1 win
+    monkeypatch.delenv("FTLAB_SKINNY_LN", raising=False)
+    model = ftlab_model(random_hf_model(n_embd=64, n_head=2, n_layer=1, vocab_size=67), dtype, device)
+    on = model.device.type == "cuda" and dtype != "fp32"
+    assert [model._skinny_blocks(t) for t in (4, 5, 16, 17, 64)] == [False, on, on, False, False]
+    monkeypatch.setenv("FTLAB_SMALL_M_GEMM", "1")
+    assert not model._skinny_blocks(8) and model._small_m_gemm(8)
+    monkeypatch.delenv("FTLAB_SMALL_M_GEMM")
+    monkeypatch.setenv("FTLAB_SKINNY", "0")
+    assert not model._skinny_blocks(8) and model._uses_cublas(8)
+    monkeypatch.setenv("FTLAB_SKINNY_LN", "1")
+    assert model._skinny_blocks(8) and model._skinny_blocks(64)
