@@ -122,7 +122,9 @@ def pick_skinny_config(M: int, N: int, K: int, ln: bool = False) -> SkinnyConfig
     shared memory keep it from starting beside the kernel before; a variant with little shared memory (a pipelined
     loop over K in 64-256 steps, the weight slice prefetched into L2 before the PDL wait instead of loaded) was
     slower in the step: bs64 1.86-2.14 vs 1.76-1.78 ms, bs32 1.49-1.71 vs 1.12 (2026-12-01, rows with five-field
-    tiles in data/bench/skinny_gemm_tiles_step.csv; not kept).
+    tiles in data/bench/skinny_gemm_tiles_step.csv; not kept). So was splitting the rows of x over programs (16 or
+    32 per program, less to load after the wait): bs64 1.93-2.19 vs 1.78-1.82, bs32 1.18-1.25 vs 1.115 (four-field
+    tiles; with the LayerNorms folded, bs64 2.13-2.18 vs that path's 2.43-2.49; not kept).
     ln (a folded LayerNorm: one split of whole rows): at 17-32 rows 32 features on 8 warps, the tile that compiles
     for sm_90 without spilling (64 features spill 352 bytes per thread); in the bs32 step it measured 1.15 ms
     against 1.13 for LayerNorm launches + the plain tile, so the model folds the LayerNorm only up to 16 rows."""
