@@ -509,21 +509,30 @@ def _select_kernel(logits_ptr, stride_row, top_k_ptr, top_p_ptr, temperature_ptr
 
 def _launch_config(B, V, device_type):
     """The pass sampler's launch (alone, and as stage 2's fallback, whose program also takes num_warps):
-    (ROWS, BLOCK, num_warps). BLOCK covers a small row in one chunk and caps at 2048 for V ~ 50k (25 chunks
-    a pass, ~8 elements per thread). On the GPU one program per row (V is large, rows are independent); the
-    CPU interpreter pays per operation, not per element, so it packs up to ~32k elements of rows per program.
+    (ROWS, BLOCK, num_warps). BLOCK covers a small row in one chunk and on the GPU caps at 2048 for V ~ 50k (25
+    chunks a pass, ~8 elements per thread). On the GPU one program per row (V is large, rows are independent); the
+    CPU interpreter pays per operation, not per element, so there BLOCK goes up to INTERPRETER_BLOCK and a program
+    packs rows up to INTERPRETER_ELEMENTS (see there).
     FTLAB_SAMPLE_CONFIG="BLOCK,num_warps" replaces those two (read per call; for measuring wider programs:
     a top-k / top-p row is ~10-20 passes over V, each a loop of V / BLOCK dependent chunks; H200: 4096 logits x
     16 warps 156-226 us against 209-297 us per call, data/bench/sampling_bench_graph.txt)."""
-    block = min(max(triton.next_power_of_2(V), 16), 2048)
+    block = min(max(triton.next_power_of_2(V), 16), 2048 if device_type == "cuda" else INTERPRETER_BLOCK)
     num_warps = max(1, min(8, block // 256))
     block, num_warps = _config_from_env() or (block, num_warps)
     return (1 if device_type == "cuda" else _interpreter_rows(B, block)), block, num_warps
 
 
+# Under the interpreter every tl operation costs ~the same whatever its size, so a pass over V in few wide chunks
+# and many rows per program is what makes it fast: CPU, V = 50257, top_k 40 / top_p 0.9 at temperature 0.8, s per
+# call, BLOCK 2048 and 32k elements per program -> 16384 and 256k: batch 1 2.32 / 3.13 -> 0.53 / 0.63, batch 4
+# 2.94 / 3.69 -> 0.78 / 1.06 (tokens unchanged; wider still was slower at batch 4-16).
+INTERPRETER_BLOCK = 16384
+INTERPRETER_ELEMENTS = 262144
+
+
 def _interpreter_rows(B, width):
-    """Rows per program under the interpreter (which pays per operation): up to ~32k elements of rows."""
-    return min(triton.next_power_of_2(max(B, 1)), max(1, 32768 // width))
+    """Rows per program under the interpreter: up to INTERPRETER_ELEMENTS elements of rows."""
+    return min(triton.next_power_of_2(max(B, 1)), max(1, INTERPRETER_ELEMENTS // width))
 
 
 def _config_from_env():
@@ -598,7 +607,7 @@ def _candidate_config(B, V, device_type):
     if device_type == "cuda":
         return chunk, c, 1, 1, warps_1, warps_2 or None
     nc = triton.next_power_of_2(triton.cdiv(V, chunk) * c)
-    rows_2 = _interpreter_rows(B, max(nc, min(triton.next_power_of_2(V), 2048)))  # the fallback's BLOCK too
+    rows_2 = _interpreter_rows(B, max(nc, min(triton.next_power_of_2(V), INTERPRETER_BLOCK)))  # the fallback's too
     return chunk, c, _interpreter_rows(B, chunk), rows_2, warps_1, warps_2 or None
 
 

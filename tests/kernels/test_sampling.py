@@ -141,8 +141,9 @@ def test_greedy_equals_argmax(B, V, dtype_name, device, sampler):
     torch.testing.assert_close(logprobs, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_greedy_ties_pick_lowest_index(device):
+def test_greedy_ties_pick_lowest_index(device, monkeypatch):
     V = 5000  # wider than one chunk: tied maxima in the same lane of different chunks and in different lanes
+    monkeypatch.setenv("FTLAB_SAMPLE_CONFIG", "2048,8")  # the GPU's chunk (the interpreter's would hold the row)
     logits = torch.randn(4, V) - 5
     tie_positions = [[4097, 2049, 1, 3000], [4999, 2048], [17, 17 + 2048, 17 + 4096], [4096, 4095]]
     for row, positions in enumerate(tie_positions):
