@@ -52,7 +52,8 @@ from .kernels.decode_block import MAX_BATCH as FUSED_MAX_BATCH, decode_block, ne
 from .kernels.embedding import embedding
 from .kernels.layernorm import layernorm
 from .kernels.linear import GEMV_MAX_M, fold_layernorm, linear
-from .kernels.skinny_gemm import LN_MAX_K as SKINNY_LN_MAX_K, MAX_M as SKINNY_MAX_M, skinny_gemm, skinny_gemm_on
+from .kernels.skinny_gemm import (LN_MAX_K as SKINNY_LN_MAX_K, MAX_M as SKINNY_MAX_M, skinny_enabled, skinny_gemm,
+                                  skinny_gemm_on)
 
 SMALL_M_MAX = 64  # up to this many rows (decode batches, short prompts) see GPT._small_m_gemm
 SKINNY_LN_AUTO_MAX_M = 16  # up to this many rows take GPT._skinny_blocks by default on a GPU
@@ -330,8 +331,7 @@ class GPT:
         flag = os.environ.get("FTLAB_SKINNY_LN")
         if flag is not None:
             return flag == "1"
-        return (tokens <= SKINNY_LN_AUTO_MAX_M and self.device.type == "cuda"
-                and self.dtype in (torch.float16, torch.bfloat16) and os.environ.get("FTLAB_SKINNY", "1") != "0"
+        return (tokens <= SKINNY_LN_AUTO_MAX_M and skinny_enabled(self.device, self.dtype)
                 and not self._small_m_gemm(tokens))
 
     def _blocks_cublas(self, x: torch.Tensor, attend: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -145,11 +145,16 @@ def _config_from_env() -> Optional[SkinnyConfig]:
     return SkinnyConfig(*values) if values is not None else None
 
 
+def skinny_enabled(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a model on `device` in `dtype` uses skinny_gemm at all: on a GPU, fp16 / bf16 (FTLAB_SKINNY=0:
+    never; read per call)."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and os.environ.get("FTLAB_SKINNY", "1") != "0")
+
+
 def skinny_gemm_on(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether skinny_gemm should take this product in a model: on a GPU, fp16 / bf16, 1..MAX_M rows
-    (FTLAB_SKINNY=0: never; read per call)."""
-    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and 1 <= x.shape[0] <= MAX_M
-            and weight.dtype == x.dtype and os.environ.get("FTLAB_SKINNY", "1") != "0")
+    """Whether skinny_gemm should take this product in a model: skinny_enabled, 1..MAX_M rows."""
+    return 1 <= x.shape[0] <= MAX_M and weight.dtype == x.dtype and skinny_enabled(x.device, x.dtype)
 
 
 _COUNTERS: dict = {}
