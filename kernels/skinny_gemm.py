@@ -118,7 +118,7 @@ def pick_skinny_config(M: int, N: int, K: int, ln: bool = False) -> SkinnyConfig
     3.48 / 4.01 vs 3.15 / 2.36 / 3.48 / 3.90. 17-32 rows: 64 features, 512 of K, 8 warps for every GEMM (the
     chain's per-GEMM bests, mostly whole K, made a slower step: bs32 1.210-1.212 vs 1.119-1.122 ms). 33-64 rows:
     32 features and whole K up to 1024 on one warpgroup (wgmma; wider tiles ran out of shared memory), the best in
-    the chain for each GEMM and in the bs64 step (1.745-1.750 ms; five other tiles 1.91-2.15). Its 192 KB of
+    the chain for each GEMM and in the bs64 step (1.745-1.750 ms; five other tiles 1.91-2.15). Its 196 KiB of
     shared memory keep it from starting beside the kernel before; a variant with little shared memory (a pipelined
     loop over K in 64-256 steps, the weight slice prefetched into L2 before the PDL wait instead of loaded) was
     slower in the step: bs64 1.86-2.14 vs 1.76-1.78 ms, bs32 1.49-1.71 vs 1.12 (2026-12-01, rows with five-field
