@@ -1,11 +1,17 @@
 """Decode attention: one new token per sequence attends over its KV cache, with the KV append fused in.
 
 Flash-decoding in one launch whose grid depends only on shapes (B, nh, S_max), so the step can be captured in a
-CUDA graph while positions change between replays. Grid (num_partitions, nh, B): program j covers cache slots
-[j*P, (j+1)*P) in tiles of BLOCK_S keys and writes a partial (max, sum, unnormalised acc) to a workspace. Programs
-whose partition starts after positions[b] exit at once. Cached keys are read strictly below positions[b]; the new
+CUDA graph while positions change between replays. Grid (num_partitions, nh, B): program j covers the j-th share
+of a sequence's keys in tiles of BLOCK_S keys and writes a partial (max, sum, unnormalised acc) to a workspace.
+Programs whose share starts after positions[b] exit at once. Cached keys are read strictly below positions[b]; the new
 key/value are taken from qkv in registers by the one program whose partition holds positions[b], and that program
 alone writes them to the cache slot, so no program ever reads the slot being written in the same launch.
+Partitions share out the keys a sequence has, not the cache's slots: with P partitions of up to PART slots (the
+grid), a sequence at position pos gets partitions of ceil(ceil((pos + 1) / P) / BLOCK_S) whole tiles, so no program
+is left with a tail of a few keys while others loop over a full PART (H200, GPT-345M, decode step at context 512
+with 768 slots, alternating in one process, data/bench/decode_balanced_ab.csv: bs64 1.751 / 1.805 -> 1.707 / 1.733
+ms, where the fixed split gave partitions of 256, 256 and 17 keys; bs1, bs8 and bs32 unchanged within 1 %).
+FTLAB_DECODE_BALANCED=0 goes back to the fixed split (read per call).
 Each program then bumps a per-(sequence, head) counter (atomic, acquire-release); the program that finishes its
 head's last valid partition rescales and sums all of them into out, and resets the counter to zero. This replaces
 a second reduction launch, which cost ~3 us per layer at batch 1 on the H200 (8.6 % of a GPT-345M decode step).
@@ -23,7 +29,13 @@ equal: one partition per (sequence, head) with big tiles (bs1 0.454-1.45); one p
 holds the whole history in registers, loaded before the PDL wait (512 + 32 keys, 8 warps: bs1 0.385, bs4
 0.713-0.722 vs 0.729-0.730; 16 or 32 warps 0.42-0.50); partials polled by a designated combiner for a
 never-computed NaN sentinel instead of a release + counter (0.393-0.399 vs 0.373-0.385); the out-projection GEMV
-combining the partials in its prologue (0.424-0.557: every program reads every partial).
+combining the partials in its prologue (0.424-0.557: every program reads every partial). Session 14
+(data/bench/attn_out_step_ab.csv): left out entirely (wrong output, timing only) the out-projection GEMV is 0.040
+ms of the bs1 step (0.365 -> 0.325) and attention another 0.082 (-> 0.243); folding the out-projection in here (every
+program of a head waited on the counter until all partials were stored, combined them itself, multiplied its 64
+rows of W_o by the head's output and added them into an int64 fixed-point accumulator that FC1 read with the bias and
+residual) measured 0.394-0.396 ms at bs1 and 0.510-0.512 at bs2 against 0.364-0.367 and 0.443-0.444: the spin on the
+counter costs what the kernel boundary it replaces did (code in the session's notes, not kept).
 """
 import math
 import os
@@ -58,6 +70,7 @@ def _decode_partition_kernel(
     head_dim, s_max, num_heads, num_parts,
     BLOCK_S: tl.constexpr, TILES_PER_PART: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     USE_PDL: tl.constexpr, HISTORY_READY: tl.constexpr, PREFETCH: tl.constexpr, SINGLE_PART: tl.constexpr,
+    BALANCED: tl.constexpr,
 ):
     part = tl.program_id(0)
     head = tl.program_id(1)
@@ -70,10 +83,14 @@ def _decode_partition_kernel(
         if not HISTORY_READY:
             gdc_wait()
     pos = tl.load(positions_ptr + seq)
-    part_lo = part * (BLOCK_S * TILES_PER_PART)
+    if BALANCED:  # the pos + 1 keys in equal shares of whole tiles (never longer than BLOCK_S * TILES_PER_PART)
+        part_len = tl.cdiv(tl.cdiv(pos + 1, num_parts), BLOCK_S) * BLOCK_S
+    else:
+        part_len = BLOCK_S * TILES_PER_PART
+    part_lo = part * part_len
     if part_lo > pos:  # beyond this sequence's keys: the reduction never reads this partition
         return
-    part_hi = part_lo + BLOCK_S * TILES_PER_PART
+    part_hi = part_lo + part_len
 
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
@@ -140,7 +157,7 @@ def _decode_partition_kernel(
     tl.store(part_acc_ptr + ws * head_dim + offs_d, acc, mask=d_mask)
 
     # the partitions that did not exit early; the one to finish last combines them (its acquire sees their stores)
-    n_valid = tl.minimum(pos // (BLOCK_S * TILES_PER_PART) + 1, num_parts)
+    n_valid = tl.minimum(pos // part_len + 1, num_parts)
     counter = counter_ptr + seq * num_heads + head
     tl.debug_barrier()  # every thread's partial stores are issued before the (single-thread) release below
     finished_before = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
@@ -328,6 +345,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         BLOCK_S=blocks.block_s, TILES_PER_PART=blocks.tiles_per_part, BLOCK_D=block_d,
         BLOCK_P=max(4, min(32, triton.next_power_of_2(num_parts))), USE_PDL=use_pdl, HISTORY_READY=history_ready,
         PREFETCH=pf.mode, SINGLE_PART=num_parts == 1 and _single_part_on(qkv.device),
+        BALANCED=os.environ.get("FTLAB_DECODE_BALANCED", "1") == "1",
         num_warps=blocks.num_warps, **launch_options(use_pdl), **_maxnreg_from_env(qkv.device),
     )
     return out

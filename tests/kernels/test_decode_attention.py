@@ -62,6 +62,20 @@ def test_decode_attention_partition_boundaries(blocks, positions, s_max, dtype_n
     _check_against_reference(positions, 2, 24, s_max, dtype, device, blocks=blocks)
 
 
+@pytest.mark.parametrize("blocks,positions,s_max", [
+    # 10 partitions of up to 64 slots: pos + 1 keys shared out in 16-key tiles (64, 32, 16 per partition, or 1 tile)
+    (DecodeBlocks(16, 4, 1), [599, 300, 37, 0], 600),
+    # a share that is not a whole tile: 3 partitions of up to 256 slots, 2 of 192 and one of 145 keys at pos 528
+    (DecodeBlocks(32, 8, 1), [528, 255, 256], 768),
+])
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+@pytest.mark.parametrize("balanced", ["1", "0"])
+def test_decode_attention_balanced_partitions(blocks, positions, s_max, dtype_name, balanced, device, monkeypatch):
+    # the default: the partitions split the keys a sequence has; FTLAB_DECODE_BALANCED=0: the cache's slots
+    monkeypatch.setenv("FTLAB_DECODE_BALANCED", balanced)
+    _check_against_reference(positions, 2, 24, s_max, DTYPES[dtype_name], device, blocks=blocks)
+
+
 @pytest.mark.parametrize("setting,single", [("64,2,4", "1"), ("16,1,2", "1"), ("16,2,4", "0")])
 def test_decode_attention_blocks_from_env(setting, single, device, monkeypatch):
     # FTLAB_DECODE_BLOCKS replaces the heuristic; one partition per head (64 x 2 slots >= S_max = 70) writes its
