@@ -15,7 +15,10 @@ depend on it. Measured on the H200 (GPT-345M, fp16, bs1): it did not pay. A step
 prefetch 1 / 2 GEMVs ahead, 17.1 per line; the decode step 0.569 -> 0.598 ms (model, 2 kernels ahead). With PDL each
 GEMV already issues its weight loads before it waits on the previous kernel, so HBM idling is not what the chain
 loses; it loses the latency of each dependent kernel. So the model leaves it off (FTLAB_PREFETCH_AHEAD=0, see
-GPT._prefetch_targets); kept for experiments on other shapes and GPUs. On for CUDA devices of compute
+GPT._prefetch_targets); kept for experiments on other shapes and GPUs. Session 14 aimed it at the one bandwidth-bound
+kernel of the bs1 step instead, the 103 MB LM head: the decode attention of the last 2-16 layers prefetched its last
+12-48 MB (2-12 MB each; data/bench/lm_prefetch_ab.csv): 0.360-0.366 ms against 0.362-0.363 without, within the
+noise (scratch code, not kept). On for CUDA devices of compute
 capability 9 or later (the bulk form needs sm_90); FTLAB_PREFETCH=0 turns it off, =2 picks the per-line form. Never
 under the interpreter (MODE 0).
 """
