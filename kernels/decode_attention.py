@@ -35,7 +35,7 @@ ms of the bs1 step (0.365 -> 0.325) and attention another 0.082 (-> 0.243); fold
 program of a head waited on the counter until all partials were stored, combined them itself, multiplied its 64
 rows of W_o by the head's output and added them into an int64 fixed-point accumulator that FC1 read with the bias and
 residual) measured 0.394-0.396 ms at bs1 and 0.510-0.512 at bs2 against 0.364-0.367 and 0.443-0.444: the spin on the
-counter costs what the kernel boundary it replaces did (code in the session's notes, not kept).
+counter costs what the kernel boundary it replaces did (not kept).
 """
 import math
 import os
