@@ -158,6 +158,7 @@ def skinny_gemm_on(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 _COUNTERS: dict = {}
+_OUTGROWN: list = []  # counters replaced by larger ones, kept alive for the graphs that captured them
 
 
 def _counter(device: torch.device, tiles: int) -> torch.Tensor:
@@ -169,6 +170,8 @@ def _counter(device: torch.device, tiles: int) -> torch.Tensor:
     key = (str(device), stream)
     counter = _COUNTERS.get(key)
     if counter is None or counter.numel() < tiles:
+        if counter is not None:  # a captured graph may hold its address: never free it
+            _OUTGROWN.append(counter)
         counter = _COUNTERS[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
     return counter
 
@@ -203,11 +206,12 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if N == 0:
         return out
     part = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device) if split_k > 1 else out
-    if counter is None:
-        counter = _counter(x.device, tiles_n)
-    elif counter.dtype != torch.int32 or counter.numel() < tiles_n or counter.device != x.device:
-        raise ValueError(f"counter must be int32 on {x.device} with >= {tiles_n} elements, got {counter.dtype} "
-                         f"({counter.numel()},) on {counter.device}")
+    if counter is not None:
+        if counter.dtype != torch.int32 or counter.numel() < tiles_n or counter.device != x.device:
+            raise ValueError(f"counter must be int32 on {x.device} with >= {tiles_n} elements, got {counter.dtype} "
+                             f"({counter.numel()},) on {counter.device}")
+    else:  # only split-K programs count (the kernel never touches it with one split)
+        counter = _counter(x.device, tiles_n) if split_k > 1 else out
     use_pdl = pdl_for(x.device)
     _skinny_gemm_kernel[(tiles_n, split_k)](
         x, weight, bias if bias is not None else out, residual if residual is not None else out, out, part, counter,

@@ -85,6 +85,21 @@ def test_skinny_gemm_repeated_calls_share_the_default_counter(device):
     assert_rel_close(first, linear_reference(x.double(), weight.double(), bias=bias.double()), torch.float32)
 
 
+def test_outgrown_counters_stay_alive(device):
+    # a CUDA graph captured with the per-stream counter keeps its address: a later call that needs a longer one
+    # must not free it (and a call with one split needs none at all)
+    from ftlab.kernels import skinny_gemm as module
+
+    small = module._counter(torch.device(device), 8)
+    large = module._counter(torch.device(device), small.numel() + 1)
+    assert large.numel() > small.numel() and any(t is small for t in module._OUTGROWN)
+    assert module._counter(torch.device(device), 8) is large
+    x, weight, bias, _ = _inputs(5, 24, 70, torch.float32, device)  # K = 24 <= k_split: one split, no counter
+    out = skinny_gemm(x, weight, bias, config=SkinnyConfig(16, 32, 4))
+    assert module._counter(torch.device(device), 8) is large and int(large.abs().sum()) == 0
+    assert_rel_close(out, linear_reference(x.double(), weight.double(), bias=bias.double()), torch.float32)
+
+
 @pytest.mark.parametrize("M", [5, 8, 16, 32, 33, 64])
 def test_pick_skinny_config_for_gpt_shapes(M):
     for N, K in ((3072, 1024), (1024, 1024), (4096, 1024), (1024, 4096), (50, 13)):
