@@ -493,6 +493,11 @@ def pick_gemm_config(M: int, N: int, K: int, dtype: torch.dtype, num_sms: int = 
     tile took 80.5 us at M = 8 against these tiles' 46.7 (data/bench/small_m_gemm_ab.csv).)
     Split-K when the tiles do not fill one wave, bounded so every split gets >= 2 K chunks and the fp32 partial
     traffic (write + read) stays under half the weight bytes.
+    Known issue (H200, triton 3.6, 2026-12-01, data/bench/lm_head_gemm_check.csv): with a folded LayerNorm, fp16,
+    N = 50257 and K = 1024, the 64-row tile with padding rows (M = 33, 40, 63) gave wrong results (largest error
+    0.48-0.72 where the other kernels have 0.003-0.005); right at M = 64 and at N = 200 or 4096 for every M, and in
+    the interpreter. Not understood yet: GPT's LM head avoids that case (GPT._lm_head_impl), and
+    tests/test_model_hf.py checks the LM head at every batch size on the GPU.
     """
     elem = torch.finfo(dtype).bits // 8
     if dtype == torch.float32:

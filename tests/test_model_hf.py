@@ -228,3 +228,28 @@ def test_skinny_ln_blocks_default(dtype, device, monkeypatch):
     assert not model._skinny_blocks(8) and model._uses_cublas(8)
     monkeypatch.setenv("FTLAB_SKINNY_LN", "1")
     assert model._skinny_blocks(8) and model._skinny_blocks(64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_lm_head_is_right_at_every_batch_size_of_the_real_vocabulary(dtype):
+    # GPT-2's vocabulary (50257, not a multiple of 8) at K = 1024: each batch size takes its own kernel and tile
+    # (GPT._lm_head_impl); the tensor-core GEMM's padded 64-row tile once gave errors of ~0.5 here at M = 33..63
+    from dataclasses import replace
+
+    from ftlab.bench import GPT_345M
+    from ftlab.checkpoint import random_ft_tensors
+    from ftlab.config import compute_dtype
+    from ftlab.kernels.linear import linear_reference
+
+    config = replace(GPT_345M, num_layer=1)
+    model = GPT.from_ft_tensors(config, random_ft_tensors(config, dtype=compute_dtype(dtype), device="cuda"),
+                                dtype=dtype, device="cuda")
+    w = model.weights
+    tol = {"fp16": 5e-3, "bf16": 3e-2}[dtype]
+    for M in (1, 4, 5, 17, 32, 33, 40, 63, 64, 65, 100):
+        x = (torch.randn(M, config.hidden, device="cuda") * 2 + 0.5).to(model.dtype)
+        ref = linear_reference(x.float(), w.lm_head.float(), w.lm_head_bias.float(), ln_weight=w.lnf_weight.float(),
+                               ln_bias=w.lnf_bias.float(), ln_eps=config.layernorm_eps)
+        err = (model.lm_logits(x).float() - ref).abs().max().item()  # elementwise: a few wrong logits must show
+        assert err <= tol * ref.abs().max().item(), f"LM head at M={M} ({model._lm_head_impl(x)}): max error {err}"
