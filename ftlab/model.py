@@ -410,30 +410,12 @@ class GPT:
     def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(M, H) last hidden states -> (M, V) logits: final LayerNorm folded into the LM-head GEMM."""
         w = self.weights
+        # On a CPU the kernels run in Triton's interpreter, which needs seconds per token for a 50k-row LM head:
+        # there (only) the same GEMM + LayerNorm prologue runs through torch. The Triton paths of this exact call are
+        # tested on their own (tests/kernels/) and are what runs on a GPU (linear()'s dispatch by the number of rows).
+        impl = "torch" if x.device.type == "cpu" else None
         return linear(x, w.lm_head, w.lm_head_bias, ln_weight=w.lnf_weight, ln_bias=w.lnf_bias,
-                      ln_eps=self.config.layernorm_eps, impl=self._lm_head_impl(x),
-                      ln_row_sums=w.lm_head_ln_row_sums)
-
-    def _lm_head_impl(self, x: torch.Tensor) -> str | None:
-        """linear()'s impl for the LM head of M rows. On a CPU the kernels run in Triton's interpreter, which needs
-        seconds per token for a 50k-row LM head: there (only) the same GEMM + LayerNorm runs through torch (the
-        Triton paths of this call are tested on their own, tests/kernels/). On a GPU linear()'s default, except
-        where the tensor-core GEMM of kernels/linear.py (its default for a vocabulary that is not a multiple of 8)
-        would use its 64-row tile with padding rows: on the H200 that gave wrong logits (fp16, N = 50257, K = 1024:
-        largest error 0.48-0.72 at M = 33, 40 and 63 against 0.003-0.004 at 5 and 17 (16- and 32-row tiles) and at
-        64; skinny_gemm and cuBLAS 0.003-0.005 at all six; the Triton interpreter computes it right; 2026-12-01,
-        not understood yet). So 33-63 rows take kernels/skinny_gemm.py (cuBLAS where it does not apply), and more
-        than 64 rows, whose 128-row tile was not checked, cuBLAS."""
-        M = x.shape[0]
-        if x.device.type == "cpu":
-            return "torch"
-        if x.dtype == torch.float32 or M <= 32 or M == 64:  # gemv_rows, or the GEMM's 16 / 32 / full 64-row tiles
-            return None
-        w = self.weights
-        if (M < 64 and w.lm_head_ln_row_sums is not None and x.shape[1] <= SKINNY_LN_MAX_K
-                and skinny_gemm_on(x, w.lm_head)):
-            return "skinny"
-        return "torch"
+                      ln_eps=self.config.layernorm_eps, impl=impl, ln_row_sums=w.lm_head_ln_row_sums)
 
     # --- whole model (single stage) -----------------------------------------------------------------------------
     def prefill(self, token_ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,

@@ -60,7 +60,7 @@ import triton.language as tl
 from ._shared import add3 as _add3, bias_act_residual, shifted_ln_stats
 from ._env import ints_from_env
 from .gemv_rows import gemv_rows, gemv_rows_on, pick_gemv_rows_config
-from .skinny_gemm import skinny_gemm
+from .skinny_gemm import LN_MAX_K as SKINNY_LN_MAX_K, MAX_M as SKINNY_MAX_M, skinny_enabled, skinny_gemm
 from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
 from ._prefetch import l2_prefetch, prefetch_plan
 
@@ -496,8 +496,9 @@ def pick_gemm_config(M: int, N: int, K: int, dtype: torch.dtype, num_sms: int = 
     Known issue (H200, triton 3.6, 2026-12-01, data/bench/lm_head_gemm_check.csv): with a folded LayerNorm, fp16,
     N = 50257 and K = 1024, the 64-row tile with padding rows (M = 33, 40, 63) gave wrong results (largest error
     0.48-0.72 where the other kernels have 0.003-0.005); right at M = 64 and at N = 200 or 4096 for every M, and in
-    the interpreter. Not understood yet: GPT's LM head avoids that case (GPT._lm_head_impl), and
-    tests/test_model_hf.py checks the LM head at every batch size on the GPU.
+    the interpreter. Not understood yet: linear()'s default dispatch on a GPU sends 64-row tiles with padding rows,
+    and 128-row ones (not checked), to skinny_gemm or cuBLAS instead (_padded_wide_tile), and
+    tests/test_model_hf.py checks GPT's LM head at every batch size on the GPU.
     """
     elem = torch.finfo(dtype).bits // 8
     if dtype == torch.float32:
@@ -704,6 +705,13 @@ def _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias
         raise ValueError(f"prefetch must be a torch.Tensor or None, got {type(prefetch).__name__}")
 
 
+def _padded_wide_tile(M: int) -> bool:
+    """Whether pick_gemm_config's tile for M rows is 64 or 128 rows high with padding rows: the case of its known
+    issue on the GPU (64 rows; 128 not checked), which linear()'s default dispatch leaves to other kernels."""
+    tile = 64 if 32 < M <= 64 else 128 if M > 64 else 0
+    return tile > 0 and M % tile != 0
+
+
 def linear_impl_for(M: int, N: int, K: int) -> str:
     """The default dispatch (see GEMV_MAX_M): "gemv" for M <= GEMV_MAX_M; else "gemm" when N is not a multiple of 8
     (cuBLAS's slow case), "torch" (cuBLAS) otherwise."""
@@ -734,7 +742,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     M, K = x.shape
     N = weight.shape[0]
     act_gelu = activation == "gelu"
-    impl = impl or linear_impl_for(M, N, K)
+    if impl is None:
+        impl = linear_impl_for(M, N, K)
+        if impl == "gemm" and x.is_cuda and x.dtype != torch.float32 and _padded_wide_tile(M):
+            # the GEMM's known issue (pick_gemm_config): skinny_gemm where it takes the call, else cuBLAS
+            skinny_ok = (M <= SKINNY_MAX_M and skinny_enabled(x.device, x.dtype)
+                         and (ln_weight is None or (ln_row_sums is not None and K <= SKINNY_LN_MAX_K)))
+            impl = "skinny" if skinny_ok else "torch"
     if M == 0 or N == 0:
         return torch.empty((M, N), dtype=x.dtype, device=x.device)
     if impl == "torch":

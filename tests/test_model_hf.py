@@ -234,7 +234,7 @@ def test_skinny_ln_blocks_default(dtype, device, monkeypatch):
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_lm_head_is_right_at_every_batch_size_of_the_real_vocabulary(dtype):
     # GPT-2's vocabulary (50257, not a multiple of 8) at K = 1024: each batch size takes its own kernel and tile
-    # (GPT._lm_head_impl); the tensor-core GEMM's padded 64-row tile once gave errors of ~0.5 here at M = 33..63
+    # (linear()'s dispatch); the tensor-core GEMM's padded 64-row tile once gave errors of ~0.5 here at M = 33..63
     from dataclasses import replace
 
     from ftlab.bench import GPT_345M
@@ -252,4 +252,4 @@ def test_lm_head_is_right_at_every_batch_size_of_the_real_vocabulary(dtype):
         ref = linear_reference(x.float(), w.lm_head.float(), w.lm_head_bias.float(), ln_weight=w.lnf_weight.float(),
                                ln_bias=w.lnf_bias.float(), ln_eps=config.layernorm_eps)
         err = (model.lm_logits(x).float() - ref).abs().max().item()  # elementwise: a few wrong logits must show
-        assert err <= tol * ref.abs().max().item(), f"LM head at M={M} ({model._lm_head_impl(x)}): max error {err}"
+        assert err <= tol * ref.abs().max().item(), f"LM head at M={M}: max error {err}"

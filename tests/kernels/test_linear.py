@@ -283,3 +283,12 @@ def test_ln_row_sums_errors(device):
         linear(x, w, ln_weight=ones, ln_bias=zeros, ln_row_sums=torch.zeros(7).to(device))
     with pytest.raises(ValueError, match="ln_row_sums"):
         linear(x, w, ln_weight=ones, ln_bias=zeros, ln_row_sums=w.sum(1).half())
+
+
+def test_default_dispatch_avoids_padded_wide_gemm_tiles():
+    # the tensor-core GEMM's 64-row tile with padding rows gave wrong results on the H200 (pick_gemm_config's known
+    # issue): linear()'s default dispatch on a GPU leaves those row counts, and padded 128-row tiles, to other kernels
+    from ftlab.kernels.linear import _padded_wide_tile
+
+    assert [m for m in (1, 5, 16, 17, 32, 33, 40, 63, 64, 65, 100, 128, 200, 256) if _padded_wide_tile(m)] == [
+        33, 40, 63, 65, 100, 200]
