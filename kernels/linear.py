@@ -705,11 +705,11 @@ def _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias
         raise ValueError(f"prefetch must be a torch.Tensor or None, got {type(prefetch).__name__}")
 
 
-def _padded_wide_tile(M: int) -> bool:
-    """Whether pick_gemm_config's tile for M rows is 64 or 128 rows high with padding rows: the case of its known
-    issue on the GPU (64 rows; 128 not checked), which linear()'s default dispatch leaves to other kernels."""
-    tile = 64 if 32 < M <= 64 else 128 if M > 64 else 0
-    return tile > 0 and M % tile != 0
+def _padded_wide_tile(M: int, block_m: int) -> bool:
+    """Whether a GEMM tile of block_m rows (pick_gemm_config's) is 64 rows high or more and has padding rows for M
+    rows: the case of its known issue on the GPU (64 rows; 128 not checked), which linear()'s default dispatch
+    leaves to other kernels."""
+    return block_m >= 64 and M % block_m != 0
 
 
 def linear_impl_for(M: int, N: int, K: int) -> str:
@@ -744,7 +744,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     act_gelu = activation == "gelu"
     if impl is None:
         impl = linear_impl_for(M, N, K)
-        if impl == "gemm" and x.is_cuda and x.dtype != torch.float32 and _padded_wide_tile(M):
+        if (impl == "gemm" and x.is_cuda and x.dtype != torch.float32
+                and _padded_wide_tile(M, pick_gemm_config(M, N, K, x.dtype).block_m)):
             # the GEMM's known issue (pick_gemm_config): skinny_gemm where it takes the call, else cuBLAS
             skinny_ok = (M <= SKINNY_MAX_M and skinny_enabled(x.device, x.dtype)
                          and (ln_weight is None or (ln_row_sums is not None and K <= SKINNY_LN_MAX_K)))

@@ -290,5 +290,6 @@ def test_default_dispatch_avoids_padded_wide_gemm_tiles():
     # issue): linear()'s default dispatch on a GPU leaves those row counts, and padded 128-row tiles, to other kernels
     from ftlab.kernels.linear import _padded_wide_tile
 
-    assert [m for m in (1, 5, 16, 17, 32, 33, 40, 63, 64, 65, 100, 128, 200, 256) if _padded_wide_tile(m)] == [
-        33, 40, 63, 65, 100, 200]
+    rows = (1, 5, 16, 17, 32, 33, 40, 63, 64, 65, 100, 128, 200, 256)
+    tiles = {m: pick_gemm_config(m, 50257, 1024, torch.float16).block_m for m in rows}
+    assert [m for m in rows if _padded_wide_tile(m, tiles[m])] == [33, 40, 63, 65, 100, 200]
