@@ -60,7 +60,7 @@ import triton.language as tl
 from ._shared import add3 as _add3, bias_act_residual, shifted_ln_stats
 from ._env import ints_from_env
 from .gemv_rows import gemv_rows, gemv_rows_on, pick_gemv_rows_config
-from .skinny_gemm import LN_MAX_K as SKINNY_LN_MAX_K, MAX_M as SKINNY_MAX_M, skinny_enabled, skinny_gemm
+from .skinny_gemm import skinny_gemm
 from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
 from ._prefetch import l2_prefetch, prefetch_plan
 
@@ -393,7 +393,7 @@ def pick_gemv_config(M: int, N: int, K: int, dtype: torch.dtype, num_sms: int = 
 @triton.jit
 def _gemm_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, ln_w_ptr, ln_b_ptr, mean_ptr, rstd_ptr, out_ptr, part_ptr, row_sums_ptr,
-    M, N, K, k_per_split, ln_eps,
+    M, N, K, k_per_split,
     HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_LN: tl.constexpr,
     WRITE_PARTIAL: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
     LN_PREFOLDED: tl.constexpr,
@@ -401,8 +401,8 @@ def _gemm_kernel(
 ):
     # LN_PREFOLDED (no split-K): the LayerNorm's gain and shift are folded into weight and bias
     # (ln_row_sums, see `linear`), so LN(x) @ W'^T = rstd * (x @ W'^T - mean * rowsum(W')): the loop multiplies
-    # x as loaded and also sums it and its square, relative to the row's first element x0 (with |mean| >> std
-    # plain sums would cancel in fp32); the epilogue applies mean / rstd. No LayerNorm launch, no pre-pass.
+    # x as loaded, and the epilogue applies the rows' mean / rstd from the _ln_stats pre-pass. (Summing x and its
+    # square inside the pipelined loop instead raced on the H200: see pick_gemm_config.)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     # grouped order: GROUP_M row-blocks walk the column-blocks together, so a weight tile fetched for one of
@@ -429,10 +429,6 @@ def _gemm_kernel(
     if HAS_LN:
         mean = tl.load(mean_ptr + rows_m)
         rstd = tl.load(rstd_ptr + rows_m)
-    if LN_PREFOLDED:
-        x0 = tl.load(x_ptr + rows_m.to(tl.int64) * K).to(tl.float32)  # (BM,)
-    x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    x_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
@@ -451,21 +447,16 @@ def _gemm_kernel(
                 b = tl.load(ln_b_ptr + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)
             xn = (xt.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]
             xt = xn.to(wt.dtype)  # tensor cores take both operands in the weight's dtype
-        if LN_PREFOLDED:  # the statistics only: the dot product takes the tile as loaded (kept pipelined)
-            xf = xt.to(tl.float32) - x0[:, None]
-            if not EVEN_K:
-                xf = tl.where(k_ok[None, :], xf, 0.0)
-            x_sum += tl.sum(xf, axis=1)
-            x_sq += tl.sum(xf * xf, axis=1)
         if IEEE:  # fp32: no TF32 rounding (fp32 results are held to 1e-5)
             acc = tl.dot(xt, wt, acc, input_precision="ieee")
         else:
             acc = tl.dot(xt, wt, acc)
 
     if LN_PREFOLDED:  # acc = x @ W'^T; LN(x) @ W'^T = rstd * (acc - mean * rowsum(W'))
-        shift, rstd_x = shifted_ln_stats(x_sum, x_sq, K, ln_eps)  # shift = mean - x0
+        mean_x = tl.load(mean_ptr + rows_m)
+        rstd_x = tl.load(rstd_ptr + rows_m)
         row_sums = tl.load(row_sums_ptr + rows_n)
-        acc = rstd_x[:, None] * (acc - (x0 + shift)[:, None] * row_sums[None, :])
+        acc = rstd_x[:, None] * (acc - mean_x[:, None] * row_sums[None, :])
     if WRITE_PARTIAL:
         _store_partial(acc, offs_m, offs_n, M, N, part_ptr, split)
     else:
@@ -493,12 +484,12 @@ def pick_gemm_config(M: int, N: int, K: int, dtype: torch.dtype, num_sms: int = 
     tile took 80.5 us at M = 8 against these tiles' 46.7 (data/bench/small_m_gemm_ab.csv).)
     Split-K when the tiles do not fill one wave, bounded so every split gets >= 2 K chunks and the fp32 partial
     traffic (write + read) stays under half the weight bytes.
-    Known issue (H200, triton 3.6, 2026-12-01, data/bench/lm_head_gemm_check.csv): with a folded LayerNorm, fp16,
-    N = 50257 and K = 1024, the 64-row tile with padding rows (M = 33, 40, 63) gave wrong results (largest error
-    0.48-0.72 where the other kernels have 0.003-0.005); right at M = 64 and at N = 200 or 4096 for every M, and in
-    the interpreter. Not understood yet: linear()'s default dispatch on a GPU sends 64-row tiles with padding rows,
-    and 128-row ones (not checked), to skinny_gemm or cuBLAS instead (_padded_wide_tile), and
-    tests/test_model_hf.py checks GPT's LM head at every batch size on the GPU.
+    A folded LayerNorm's row statistics come from the _ln_stats pre-pass. Summed inside the pipelined loop instead
+    (until 2026-12-01), they raced on the H200 (triton 3.6) with the 64-row tiles: results wrong by up to ~0.5 and
+    different from run to run, at M = 33, 40, 56, 63 with 4 warps and at M = 48, 64 with 8 warps, every seed
+    (data/bench/gemm_prefold_race.csv; the 16-, 32- and 128-row tiles and the interpreter were right). With the
+    pre-pass no run of any tile was wrong, and the LM head got faster at every M (CUDA-graph timing,
+    data/bench/lm_head_graph.csv: M = 16 45.3 -> 32.5 us, 32 43.9 -> 35.0, 64 38.2 -> 38.0, 256 106 -> 76).
     """
     elem = torch.finfo(dtype).bits // 8
     if dtype == torch.float32:
@@ -614,16 +605,16 @@ def _run_gemm(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu, c
     M, K = x.shape
     N = weight.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    prefolded = ln_row_sums is not None  # row statistics inside the loop: every program needs whole rows of x
+    prefolded = ln_row_sums is not None  # the epilogue's correction takes whole sums: no split-K
     k_per_split, split_k = _split_bounds(K, cfg.block_k, 1 if prefolded else cfg.split_k)
     part = _workspace_or_out(out, split_k, M, N)
     has_ln = ln_weight is not None and not prefolded
-    mean, rstd = _ln_stats(x, ln_eps) if has_ln else (out, out)
+    mean, rstd = _ln_stats(x, ln_eps) if has_ln or prefolded else (out, out)
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split_k)
     _gemm_kernel[grid](
         x, weight, bias if bias is not None else out, residual if residual is not None else out,
         ln_weight if has_ln else out, ln_bias if has_ln else out, mean, rstd, out, part,
-        ln_row_sums if prefolded else out, M, N, K, k_per_split, float(ln_eps),
+        ln_row_sums if prefolded else out, M, N, K, k_per_split,
         HAS_BIAS=bias is not None, ACT_GELU=act_gelu, HAS_RES=residual is not None, HAS_LN=has_ln,
         WRITE_PARTIAL=split_k > 1, EVEN_K=K % cfg.block_k == 0, IEEE=x.dtype == torch.float32,
         LN_PREFOLDED=prefolded,
@@ -705,13 +696,6 @@ def _check_linear_args(x, weight, bias, activation, residual, ln_weight, ln_bias
         raise ValueError(f"prefetch must be a torch.Tensor or None, got {type(prefetch).__name__}")
 
 
-def _padded_wide_tile(M: int, block_m: int) -> bool:
-    """Whether a GEMM tile of block_m rows (pick_gemm_config's) is 64 rows high or more and has padding rows for M
-    rows: the case of its known issue on the GPU (64 rows; 128 not checked), which linear()'s default dispatch
-    leaves to other kernels."""
-    return block_m >= 64 and M % block_m != 0
-
-
 def linear_impl_for(M: int, N: int, K: int) -> str:
     """The default dispatch (see GEMV_MAX_M): "gemv" for M <= GEMV_MAX_M; else "gemm" when N is not a multiple of 8
     (cuBLAS's slow case), "torch" (cuBLAS) otherwise."""
@@ -744,12 +728,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     act_gelu = activation == "gelu"
     if impl is None:
         impl = linear_impl_for(M, N, K)
-        if (impl == "gemm" and x.is_cuda and x.dtype != torch.float32
-                and _padded_wide_tile(M, pick_gemm_config(M, N, K, x.dtype).block_m)):
-            # the GEMM's known issue (pick_gemm_config): skinny_gemm where it takes the call, else cuBLAS
-            skinny_ok = (M <= SKINNY_MAX_M and skinny_enabled(x.device, x.dtype)
-                         and (ln_weight is None or (ln_row_sums is not None and K <= SKINNY_LN_MAX_K)))
-            impl = "skinny" if skinny_ok else "torch"
     if M == 0 or N == 0:
         return torch.empty((M, N), dtype=x.dtype, device=x.device)
     if impl == "torch":
