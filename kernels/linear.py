@@ -27,8 +27,8 @@ Implementations, picked by `linear_impl_for(M, N, K)` or forced with impl=:
           0.41 -> 0.376 ms); this chunked kernel remains for longer rows, small grids (split-K), the interpreter.
   "gemm"  larger M (prefill): BLOCK_M x BLOCK_N x BLOCK_K tiles on tensor cores (tl.dot), grouped program order
           so row-blocks that run together share weight tiles in L2, the same epilogue, the LN prologue applied to
-          each loaded x tile (per-row mean/rstd come from a cheap pre-pass kernel), and split-K when the tiles
-          cannot fill the GPU.
+          each loaded x tile (per-row mean/rstd come from a cheap pre-pass kernel; with the LN pre-folded the
+          same pre-pass feeds an epilogue correction instead), and split-K when the tiles cannot fill the GPU.
   "torch" F.layer_norm + F.linear (cuBLAS) + the epilogue in torch (on a GPU the GELU in cuBLASLt's epilogue):
           the baseline, and the default where the benchmark measured it faster (M > GEMV_MAX_M with N a multiple of
           8; see linear_impl_for). GPT's blocks at those sizes bypass it (ftlab/model.py: LayerNorm fused with the
