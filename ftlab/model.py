@@ -19,6 +19,9 @@ GEMM before it, FasterTransformer's layout:
     g    = cublas(h, W_fc1) + b_fc1, GELU in cuBLASLt's epilogue
     h, x = layernorm(cublas(g, W_fc2), ln_1', x_bias=b_fc2, residual=x) # ln_1' of the next block
 
+In one process at prefill sizes the products go into the residual stream in place instead (x += a W^T inside the
+GEMM) and the stream is kept without the biases, which the LayerNorms add (`_blocks_cublas`).
+
 Except at 5-16 rows on a GPU (decode batches 8-16), where the five-launch layout above runs on the skinny GEMM
 with the LayerNorms folded in (`_skinny_blocks`): fewer launches win there, whole-row tiles lose above.
 
@@ -235,6 +238,7 @@ class GPT:
                                                                       else weights.lm_head)
         self.dtype, self.device = some.dtype, some.device
         self.graph_cache: dict = {}  # ftlab.generate's captured decode steps, by (batch, KV capacity)
+        self._bias_sums: torch.Tensor | None = None  # _residual_bias_sums, once computed
 
     # --- construction -----------------------------------------------------------------------------------------
     @classmethod
@@ -277,14 +281,19 @@ class GPT:
         return out
 
     def _block(self, block: BlockWeights, x: torch.Tensor, attend: Callable,
-               prefetch: tuple = (None, None, None, None)) -> torch.Tensor:
-        """prefetch: for the QKV, out-proj, FC1 and FC2 GEMVs, a later kernel's weight to pull into L2 (decode)."""
+               prefetch: tuple = (None, None, None, None), keep_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """prefetch: for the QKV, out-proj, FC1 and FC2 GEMVs, a later kernel's weight to pull into L2 (decode).
+        keep_rows: after attention only these rows go on (run_blocks_prefill's last block)."""
         eps = self.config.layernorm_eps
         T = x.shape[0]
         impl = "skinny" if self._skinny_blocks(T) else "gemm" if self._small_m_gemm(T) else None
         qkv = linear(x, block.qkv_weight, block.qkv_bias, ln_weight=block.ln1_weight, ln_bias=block.ln1_bias,
                      ln_eps=eps, prefetch=prefetch[0], ln_row_sums=block.qkv_ln_row_sums, impl=impl)  # (T, 3*nh*hs)
         attn = attend(qkv.view(T, 3, self.local_heads, self.config.size_per_head))  # (T, nh, hs)
+        if keep_rows is not None:
+            attn, x = attn[keep_rows], x[keep_rows]
+            T = x.shape[0]
+            impl = "skinny" if self._skinny_blocks(T) else "gemm" if self._small_m_gemm(T) else None
         x = self._row_parallel(attn.view(T, -1), block.attn_out_weight, block.attn_out_bias, x, prefetch[1], impl)
         h = linear(x, block.fc1_weight, block.fc1_bias, activation="gelu", ln_weight=block.ln2_weight,
                    ln_bias=block.ln2_bias, ln_eps=eps, prefetch=prefetch[2],
@@ -334,35 +343,75 @@ class GPT:
         return (tokens <= SKINNY_LN_AUTO_MAX_M and skinny_enabled(self.device, self.dtype)
                 and not self._small_m_gemm(tokens))
 
-    def _blocks_cublas(self, x: torch.Tensor, attend: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def _blocks_cublas(self, x: torch.Tensor, attend: Callable[[int, torch.Tensor], torch.Tensor],
+                       keep_rows: torch.Tensor | None = None) -> torch.Tensor:
         """(T, H) through this stage's blocks with cuBLAS GEMMs, each LayerNorm fused with the residual add and
-        the bias before it; attend(i, qkv (T, 3, nh, hs)) -> (T, nh, hs) is block i's attention."""
+        the bias before it; attend(i, qkv (T, 3, nh, hs)) -> (T, nh, hs) is block i's attention. keep_rows: after
+        the last block's attention only these rows go on (returns (len(keep_rows), H)). x may be overwritten.
+
+        In one process at prefill sizes (more rows than skinny_gemm takes) the residual stream is kept without the
+        out-projection and FC2 biases: cuBLAS adds each product into it in place (x += a W^T, beta = 1 in its
+        epilogue, under the GEMM's FLOPs) and the LayerNorm after it adds the biases so far (x_bias), so it reads x
+        once and writes h alone, where it would read the product and x and write both x and h."""
         eps, T = self.config.layernorm_eps, x.shape[0]
         blocks = self.weights.blocks
+        in_place = self.all_reduce is None and not skinny_gemm_on(x, blocks[0].qkv_weight)
+        bias_sums = self._residual_bias_sums() if in_place else None
         h = layernorm(x, blocks[0].ln1_weight, blocks[0].ln1_bias, eps)
         for i, block in enumerate(blocks):
             qkv = _dense(h, block.qkv_weight, block.qkv_bias)  # (T, 3*nh*hs)
             attn = attend(i, qkv.view(T, 3, self.local_heads, self.config.size_per_head))  # (T, nh, hs)
-            y = self._reduced(_dense(attn.view(T, -1), block.attn_out_weight))  # (T, H)
-            h, x = layernorm(y, block.ln2_weight, block.ln2_bias, eps, residual=x, x_bias=block.attn_out_bias)
+            if keep_rows is not None and i + 1 == len(blocks):
+                attn, x = attn[keep_rows], x[keep_rows]
+                T = x.shape[0]
+            if in_place:
+                x.addmm_(attn.view(T, -1), block.attn_out_weight.t())  # x += a W_o^T
+                h = layernorm(x, block.ln2_weight, block.ln2_bias, eps, x_bias=bias_sums[2 * i])
+            else:
+                y = self._reduced(_dense(attn.view(T, -1), block.attn_out_weight))  # (T, H)
+                h, x = layernorm(y, block.ln2_weight, block.ln2_bias, eps, residual=x, x_bias=block.attn_out_bias)
             g = _dense(h, block.fc1_weight, block.fc1_bias, gelu=True)  # (T, I_local)
+            nxt = blocks[i + 1] if i + 1 < len(blocks) else None
+            if in_place:
+                x.addmm_(g, block.fc2_weight.t())
+                if nxt is not None:
+                    h = layernorm(x, nxt.ln1_weight, nxt.ln1_bias, eps, x_bias=bias_sums[2 * i + 1])
+                else:  # the stage hands on the residual stream with every bias in it
+                    x = (x.float() + bias_sums[2 * i + 1]).to(x.dtype)
+                continue
             y = self._reduced(_dense(g, block.fc2_weight))
-            if i + 1 < len(blocks):  # the next block's LN_1, fused with this block's last residual add
-                h, x = layernorm(y, blocks[i + 1].ln1_weight, blocks[i + 1].ln1_bias, eps, residual=x,
-                                 x_bias=block.fc2_bias)
+            if nxt is not None:  # the next block's LN_1, fused with this block's last residual add
+                h, x = layernorm(y, nxt.ln1_weight, nxt.ln1_bias, eps, residual=x, x_bias=block.fc2_bias)
             else:  # the stage hands on the residual stream (the LM head or the next stage normalises it)
                 x = x + (y + block.fc2_bias)
         return x
 
+    def _residual_bias_sums(self) -> torch.Tensor:
+        """(2 * blocks, H) fp32: row 2i the sum of this stage's out-projection and FC2 biases up to block i's
+        out-projection, row 2i + 1 up to its FC2 (what `_blocks_cublas` keeps out of the residual stream). Computed
+        once: the weights do not change after loading."""
+        if self._bias_sums is None:
+            pairs = [(b.attn_out_bias.float(), b.fc2_bias.float()) for b in self.weights.blocks]
+            self._bias_sums = torch.stack([t for pair in pairs for t in pair]).cumsum(0)
+        return self._bias_sums
+
     def run_blocks_prefill(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                           cache: KVCache) -> torch.Tensor:
-        """Packed prompts (T, H) through this stage's blocks, filling cache rows 0..len-1 of each sequence."""
+                           cache: KVCache, keep_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Packed prompts (T, H) through this stage's blocks, filling cache rows 0..len-1 of each sequence.
+
+        keep_rows (R,) int64: return only these rows (R, H), e.g. each prompt's last token for its logits. The
+        last block then needs every row only up to its attention (the cache takes every key and value); its
+        out-projection, LayerNorm and MLP run on the R rows alone: 1/num_layers of a long prompt's work, ~3 %
+        of GPT-345M's prefill."""
         def attend(i, qkv):
             return context_attention(qkv, cu_seqlens, max_seqlen, k_cache=cache.k[i], v_cache=cache.v[i])
+        if not self.weights.blocks:
+            return x if keep_rows is None else x[keep_rows]
         if self._uses_cublas(x.shape[0]):
-            return self._blocks_cublas(x, attend)
+            return self._blocks_cublas(x, attend, keep_rows)
+        last = len(self.weights.blocks) - 1
         for i, block in enumerate(self.weights.blocks):
-            x = self._block(block, x, functools.partial(attend, i))
+            x = self._block(block, x, functools.partial(attend, i), keep_rows=keep_rows if i == last else None)
         return x
 
     def run_blocks_decode(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -422,10 +471,9 @@ class GPT:
                 cache: KVCache, *, all_logits: bool = False) -> torch.Tensor:
         """Context phase over packed prompts. Returns the logits of each sequence's last token (B, V), or of every
         token (T, V) with all_logits."""
-        x = self.run_blocks_prefill(self.embed(token_ids, positions), cu_seqlens, max_seqlen, cache)
-        if not all_logits:
-            x = x[cu_seqlens[1:].long() - 1]  # (B, H)
-        return self.lm_logits(x)
+        last_tokens = None if all_logits else cu_seqlens[1:].long() - 1  # (B,)
+        return self.lm_logits(self.run_blocks_prefill(self.embed(token_ids, positions), cu_seqlens, max_seqlen,
+                                                      cache, keep_rows=last_tokens))
 
     def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decode step: (B,) new tokens at (B,) positions -> (B, V) logits; appends to the cache."""

@@ -337,12 +337,15 @@ class PipelineSession:
             batch = pack_prompts(self.prompts[start:stop], self.engine.device)
             cache = self.cache.rows(start, stop)
 
-            def run(x, batch=batch, cache=cache):
-                return self.model.run_blocks_prefill(x, batch.cu_seqlens, batch.max_seqlen, cache)
+            # the last stage's last block carries on only each prompt's last token (GPT.run_blocks_prefill)
+            keep = batch.cu_seqlens[1:].long() - 1 if self.lay.is_last_stage else None
+
+            def run(x, batch=batch, cache=cache, keep=keep):
+                return self.model.run_blocks_prefill(x, batch.cu_seqlens, batch.max_seqlen, cache, keep_rows=keep)
 
             x = self._stage((batch.token_ids, batch.positions), run, rows=len(batch.token_ids))
             if x is not None:
-                last_hidden.append(x[batch.cu_seqlens[1:].long() - 1])
+                last_hidden.append(x)  # (prompts of this micro-batch, H)
         logits = self.model.lm_logits(torch.cat(last_hidden)) if self.lay.is_last_stage else None
         if self.graph is not None:
             self.graph.positions.copy_(self.positions)

@@ -4,6 +4,8 @@
     layernorm(x, w, b, eps, residual=r)   -> (y, s) with s = x + r and y = LN(s), one pass over memory
     layernorm(x, w, b, eps, residual=r, x_bias=c) -> the same with s = x + c + r (c (N,): the bias of the GEMM
                                              that made x, so a cuBLAS GEMM without epilogue can precede it)
+    layernorm(x, w, b, eps, x_bias=c)     -> LN(x + c), x + c not stored (c: biases a residual stream kept
+                                             without them has yet to add, see ftlab/model.py's prefill blocks)
 
 Statistics are computed in fp32; y and s are stored in x.dtype. With a residual, s is summed in fp32 and rounded to
 x.dtype first, and LN is applied to that rounded value: the normalised output then agrees exactly with what a later
@@ -45,6 +47,8 @@ def _load_row_block(x_ptr, res_ptr, xb_ptr, s_ptr, offs, cols, mask, n_mask,
         if STORE_SUM:
             tl.store(s_ptr + offs, s, mask=mask)
         return s.to(tl.float32)
+    elif HAS_XB:  # LN(x + x_bias), the sum in fp32 and never stored
+        return x.to(tl.float32) + tl.load(xb_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     else:
         return x.to(tl.float32)
 
@@ -170,7 +174,7 @@ def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: fl
               residual: Optional[torch.Tensor] = None, x_bias: Optional[torch.Tensor] = None
               ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """x (M, N) -> LN(x) (M, N); with residual (M, N): (LN(s), s) for s = x + residual, or x + x_bias + residual
-    with x_bias (N,) (only with a residual)."""
+    with x_bias (N,); with x_bias alone LN(x + x_bias)."""
     _check_2d("x", x)
     _check_affine("weight", weight, x)
     _check_affine("bias", bias, x)
@@ -183,8 +187,6 @@ def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: fl
         if residual.device != x.device:
             raise ValueError(f"residual is on {residual.device}, x on {x.device}")
     if x_bias is not None:
-        if residual is None:
-            raise ValueError("x_bias is only added together with a residual")
         _check_affine("x_bias", x_bias, x)
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
@@ -201,7 +203,7 @@ def layernorm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             s = s + x_bias.to(compute)
         s = s.to(x.dtype)
         return layernorm_reference(s, weight, bias, eps), s
-    xc = x.to(compute)
+    xc = x.to(compute) if x_bias is None else x.to(compute) + x_bias.to(compute)
     mean = xc.mean(dim=-1, keepdim=True)
     var = (xc - mean).pow(2).mean(dim=-1, keepdim=True)
     y = (xc - mean) * torch.rsqrt(var + eps) * weight.to(compute) + bias.to(compute)

@@ -4,7 +4,7 @@ import torch
 
 from ftlab.convert.huggingface import config_from_hf, convert_hf, hf_to_ft_tensors
 from ftlab.generate import generate
-from ftlab.model import GPT
+from ftlab.model import GPT, pack_prompts
 from ftlab.reference import ReferenceGPT, reference_greedy
 from tests.util import assert_rel_close
 
@@ -51,6 +51,29 @@ def test_logits_equal_hf_fp32(cfg, device):
         with torch.no_grad():
             ref = hf(torch.tensor([prompt])).logits[0]
         assert_rel_close(got.cpu(), ref, tol=1e-4, what=f"logits of a {len(prompt)}-token prompt")
+
+
+@pytest.mark.parametrize("lengths", [[1, 2], [5, 1, 12], [13, 7, 1, 9]], ids=["gemv-path", "3-prompts", "4-prompts"])
+@pytest.mark.parametrize("dtype, tol", [("fp32", 1e-5), pytest.param("fp16", 5e-3, marks=pytest.mark.gpu),
+                                        pytest.param("bf16", 3e-2, marks=pytest.mark.gpu)])
+def test_prefill_of_last_tokens_only(lengths, dtype, tol, device):
+    """prefill() carries only each prompt's last token past the last block's attention: the same logits as the
+    full forward's rows at those tokens, and the same KV cache (every key and value written)."""
+    cfg = CONFIGS[2]
+    model = ftlab_model(random_hf_model(**cfg), dtype, device)
+    prompts = random_prompts(cfg["vocab_size"], lengths)
+    batch = pack_prompts(prompts, model.device)
+    caches = [model.new_kv_cache(len(prompts), batch.max_seqlen) for _ in range(2)]
+    for c in caches:  # rows beyond each prompt are never written: make them equal, and not zero
+        c.k.copy_(torch.randn_like(c.k)), c.v.copy_(torch.randn_like(c.v))
+    caches[1].k.copy_(caches[0].k), caches[1].v.copy_(caches[0].v)
+    args = (batch.token_ids, batch.positions, batch.cu_seqlens, batch.max_seqlen)
+    last = model.prefill(*args, caches[0])
+    full = model.prefill(*args, caches[1], all_logits=True)
+    assert last.shape == (len(prompts), cfg["vocab_size"])
+    assert_rel_close(last.float().cpu(), full[batch.cu_seqlens[1:].long() - 1].float().cpu(), tol=tol,
+                     what=f"{dtype} last-token logits, pruned vs full prefill")
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
 
 
 @pytest.mark.gpu

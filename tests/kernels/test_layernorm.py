@@ -80,12 +80,27 @@ def test_layernorm_with_x_bias_and_residual(M, N, max_block_n, dtype_name, devic
     assert_rel_close(y_pub, y_ref, dtype)
 
 
-def test_x_bias_needs_a_residual(device):
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("M,N,max_block_n", [(1, 7, 16384), (13, 1023, 16384), (5, 70, 16)])
+def test_layernorm_of_x_plus_bias(M, N, max_block_n, dtype_name, device):
+    # LN(x + x_bias) without a residual: the sum in fp32, never rounded or stored (a residual stream kept without
+    # its biases); max_block_n 16 takes the chunked two-pass path
+    dtype = DTYPES[dtype_name]
+    x, weight, bias = _inputs(M, N, dtype, device, fp32_params=dtype == torch.float16)
+    x_bias = (3 * torch.randn(N)).to(dtype=torch.float32, device=device)
+    y = layernorm_module._layernorm_launch(x, weight, bias, 1e-5, None, max_block_n, x_bias)
+    y_ref = layernorm_reference(x.double() + x_bias.double(), weight.double(), bias.double(), 1e-5)
+    assert y.dtype == dtype
+    assert_rel_close(y, y_ref, dtype)
+    assert_rel_close(layernorm_reference(x, weight, bias, 1e-5, x_bias=x_bias), y_ref, dtype)
+    assert not torch.allclose(y.float(), layernorm(x, weight, bias, 1e-5).float(), atol=0.1)  # the bias counted
+
+
+def test_x_bias_shape_is_checked(device):
     x, weight, bias = _inputs(4, 8, torch.float32, device)
-    with pytest.raises(ValueError, match="x_bias is only added together with a residual"):
-        layernorm(x, weight, bias, 1e-5, x_bias=bias)
-    with pytest.raises(ValueError, match="x_bias must have shape"):
-        layernorm(x, weight, bias, 1e-5, residual=x, x_bias=torch.randn(7, device=device))
+    for residual in (None, x):
+        with pytest.raises(ValueError, match="x_bias must have shape"):
+            layernorm(x, weight, bias, 1e-5, residual=residual, x_bias=torch.randn(7, device=device))
 
 
 @pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
