@@ -17,7 +17,11 @@ M = 8 12.4 vs 23.8, M = 32 20.3 vs 25.1, M = 64 21.3 vs 26.2. GPT's decode block
 With ln_row_sums a LayerNorm folded into weight and bias is applied in the epilogue (one split of whole rows; the
 statistics from a chunked second pass over x), so a block needs no LayerNorm launch: the model's `_skinny_blocks`
 path, its default at 5-16 rows (H200 decode step bs8 0.636 -> 0.573 ms, bs16 0.776 -> 0.722; slower at 32 and 64
-rows, see there).
+rows, see there). Tried and not kept (2026-12-02): the residual GEMMs (out-projection, FC2) writing each row's
+mean and squared deviations per output tile in their epilogue, and the next LN-folded GEMM merging those instead
+of reading whole rows, so a block needs no LayerNorm launch at any batch: the decode step got slower at every
+batch (ms, three rounds alternating in one process: bs8 0.566-0.571 -> 0.573-0.576, bs16 0.671-0.681 ->
+0.733-0.736, bs32 1.105-1.114 -> 1.135-1.141, bs64 1.70-1.76 -> 2.27-2.28; data/bench/row_stats_step_ab.csv).
 """
 import os
 from typing import NamedTuple, Optional
