@@ -206,7 +206,10 @@ def fold_layernorms(weights: GPTWeights) -> None:
 def _dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
     """x @ weight.T (+ bias, GELU) for the blocks' LayerNorm + GEMM path: at decode batches (up to 64 rows on a
     GPU) kernels/skinny_gemm.py (it loads its weight slice while the previous kernel finishes; H200, a block's four
-    GEMMs at 8 / 64 rows: 12.4 / 21.3 us vs cuBLAS's 23.8 / 26.2), else cuBLAS (GELU in cuBLASLt's epilogue)."""
+    GEMMs at 8 / 64 rows: 12.4 / 21.3 us vs cuBLAS's 23.8 / 26.2), else cuBLAS (GELU in cuBLASLt's epilogue). At
+    prefill sizes kernels/linear.py's tiled Triton GEMM (LayerNorms folded, bias / residual epilogues) measured
+    slower than cuBLAS: a block's GEMMs 41.8 vs 28.2 us at 128 rows, 53.4 vs 38.6 at 512 (data/bench/
+    prefill_gemm_ab.csv)."""
     if skinny_gemm_on(x, weight):
         return skinny_gemm(x, weight, bias, activation="gelu" if gelu else None)
     if gelu:
