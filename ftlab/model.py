@@ -289,19 +289,24 @@ class GPT:
         keep_rows: after attention only these rows go on (run_blocks_prefill's last block)."""
         eps = self.config.layernorm_eps
         T = x.shape[0]
-        impl = "skinny" if self._skinny_blocks(T) else "gemm" if self._small_m_gemm(T) else None
+        impl = self._block_impl(T)
         qkv = linear(x, block.qkv_weight, block.qkv_bias, ln_weight=block.ln1_weight, ln_bias=block.ln1_bias,
                      ln_eps=eps, prefetch=prefetch[0], ln_row_sums=block.qkv_ln_row_sums, impl=impl)  # (T, 3*nh*hs)
         attn = attend(qkv.view(T, 3, self.local_heads, self.config.size_per_head))  # (T, nh, hs)
         if keep_rows is not None:
             attn, x = attn[keep_rows], x[keep_rows]
             T = x.shape[0]
-            impl = "skinny" if self._skinny_blocks(T) else "gemm" if self._small_m_gemm(T) else None
+            impl = self._block_impl(T)
         x = self._row_parallel(attn.view(T, -1), block.attn_out_weight, block.attn_out_bias, x, prefetch[1], impl)
         h = linear(x, block.fc1_weight, block.fc1_bias, activation="gelu", ln_weight=block.ln2_weight,
                    ln_bias=block.ln2_bias, ln_eps=eps, prefetch=prefetch[2],
                    ln_row_sums=block.fc1_ln_row_sums, impl=impl)  # (T, I_local)
         return self._row_parallel(h, block.fc2_weight, block.fc2_bias, x, prefetch[3], impl)
+
+    def _block_impl(self, tokens: int) -> str | None:
+        """linear()'s impl for `_block`'s GEMMs at `tokens` rows: the skinny or tiled Triton GEMM when those paths
+        are on, else linear()'s own dispatch."""
+        return "skinny" if self._skinny_blocks(tokens) else "gemm" if self._small_m_gemm(tokens) else None
 
     def _reduced(self, partial: torch.Tensor) -> torch.Tensor:
         if self.all_reduce is not None:
