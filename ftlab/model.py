@@ -409,8 +409,8 @@ class GPT:
 
         keep_rows (R,) int64: return only these rows (R, H), e.g. each prompt's last token for its logits. The
         last block then needs every row only up to its attention (the cache takes every key and value); its
-        out-projection, LayerNorm and MLP run on the R rows alone: 1/num_layers of a long prompt's work, ~3 %
-        of GPT-345M's prefill."""
+        out-projection, LayerNorm and MLP run on the R rows alone, which saves under 1/num_layers of a long
+        prompt's work."""
         def attend(i, qkv):
             return context_attention(qkv, cu_seqlens, max_seqlen, k_cache=cache.k[i], v_cache=cache.v[i])
         if not self.weights.blocks:
