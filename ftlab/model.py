@@ -209,7 +209,10 @@ def _dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     GEMMs at 8 / 64 rows: 12.4 / 21.3 us vs cuBLAS's 23.8 / 26.2), else cuBLAS (GELU in cuBLASLt's epilogue). At
     prefill sizes kernels/linear.py's tiled Triton GEMM (LayerNorms folded, bias / residual epilogues) measured
     slower than cuBLAS: a block's GEMMs 41.8 vs 28.2 us at 128 rows, 53.4 vs 38.6 at 512 (data/bench/
-    prefill_gemm_ab.csv)."""
+    prefill_gemm_ab.csv). So were persistent Triton GEMMs at 8192 and 32768 rows (bs16 / bs64 prompts of 512; the
+    same epilogues; pointer loads or TMA descriptors, 128-256 x 128-256 tiles): best at 32768 rows QKV 337 vs 298
+    us, out-projection 129 vs 119, FC1 522 vs 502, FC2 456 vs 420 (data/bench/prefill_gemm_large_m.csv, cfg =
+    BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, group, flatten[, epilogue split in two]; scratch code, not kept)."""
     if skinny_gemm_on(x, weight):
         return skinny_gemm(x, weight, bias, activation="gelu" if gelu else None)
     if gelu:
@@ -452,7 +455,9 @@ class GPT:
         (with 2, every block weight is in flight two kernels before it is read, and decode attention, which reads
         no weight, fetches FC1's). Off (0) by default: on the H200 (GPT-345M, bs1, context 512) it measured slower,
         decode step 0.569 -> 0.598 ms at 2 ahead; with PDL the GEMVs already load their weights before they wait,
-        so the step is bound by the latency of its kernel chain, not by HBM idling. Never the LM head (twice the
+        so the step is bound by the latency of its kernel chain, not by HBM idling. Again with kernels/gemv_rows.py
+        (which ignores the hint, so only decode attention prefetches; 2026-12-02, two rounds, data/bench/
+        prefetch_ahead_ab.csv): 0 / 1 / 2 / 3 ahead 0.365 / 0.364-0.365 / 0.369-0.376 / 0.374-0.375 ms. Never the LM head (twice the
         L2). Read per call, like FTLAB_FUSED_BLOCK, so a benchmark can compare."""
         ahead = int(os.environ.get("FTLAB_PREFETCH_AHEAD", "0"))
         order = [w for b in self.weights.blocks for w in (b.qkv_weight, None, b.attn_out_weight, b.fc1_weight,
