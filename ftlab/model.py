@@ -457,8 +457,8 @@ class GPT:
         decode step 0.569 -> 0.598 ms at 2 ahead; with PDL the GEMVs already load their weights before they wait,
         so the step is bound by the latency of its kernel chain, not by HBM idling. Again with kernels/gemv_rows.py
         (which ignores the hint, so only decode attention prefetches; 2026-12-02, two rounds, data/bench/
-        prefetch_ahead_ab.csv): 0 / 1 / 2 / 3 ahead 0.365 / 0.364-0.365 / 0.369-0.376 / 0.374-0.375 ms. Never the LM head (twice the
-        L2). Read per call, like FTLAB_FUSED_BLOCK, so a benchmark can compare."""
+        prefetch_ahead_ab.csv): 0 / 1 / 2 / 3 ahead 0.365 / 0.364-0.365 / 0.369-0.376 / 0.374-0.375 ms. Never the
+        LM head (twice the L2). Read per call, like FTLAB_FUSED_BLOCK, so a benchmark can compare."""
         ahead = int(os.environ.get("FTLAB_PREFETCH_AHEAD", "0"))
         order = [w for b in self.weights.blocks for w in (b.qkv_weight, None, b.attn_out_weight, b.fc1_weight,
                                                            b.fc2_weight)]
