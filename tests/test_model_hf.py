@@ -64,8 +64,8 @@ def test_prefill_of_last_tokens_only(lengths, dtype, tol, device):
     prompts = random_prompts(cfg["vocab_size"], lengths)
     batch = pack_prompts(prompts, model.device)
     caches = [model.new_kv_cache(len(prompts), batch.max_seqlen) for _ in range(2)]
-    for c in caches:  # rows beyond each prompt are never written: make them equal, and not zero
-        c.k.copy_(torch.randn_like(c.k)), c.v.copy_(torch.randn_like(c.v))
+    # rows beyond each prompt are never written: make them equal in both caches, and not zero
+    caches[0].k.copy_(torch.randn_like(caches[0].k)), caches[0].v.copy_(torch.randn_like(caches[0].v))
     caches[1].k.copy_(caches[0].k), caches[1].v.copy_(caches[0].v)
     args = (batch.token_ids, batch.positions, batch.cu_seqlens, batch.max_seqlen)
     last = model.prefill(*args, caches[0])
