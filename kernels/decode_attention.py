@@ -36,6 +36,10 @@ program of a head waited on the counter until all partials were stored, combined
 rows of W_o by the head's output and added them into an int64 fixed-point accumulator that FC1 read with the bias and
 residual) measured 0.394-0.396 ms at bs1 and 0.510-0.512 at bs2 against 0.364-0.367 and 0.443-0.444: the spin on the
 counter costs what the kernel boundary it replaces did (not kept).
+Session 19 (2026-12-02, the kernel alone at bs64, data/bench/decode_attention_pipelining.csv): the tile loop left
+to the compiler's pipeliner (tl.range with 2-3 stages instead of the one-tile lookahead by hand) took 43.3-44.4 us
+against 38.8 for the pick, and no other tile beat the pick by more than 1 us; Nsight Compute puts the pick at 3.46
+TB/s with 137 registers, 12 one-warp blocks per SM, most cycles waiting on loads (data/bench/ncu_decode_bs64.txt).
 """
 import math
 import os
