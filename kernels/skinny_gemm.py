@@ -26,11 +26,11 @@ Also tried (2026-12-02, scratch code): x and the weight through TMA descriptors 
 (2-4 stages, K steps of 64 or 128, the weight prefetched into L2 before the PDL wait): slower for every GEMM of the
 chain, us at M = 64 QKV 5.55 vs 4.99, out 4.56 vs 3.95, FC1 6.25 vs 5.86, FC2 8.88 vs 7.19, a block 27.7-28.0 vs
 21.3, and worse at M = 32 (data/bench/skinny_tma_chain.csv); this kernel holds its weight slice in registers
-before the wait, that one only had it in L2. And
-the folded LayerNorm's statistics pass as a loop that is not unrolled: the bs64 step with the fold 2.16-2.19 ->
-1.89-1.90 ms, still above the LayerNorm launches' 1.69-1.70, and slower at 8-32 rows (bs8 0.557 -> 0.638; data/
-bench/skinny_ln_stats_loop_ab.csv). Alone under Nsight Compute (data/bench/ncu_decode_bs64.txt) a 64-row program
-is one 4-warp block per SM that waits on its loads most of the time (DRAM 6-20 %).
+before the wait, that one only had it in L2. And the folded LayerNorm's statistics pass as a loop that is not
+unrolled: the bs64 step with the fold 2.16-2.19 -> 1.89-1.90 ms, still above the LayerNorm launches' 1.69-1.70, and
+slower at 8-32 rows (bs8 0.557 -> 0.638; data/bench/skinny_ln_stats_loop_ab.csv). Alone under Nsight Compute
+(data/bench/ncu_decode_bs64.txt) a 64-row program is one 4-warp block per SM that waits on its loads most of the
+time (DRAM 6-20 %).
 """
 import os
 from typing import NamedTuple, Optional
