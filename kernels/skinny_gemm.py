@@ -175,12 +175,14 @@ _OUTGROWN: list = []  # counters replaced by larger ones, kept alive for the gra
 
 
 def _counter(device: torch.device, tiles: int) -> torch.Tensor:
-    """A zeroed int32 counter per output tile that every launch leaves zero again, one per (device, stream): calls
-    in one stream run one after another (with PDL a kernel touches it only after its wait), so they can share it.
-    CUDA graphs captured on one stream share it too, so two of them must not replay at the same time on different
-    streams (ftlab replays its graphs from one thread; decode attention's counters, kept per KV cache, allow it)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
+    """A zeroed int32 counter per output tile that every launch leaves zero again, one per device: calls in one
+    stream run one after another (with PDL a kernel touches it only after its wait), so they can share it, and so
+    can a CUDA graph's warm-up and its capture, which run on different streams: the warm-up creates the counter,
+    outside the graph. (Keyed by stream, the capture made its own, and the graph then zeroed it on every replay: a
+    fill kernel and a lost PDL overlap in each decode step.) Two calls must therefore not run at the same time on
+    different streams of one device; ftlab runs its kernels and graphs from one stream (decode attention's
+    counters, kept per KV cache, would allow more)."""
+    key = str(device)
     counter = _COUNTERS.get(key)
     if counter is None or counter.numel() < tiles:
         if counter is not None:  # a captured graph may hold its address: never free it
@@ -195,7 +197,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 ln_row_sums: Optional[torch.Tensor] = None, ln_eps: float = 1e-5) -> torch.Tensor:
     """x (M, K) with 1 <= M <= MAX_M, weight (N, K), bias (N,), residual (M, N) -> (M, N) in x.dtype; activation
     None or "gelu" (tanh). fp32 inputs multiply exactly (no TF32). counter: int32, at least cdiv(N, block_n) long,
-    zero before the call and left zero after it (default: one shared by the calls of this stream).
+    zero before the call and left zero after it (default: one shared by the calls on this device).
     ln_row_sums (N,) fp32: x is LayerNorm-ed first, its gain and shift already folded into weight and bias
     (kernels/linear.py fold_layernorm); each program then takes whole rows of K (at most LN_MAX_K) and computes
     their statistics itself, so no LayerNorm launch precedes it."""

@@ -75,7 +75,7 @@ def test_skinny_gemm_layernorm_fold_limits(device):
 
 
 def test_skinny_gemm_repeated_calls_share_the_default_counter(device):
-    # split-K with the per-stream counter: a second and third call must see it zero again, with other shapes between
+    # split-K with the per-device counter: a second and third call must see it zero again, with other shapes between
     x, weight, bias, _ = _inputs(6, 40, 200, torch.float32, device)
     cfg = SkinnyConfig(16, 64, 4)
     first = skinny_gemm(x, weight, bias, config=cfg)
@@ -86,7 +86,7 @@ def test_skinny_gemm_repeated_calls_share_the_default_counter(device):
 
 
 def test_outgrown_counters_stay_alive(device):
-    # a CUDA graph captured with the per-stream counter keeps its address: a later call that needs a longer one
+    # a CUDA graph captured with the per-device counter keeps its address: a later call that needs a longer one
     # must not free it (and a call with one split needs none at all)
     from ftlab.kernels import skinny_gemm as module
 
@@ -162,3 +162,22 @@ def test_linear_dispatches_impl_skinny(device):
     assert_rel_close(out, ref, tol=1e-4, what="linear(impl='skinny') with a folded LayerNorm")
     with pytest.raises(ValueError, match="only folded"):
         linear(x, weight, bias, ln_weight=ln_w, ln_bias=ln_b, impl="skinny")
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams and graphs")
+def test_graph_capture_reuses_the_warm_up_counter():
+    # capture_cuda_graph warms up on a side stream and captures on another: the capture must find the counter the
+    # warm-up made, or its torch.zeros would be recorded into the graph and zero it again on every replay
+    from ftlab.generate import capture_cuda_graph
+    from ftlab.kernels import skinny_gemm as module
+
+    x, weight, bias, _ = _inputs(9, 48, 300, torch.float16, "cuda")
+    cfg = SkinnyConfig(16, 64, 4)  # 5 splits: the counter is used
+    module._COUNTERS.clear()
+    graph, out = capture_cuda_graph(lambda: skinny_gemm(x, weight, bias, config=cfg), torch.device("cuda"))
+    assert len(module._COUNTERS) == 1  # made once, outside the capture
+    for _ in range(2):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert_rel_close(out, linear_reference(x.double(), weight.double(), bias=bias.double()), torch.float16)
