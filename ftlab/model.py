@@ -390,6 +390,11 @@ class GPT:
                 else:  # the stage hands on the residual stream with every bias in it
                     x = (x.float() + bias_sums[2 * i + 1]).to(x.dtype)
                 continue
+            if nxt is None and self.all_reduce is None and skinny_gemm_on(g, block.fc2_weight):
+                # the stage hands on the residual stream: bias and residual in the GEMM's epilogue (one launch, not
+                # a GEMM and two adds without PDL; decode batches of 5..64)
+                x = skinny_gemm(g, block.fc2_weight, block.fc2_bias, residual=x)
+                continue
             y = self._reduced(_dense(g, block.fc2_weight))
             if nxt is not None:  # the next block's LN_1, fused with this block's last residual add
                 h, x = layernorm(y, nxt.ln1_weight, nxt.ln1_bias, eps, residual=x, x_bias=block.fc2_bias)
