@@ -18,5 +18,14 @@ def ints_from_env(name: str, fields: str) -> Optional[tuple]:
     return values
 
 
+def eviction_policy_from_env(name: str, default: str) -> str:
+    """A tl.load eviction policy: environment variable `name` if set ("" for the hardware default, "evict_first"
+    or "evict_last"), else `default`."""
+    value = os.environ.get(name, default)
+    if value not in ("", "evict_first", "evict_last"):
+        raise ValueError(f"{name}={value!r}: expected '', 'evict_first' or 'evict_last'")
+    return value
+
+
 def is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0

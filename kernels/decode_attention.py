@@ -40,6 +40,11 @@ Session 19 (2026-12-02, the kernel alone at bs64, data/bench/decode_attention_pi
 to the compiler's pipeliner (tl.range with 2-3 stages instead of the one-tile lookahead by hand) took 43.3-44.4 us
 against 38.8 for the pick, and no other tile beat the pick by more than 1 us; Nsight Compute puts the pick at 3.46
 TB/s with 137 registers, 12 one-warp blocks per SM, most cycles waiting on loads (data/bench/ncu_decode_bs64.txt).
+Session 20: the cached keys and values are loaded with L2 policy evict_first (read once per step, they need not
+stay; FTLAB_DECODE_KV_EVICT="" restores the default). Decode step, 16 replays back to back, alternating in one
+process (data/bench/eviction_policy_ab.csv): bs64 1.721-1.735 -> 1.665-1.681 ms, bs32 1.118-1.122 -> 1.090-1.099,
+bs16 0.681-0.683 -> 0.671-0.676, bs1 0.359-0.363 -> 0.354-0.356, bs8 unchanged; .cg or .cv instead, or evict_last,
+gained nothing.
 """
 import math
 import os
@@ -51,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._env import ints_from_env, is_pow2
+from ._env import eviction_policy_from_env, ints_from_env, is_pow2
 from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
 from ._prefetch import l2_prefetch, prefetch_plan
 from .attention import LOG2E
@@ -74,7 +79,7 @@ def _decode_partition_kernel(
     head_dim, s_max, num_heads, num_parts,
     BLOCK_S: tl.constexpr, TILES_PER_PART: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     USE_PDL: tl.constexpr, HISTORY_READY: tl.constexpr, PREFETCH: tl.constexpr, SINGLE_PART: tl.constexpr,
-    BALANCED: tl.constexpr,
+    BALANCED: tl.constexpr, KV_EVICT: tl.constexpr,
 ):
     part = tl.program_id(0)
     head = tl.program_id(1)
@@ -105,7 +110,8 @@ def _decode_partition_kernel(
     # The loop is software-pipelined (the next tile's keys and values are loaded before the current tile is used);
     # the first tile is loaded here, before the new token's q/k/v, and with HISTORY_READY before the PDL wait.
     kv_hi = tl.minimum(tl.minimum(part_hi, pos), s_max)
-    k_next, v_next = _load_kv_tile(kc, vc, part_lo + offs_s, kv_hi, offs_d, d_mask, stride_kc_s, stride_vc_s)
+    k_next, v_next = _load_kv_tile(kc, vc, part_lo + offs_s, kv_hi, offs_d, d_mask, stride_kc_s, stride_vc_s,
+                                    KV_EVICT)
     if USE_PDL:
         if HISTORY_READY:
             gdc_wait()  # qkv comes from the previous kernel; the cache slot written below may be read by others
@@ -128,7 +134,7 @@ def _decode_partition_kernel(
         k = k_next
         v = v_next
         k_next, v_next = _load_kv_tile(kc, vc, kv_lo + BLOCK_S + offs_s, kv_hi, offs_d, d_mask, stride_kc_s,
-                                       stride_vc_s)
+                                       stride_vc_s, KV_EVICT)
         kv_mask = kv_lo + offs_s < kv_hi
         s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # (BLOCK_S,)
         s = tl.where(kv_mask, s, float("-inf"))
@@ -173,11 +179,14 @@ def _decode_partition_kernel(
 
 
 @triton.jit
-def _load_kv_tile(kc, vc, offs_kv, kv_hi, offs_d, d_mask, stride_kc_s, stride_vc_s):
-    # keys and values of cache slots offs_kv (BLOCK_S,), nothing at or beyond kv_hi
+def _load_kv_tile(kc, vc, offs_kv, kv_hi, offs_d, d_mask, stride_kc_s, stride_vc_s, KV_EVICT: tl.constexpr):
+    # keys and values of cache slots offs_kv (BLOCK_S,), nothing at or beyond kv_hi; KV_EVICT: an L2 eviction
+    # policy for them ("evict_first": read once per step, they need not stay)
     tile_mask = (offs_kv < kv_hi)[:, None] & d_mask[None, :]
-    k = tl.load(kc + offs_kv[:, None] * stride_kc_s + offs_d[None, :], mask=tile_mask, other=0.0)
-    v = tl.load(vc + offs_kv[:, None] * stride_vc_s + offs_d[None, :], mask=tile_mask, other=0.0)
+    k = tl.load(kc + offs_kv[:, None] * stride_kc_s + offs_d[None, :], mask=tile_mask, other=0.0,
+                eviction_policy=KV_EVICT)
+    v = tl.load(vc + offs_kv[:, None] * stride_vc_s + offs_d[None, :], mask=tile_mask, other=0.0,
+                eviction_policy=KV_EVICT)
     return k, v
 
 
@@ -350,6 +359,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         BLOCK_P=max(4, min(32, triton.next_power_of_2(num_parts))), USE_PDL=use_pdl, HISTORY_READY=history_ready,
         PREFETCH=pf.mode, SINGLE_PART=num_parts == 1 and _single_part_on(qkv.device),
         BALANCED=os.environ.get("FTLAB_DECODE_BALANCED", "1") == "1",
+        KV_EVICT=eviction_policy_from_env("FTLAB_DECODE_KV_EVICT", "evict_first"),
         num_warps=blocks.num_warps, **launch_options(use_pdl), **_maxnreg_from_env(qkv.device),
     )
     return out

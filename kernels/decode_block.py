@@ -54,6 +54,8 @@ from .attention import LOG2E
 from .decode_attention import _combine_partitions, _load_kv_tile
 from ._shared import gelu_tanh as _gelu_tanh
 
+_KV_EVICT = tl.constexpr("")  # default L2 policy for the cache loads (evict_first not measured on this path)
+
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_BATCH = 4  # rows of x per launch (every GEMV stage multiplies all of them with each weight load)
 # a program's weight in flight (registers): its whole share when that fits _MAX_TILE_BYTES (128 registers per thread
@@ -247,7 +249,7 @@ def _unit_kv_first(kc_ptr, vc_ptr, positions_ptr, unit, n_units, num_heads, n_pa
     kc = kc_ptr + seq.to(tl.int64) * stride_kc_b + head * stride_kc_h
     vc = vc_ptr + seq.to(tl.int64) * stride_vc_b + head * stride_vc_h
     return _load_kv_tile(kc, vc, part_lo + tl.arange(0, BLOCK_S), kv_hi, offs_d, offs_d < head_dim,
-                         stride_kc_s, stride_vc_s)
+                         stride_kc_s, stride_vc_s, _KV_EVICT)
 
 
 @triton.jit
@@ -281,7 +283,7 @@ def _attention_stage(
                 v_next = v_first
             else:
                 k_next, v_next = _load_kv_tile(kc, vc, part_lo + offs_s, kv_hi, offs_d, d_mask, stride_kc_s,
-                                               stride_vc_s)
+                                               stride_vc_s, _KV_EVICT)
             qkv_base = qkv_ptr + seq.to(tl.int64) * 3 * H + head * head_dim + offs_d
             q = tl.load(qkv_base, mask=d_mask, other=0.0, cache_modifier=".cg").to(tl.float32) * qk_scale
             k_new = tl.load(qkv_base + H, mask=d_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
@@ -294,7 +296,7 @@ def _attention_stage(
                 k = k_next
                 v = v_next
                 k_next, v_next = _load_kv_tile(kc, vc, kv_lo + BLOCK_S + offs_s, kv_hi, offs_d, d_mask,
-                                               stride_kc_s, stride_vc_s)
+                                               stride_kc_s, stride_vc_s, _KV_EVICT)
                 s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # (BLOCK_S,)
                 s = tl.where(kv_lo + offs_s < kv_hi, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=0))

@@ -30,7 +30,10 @@ before the wait, that one only had it in L2. And the folded LayerNorm's statisti
 unrolled: the bs64 step with the fold 2.16-2.19 -> 1.89-1.90 ms, still above the LayerNorm launches' 1.69-1.70, and
 slower at 8-32 rows (bs8 0.557 -> 0.638; data/bench/skinny_ln_stats_loop_ab.csv). Alone under Nsight Compute
 (data/bench/ncu_decode_bs64.txt) a 64-row program is one 4-warp block per SM that waits on its loads most of the
-time (DRAM 6-20 %).
+time (DRAM 6-20 %). Session 20: the weight slice is loaded with L2 policy evict_first (each program reads its slice
+once; FTLAB_SKINNY_W_EVICT="" restores the default): decode step (KV loads evict_first in both) alternating in one
+process (data/bench/eviction_policy_ab.csv) bs64 1.670-1.681 -> 1.650-1.669 ms, bs32 1.095-1.096 -> 1.084-1.085,
+bs16 0.671-0.676 -> 0.666-0.667, bs8 0.557-0.558 -> 0.555-0.556.
 """
 import os
 from typing import NamedTuple, Optional
@@ -39,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._env import ints_from_env
+from ._env import eviction_policy_from_env, ints_from_env
 from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
 from ._shared import bias_act_residual, shifted_ln_stats
 
@@ -52,6 +55,7 @@ def _skinny_gemm_kernel(
     LN_PREFOLDED: tl.constexpr,  # the LayerNorm's affine folded into weight / bias (kernels/linear.py fold_layernorm)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
     STAT_K: tl.constexpr,  # columns of x per step of the LayerNorm statistics pass
+    W_EVICT: tl.constexpr,  # L2 eviction policy of the weight's loads
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -62,7 +66,8 @@ def _skinny_gemm_kernel(
     k_ok = offs_k < K
     rows_n = tl.minimum(offs_n, N - 1)  # tail features clamped (never stored)
     # the weight slice is independent of the previous kernel: it streams in before the wait
-    w = tl.load(w_ptr + rows_n.to(tl.int64)[:, None] * K + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+    w = tl.load(w_ptr + rows_n.to(tl.int64)[:, None] * K + offs_k[None, :], mask=k_ok[None, :], other=0.0,
+                eviction_policy=W_EVICT)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows_n).to(tl.float32)[None, :]
     else:
@@ -234,7 +239,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         HAS_BIAS=bias is not None, ACT_GELU=activation == "gelu", HAS_RES=residual is not None, USE_PDL=use_pdl,
         IEEE=x.dtype == torch.float32, LN_PREFOLDED=ln_row_sums is not None,
         BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=cfg.block_n, K_SPLIT=cfg.k_split, SPLIT_K=split_k,
-        STAT_K=min(cfg.k_split, 128),
+        STAT_K=min(cfg.k_split, 128), W_EVICT=eviction_policy_from_env("FTLAB_SKINNY_W_EVICT", "evict_first"),
         num_warps=cfg.num_warps, **launch_options(use_pdl),
     )
     return out

@@ -112,6 +112,19 @@ def test_decode_blocks_env_is_checked(setting, monkeypatch):
         decode_module._blocks_from_env()
 
 
+@pytest.mark.parametrize("policy", ["", "evict_first", "evict_last"])
+def test_decode_attention_kv_eviction_policies(policy, device, monkeypatch):
+    # FTLAB_DECODE_KV_EVICT (default evict_first) only changes how L2 keeps the cache lines, never the result
+    monkeypatch.setenv("FTLAB_DECODE_KV_EVICT", policy)
+    _check_against_reference([31, 69, 5], 3, 32, 70, torch.float16, device)
+
+
+def test_decode_attention_kv_eviction_policy_is_checked(device, monkeypatch):
+    monkeypatch.setenv("FTLAB_DECODE_KV_EVICT", "evict_never")
+    with pytest.raises(ValueError, match="FTLAB_DECODE_KV_EVICT='evict_never'"):
+        _check_against_reference([3], 1, 16, 8, torch.float32, device)
+
+
 def test_decode_attention_custom_scale(device):
     _check_against_reference([3, 9], 2, 16, 12, torch.float32, device, scale=0.7)
 

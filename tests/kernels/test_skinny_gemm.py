@@ -74,6 +74,19 @@ def test_skinny_gemm_layernorm_fold_limits(device):
                     ln_row_sums=torch.zeros(5, device=device))
 
 
+@pytest.mark.parametrize("policy", ["", "evict_first", "evict_last"])
+def test_skinny_gemm_weight_eviction_policies(policy, device, monkeypatch):
+    # FTLAB_SKINNY_W_EVICT (default evict_first) changes only how L2 keeps the weight, never the result
+    monkeypatch.setenv("FTLAB_SKINNY_W_EVICT", policy)
+    x, weight, bias, residual = _inputs(13, 50, 300, torch.float16, device)
+    out = skinny_gemm(x, weight, bias, residual=residual, config=SkinnyConfig(32, 128, 4))
+    ref = linear_reference(x.double(), weight.double(), bias=bias.double(), residual=residual.double())
+    assert_rel_close(out, ref, torch.float16)
+    monkeypatch.setenv("FTLAB_SKINNY_W_EVICT", "first")
+    with pytest.raises(ValueError, match="FTLAB_SKINNY_W_EVICT='first'"):
+        skinny_gemm(x, weight, bias)
+
+
 def test_skinny_gemm_repeated_calls_share_the_default_counter(device):
     # split-K with the per-device counter: a second and third call must see it zero again, with other shapes between
     x, weight, bias, _ = _inputs(6, 40, 200, torch.float32, device)
