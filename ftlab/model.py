@@ -391,8 +391,8 @@ class GPT:
                     x = (x.float() + bias_sums[2 * i + 1]).to(x.dtype)
                 continue
             if nxt is None and self.all_reduce is None and skinny_gemm_on(g, block.fc2_weight):
-                # the stage hands on the residual stream: bias and residual in the GEMM's epilogue (one launch, not
-                # a GEMM and two adds without PDL; decode batches of 5..64)
+                # the stage hands on the residual stream (5..64 rows): bias and residual in the GEMM's epilogue,
+                # one launch instead of a GEMM and two adds that have no PDL
                 x = skinny_gemm(g, block.fc2_weight, block.fc2_bias, residual=x)
                 continue
             y = self._reduced(_dense(g, block.fc2_weight))
