@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .checkpoint import random_ft_tensors
@@ -102,9 +103,13 @@ def _spread(times: list[float]) -> float:
     return (q[2] - q[0]) / 2 / statistics.median(times)
 
 
-def random_prompts(batch: int, n_in: int, vocab: int, seed: int = 0) -> list[list[int]]:
+def random_prompts(batch: int, n_in: int, vocab: int, seed: int = 0) -> np.ndarray:
+    """(batch, n_in) int64 token ids on the host: what every engine of the grid is handed (HF and FasterTransformer
+    take a tensor of input ids too). Until 2026-12-02 they were Python lists, which ftlab's generate() turned into
+    numpy (checked) inside its timing while HF got a tensor made outside it: H200, alternating in one process
+    (data/bench/prompt_form_ab.csv), bs64 512 -> 32 89.2-90.2 ms from lists, 88.4-89.3 from the array; bs1 equal."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab - 1, (batch, n_in), generator=g).tolist()
+    return torch.randint(0, vocab - 1, (batch, n_in), generator=g).numpy()
 
 
 class Peer:
@@ -118,7 +123,7 @@ class Peer:
         self.decode = torch.compile(self.model.decode, mode="reduce-overhead", fullgraph=True)
         self.prefill = torch.compile(self.model.prefill, dynamic=True)
 
-    def run(self, prompts: list[list[int]], n_out: int) -> torch.Tensor:
+    def run(self, prompts: np.ndarray, n_out: int) -> torch.Tensor:
         B = len(prompts)
         dev = self.model.device
         if self.model.cache is None or self.model.cache.k.shape[1] != B:
