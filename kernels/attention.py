@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+SMALL_GRID = 256  # programs (64-query blocks x heads x prompts) up to which pick_context_blocks takes 64-key tiles
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -133,10 +134,19 @@ def pick_context_blocks(batch: int, num_heads: int, max_seqlen: int, head_dim: i
     tiles). Single short prompts are launch-bound in that sweep (its timings there vary 3x between neighbours),
     so they keep the same tiles. fp32 goes through the ieee FMA path with no tensor cores and keeps 64x32 tiles
     with 2 stages to bound registers.
+
+    Inside the model's captured prefill (2026-12-02, GPT-345M, H200): generate() with one new token, seven tiles
+    alternating in one process, three rounds (data/bench/context_tiles_ab.csv): 64-key tiles took bs1 512 -> 1 in
+    1.68-1.69 ms against 1.73-2.01 with 32-key tiles, equal at bs8 and bs64, where every other tile was slower
+    (32-query tiles +10-14 % at bs64). The prefill graph alone, replayed back to back (prefill_tiles_ab.csv): one
+    prompt of 512 1.285-1.288 -> 1.246-1.248 ms, of 128 0.920 -> 0.915, two of 512 1.739-1.746 -> 1.699-1.700. So a
+    grid of at most SMALL_GRID programs (one prompt of 512: 128) takes 64-key tiles.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     if dtype == torch.float32:
         return ContextBlocks(64, 32, 4, 2)
+    if block_d <= 64 and batch * num_heads * triton.cdiv(max_seqlen, 64) <= SMALL_GRID:
+        return ContextBlocks(64, 64, 4, 3)
     return ContextBlocks(64, 32, 4, 3 if block_d <= 64 else 2)
 
 
