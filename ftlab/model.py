@@ -214,9 +214,9 @@ def _dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     us, out-projection 129 vs 119, FC1 522 vs 502, FC2 456 vs 420 (data/bench/prefill_gemm_large_m.csv, cfg =
     BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, group, flatten[, epilogue split in two]; scratch code, not kept).
     Nor did other ways of calling cuBLAS pay (2026-12-02, data/bench/prefill_gemm_forms.csv, us per GEMM at 512 /
-    4096 / 32768 rows): cuBLASLt preferred for every matmul (QKV 8.0 / 44.8 / 350 vs 8.1 / 40.8 / 317), the weights
+    4096 / 32768 rows): cuBLASLt preferred for every matmul (QKV 8.03 / 44.8 / 350 vs 8.05 / 40.8 / 317), the weights
     pre-transposed to (in, out) (within 3 %, QKV 344 at 32768), a 128 MiB workspace (the same), or FC1's GELU as its
-    own kernel (12.6 / 76.8 / 627 vs 10.8 / 57.0 / 523 in cuBLASLt's epilogue, which costs ~10 % over no GELU)."""
+    own kernel (12.6 / 76.8 / 627 vs 10.8 / 57.0 / 523 in cuBLASLt's epilogue, which costs 5-15 % over no GELU)."""
     if skinny_gemm_on(x, weight):
         return skinny_gemm(x, weight, bias, activation="gelu" if gelu else None)
     if gelu:
