@@ -26,6 +26,11 @@ and alternating in one process (data/bench/gemv_rows_m1_ab.csv) the bs1 step wen
 with QKV and FC1 at 8 rows, 0.364-0.374 with the LM head at 8 rows too; at M = 4 the same tiles were 13 % slower
 (0.730-0.737 -> 0.831-0.843), so M > 1 keeps 256 bytes.
 
+Tried (2026-12-02, scratch code): FC1 and FC2 in one launch at M = 1, each program taking R of the hidden
+features and adding its share of FC2 into a per-layer accumulator with atomics (no grid barrier): chained over 24
+layers 7.9-12.8 us per layer (fp32 atomics, R 8-32, 1-8 warps) or 11.4-25.6 (int64, deterministic) against 6.04
+for these two launches (data/bench/fused_mlp_chain.csv): the 128-512 atomic adds per output cost more than a launch.
+
 Not for: rows too long to hold one in registers (K * element size > 16 warps x 256 bytes per thread), and grids
 too small to give every SM a program (then the chunked gemv splits K). `pick_gemv_rows_config` returns None there,
 and linear() falls back. FTLAB_GEMV_ROWS=0 turns this path off, FTLAB_GEMV_ROWS_TILE forces (rows, warps) for
