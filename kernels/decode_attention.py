@@ -45,6 +45,9 @@ stay; FTLAB_DECODE_KV_EVICT="" restores the default). Decode step, 16 replays ba
 process (data/bench/eviction_policy_ab.csv): bs64 1.721-1.735 -> 1.665-1.681 ms, bs32 1.118-1.122 -> 1.090-1.099,
 bs16 0.681-0.683 -> 0.671-0.676, bs1 0.359-0.363 -> 0.354-0.356, bs8 unchanged; .cg or .cv instead, or evict_last,
 gained nothing.
+Session 21 (scratch edit, not kept): two tiles loaded ahead instead of one made every step slower, alternating in
+one process (data/bench/decode_lookahead_ab.csv, ms): bs1 0.354-0.355 -> 0.393-0.394, bs8 0.556 -> 0.626-0.628,
+bs32 1.077-1.085 -> 1.298-1.303, bs64 1.648-1.659 -> 2.027-2.046.
 """
 import math
 import os
