@@ -200,12 +200,14 @@ def test_prompts_may_be_tuples_arrays_or_tensors(model):
     mixed = generate(model, [(1, 2, 3), np.array([4], dtype=np.int32)], max_new_tokens=3)
     tensors = generate(model, [torch.tensor([1, 2, 3]), torch.tensor([4])], max_new_tokens=3)
     assert mixed.output_ids == as_lists.output_ids == tensors.output_ids
+    assert all(type(t) is int for ids in mixed.output_ids for t in ids)  # JSON-ready
     # a (B, T) batch of input ids in one array or tensor, as HF / FasterTransformer take them (and ftlab bench)
     rows = [[5, 1, 2, 3], [4, 4, 0, 7]]
     from_rows = generate(model, rows, max_new_tokens=3)
     for batch in (np.array(rows), np.array(rows, dtype=np.int32), torch.tensor(rows)):
-        assert generate(model, batch, max_new_tokens=3).output_ids == from_rows.output_ids
-    assert all(type(t) is int for ids in mixed.output_ids for t in ids)  # JSON-ready
+        out = generate(model, batch, max_new_tokens=3)
+        assert out.output_ids == from_rows.output_ids
+        assert all(type(t) is int for ids in out.output_ids for t in ids)
 
 
 def test_host_to_device_views_every_part_exactly(device):

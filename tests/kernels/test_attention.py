@@ -63,8 +63,8 @@ def test_context_attention_matches_reference_and_fills_cache(lengths, num_heads,
                                     ContextBlocks(64, 32, 4, 3)])
 @pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
 def test_context_attention_other_tile_sizes(blocks, dtype_name, device, monkeypatch):
-    # small test problems get the heuristic's small-grid tiles (64 x 64 keys): cover the large and many-tile
-    # configurations, and the 64 x 32 tiles it gives larger grids
+    # in fp16 / bf16 small test problems get the heuristic's small-grid tiles (64 queries x 64 keys): cover the
+    # large and many-tile configurations, and the 64 x 32 tiles it gives larger grids
     dtype = DTYPES[dtype_name]
     skip_if_interpreter_bf16(dtype, device)
     monkeypatch.setattr(attention_module, "pick_context_blocks", lambda *args, **kwargs: blocks)
