@@ -177,7 +177,6 @@ def test_linear_dispatches_impl_skinny(device):
         linear(x, weight, bias, ln_weight=ln_w, ln_bias=ln_b, impl="skinny")
 
 
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams and graphs")
 def test_graph_capture_reuses_the_warm_up_counter():
     # capture_cuda_graph warms up on a side stream and captures on another: the capture must find the counter the
