@@ -677,8 +677,16 @@ def check_sampling_params(top_k, top_p, temperature, vocab_size):
     ks = _as_list("top_k", top_k, n)
     ps = _as_list("top_p", top_p, n)
     ts = _as_list("temperature", temperature, n)
+    seen = set()  # a batch sharing its parameters is checked once (types in the key: True == 1)
     for i in range(n):
         k, p, t = ks[i], ps[i], ts[i]
+        key = (type(k), k, type(p), p, type(t), t)
+        try:
+            if key in seen:
+                continue
+            seen.add(key)
+        except TypeError:  # unhashable (a list where a number belongs): rejected below
+            pass
         if isinstance(k, bool) or not isinstance(k, numbers.Integral):
             raise ValueError(f"top_k[{i}] must be an int, got {k!r}")
         if k < 0:

@@ -53,6 +53,22 @@ def test_per_request_parameters_in_one_batch(model):
     assert mixed.output_ids[0] == greedy.output_ids[0] == mixed.output_ids[2]
 
 
+def test_on_step_gets_each_step_as_it_is_produced(model, monkeypatch):
+    decoded, seen = [], []
+    decode = model.decode
+    monkeypatch.setattr(model, "decode", lambda *args: decoded.append(1) or decode(*args))
+
+    def on_step(step):
+        seen.append((step.step, len(decoded)))  # decode steps run so far
+    result = generate(model, [[1, 2, 3], [4]], max_new_tokens=6, use_cuda_graph=False, on_step=on_step, top_k=0,
+                      random_seed=5)
+    steps = list(stream(model, [[1, 2, 3], [4]], max_new_tokens=6, use_cuda_graph=False, top_k=0, random_seed=5))
+    assert [s for s, _ in seen] == [s.step for s in steps]
+    # step s is handed over once it exists: at most one more step was queued behind it
+    assert all(done <= s + 1 for s, done in seen)
+    assert result.output_ids == generate(model, [[1, 2, 3], [4]], max_new_tokens=6, top_k=0, random_seed=5).output_ids
+
+
 def test_log_probs_are_returned(model):
     result = generate(model, [[3, 4, 5]], max_new_tokens=4, return_log_probs=True)
     logits = model.logits([result.output_ids[0][:-1]])[0][2:]  # logits that chose each generated token
@@ -73,6 +89,13 @@ def test_log_probs_are_returned(model):
     (dict(prompts=[[1], [2.5]], max_new_tokens=2), "request 1: the prompt must be a flat sequence of integer"),
     (dict(prompts=[[[1, 2]]], max_new_tokens=2), r"integer token ids, got int64 values of shape \(1, 2\)"),
     (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens must be a positive integer"),
+    # one (B, T) array is checked as a whole; a bad one still gets the request named
+    (dict(prompts=np.array([[1, 2], [3, 61]]), max_new_tokens=2), "request 1: token id 61 is outside the vocabulary"),
+    (dict(prompts=torch.tensor([[1, 2], [-4, 3]]), max_new_tokens=2), "request 1: token id -4 is outside"),
+    (dict(prompts=np.ones((2, 20), np.uint16), max_new_tokens=5), "request 0: prompt of 20 tokens .* needs 25"),
+    # requests sharing their parameters are checked once: a bad value in a later request is still named
+    (dict(prompts=[[1]] * 3, max_new_tokens=2, top_k=[1, 1, -1]), r"top_k\[2\] = -1 is negative"),
+    (dict(prompts=[[1]] * 3, max_new_tokens=2, end_id=[5, 5, 61]), "end_id of request 2 = 61 is outside"),
 ])
 def test_bad_requests_get_clear_errors(model, kwargs, message):
     with pytest.raises(GenerationError, match=message):
