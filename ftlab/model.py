@@ -637,11 +637,14 @@ def pack_prompts_host(prompts: list[list[int]] | list[np.ndarray]) -> HostPrompt
     np.cumsum(lengths, out=cu[1:])
     ids_and_positions = np.empty((2, int(cu[-1])), dtype=np.int64)
     if all(isinstance(p, np.ndarray) for p in prompts):  # generate()'s checked prompts
-        ids_and_positions[0] = np.concatenate(prompts)
+        np.concatenate(prompts, out=ids_and_positions[0])
     else:
         ids_and_positions[0] = np.fromiter(itertools.chain.from_iterable(prompts), dtype=np.int64,
                                            count=int(cu[-1]))
-    ids_and_positions[1] = np.arange(cu[-1]) - np.repeat(cu[:-1], lengths)  # 0..len_b-1 within each prompt
+    if min(lengths) == max(lengths):  # a (B, T) batch: one row of positions, repeated (64 x 512: 34 -> 6 us)
+        ids_and_positions[1].reshape(len(prompts), lengths[0])[:] = np.arange(lengths[0])
+    else:
+        ids_and_positions[1] = np.arange(cu[-1]) - np.repeat(cu[:-1], lengths)  # 0..len_b-1 within each prompt
     return HostPrompts(ids_and_positions, cu, lengths)
 
 

@@ -9,7 +9,7 @@ from ftlab.checkpoint import random_ft_tensors, write_cmodel
 from ftlab.cli import main
 from ftlab.config import GPTConfig
 from ftlab.generate import GenerationError, cache_capacity, generate, lru_get, stream
-from ftlab.model import GPT, host_to_device
+from ftlab.model import GPT, host_to_device, pack_prompts_host
 
 CFG = GPTConfig(head_num=2, size_per_head=8, num_layer=2, vocab_size=61, max_pos_seq_len=24, start_id=0, end_id=60)
 
@@ -231,6 +231,16 @@ def test_prompts_may_be_tuples_arrays_or_tensors(model):
         out = generate(model, batch, max_new_tokens=3)
         assert out.output_ids == from_rows.output_ids
         assert all(type(t) is int for ids in out.output_ids for t in ids)
+
+
+def test_packed_prompts_hold_ids_and_positions():
+    # ragged lists, ragged int32 arrays, and rows of one (B, T) array (the uniform-length fast path)
+    for prompts in ([[5, 1, 2], [7], [3, 4]], [np.array([5, 1], np.int32), np.array([7, 9, 2], np.int32)],
+                    list(np.arange(12).reshape(3, 4) * 7)):
+        packed = pack_prompts_host(prompts)
+        assert packed.ids_and_positions[0].tolist() == [int(t) for p in prompts for t in p]
+        assert packed.ids_and_positions[1].tolist() == [i for p in prompts for i in range(len(p))]
+        assert packed.cu_seqlens.tolist() == np.cumsum([0] + [len(p) for p in prompts]).tolist()
 
 
 def test_host_to_device_views_every_part_exactly(device):
