@@ -612,8 +612,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, re
             on_step(StepOutput(step=chunk.first_step, token_ids=chunk.tokens[0].tolist(),
                                finished=chunk.finished[0].tolist(),
                                log_probs=chunk.log_probs[0].tolist() if return_log_probs else None))
-    # numpy, not a Python loop per token (64 x 16 tokens per read: ~0.5 ms of the H200 host's time after the last
-    # step): each request keeps its tokens up to the step that finished it, end_id included
+    # each request keeps its tokens up to the step that finished it, end_id included (numpy, not a loop per token;
+    # what remains after the last read at bs64 on the H200 host, ~0.5 ms, is the caller freeing the lists)
     tokens = np.concatenate([c.tokens for c in chunks])  # (steps, B)
     finished = np.concatenate([c.finished for c in chunks])
     kept = np.where(finished.any(0), finished.argmax(0) + 1, len(tokens))
