@@ -500,12 +500,9 @@ def stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, retu
     cfg = model.config
     checked = _checked_prompts(prompts, max_new_tokens, cfg.vocab_size, cfg.max_pos_seq_len)
     for chunk in _chunks(model, checked, max_new_tokens, return_log_probs, sync_every, use_cuda_graph, params):
-        tokens, finished = chunk.tokens.tolist(), chunk.finished.tolist()
-        log_probs = chunk.log_probs.tolist() if return_log_probs else None
-        for i, now_done in enumerate(finished):
-            yield StepOutput(step=chunk.first_step + i, token_ids=tokens[i], finished=now_done,
-                             log_probs=log_probs[i] if return_log_probs else None)
-            if all(now_done):
+        for step in chunk.steps():
+            yield step
+            if all(step.finished):
                 return
 
 
@@ -515,6 +512,11 @@ class _Chunk:
     tokens: np.ndarray  # (steps, B) int64
     finished: np.ndarray  # (steps, B) bool: finished after that step
     log_probs: np.ndarray | None  # (steps, B) float32
+
+    def steps(self) -> list[StepOutput]:
+        tokens, finished = self.tokens.tolist(), self.finished.tolist()
+        log_probs = self.log_probs.tolist() if self.log_probs is not None else [None] * len(tokens)
+        return [StepOutput(self.first_step + i, tokens[i], finished[i], log_probs[i]) for i in range(len(tokens))]
 
 
 @torch.no_grad()
@@ -608,10 +610,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, re
     for chunk in _chunks(model, checked, max_new_tokens, return_log_probs, 1 if on_step is not None else 16,
                          use_cuda_graph, params, while_device_runs=prompts_as_lists):
         chunks.append(chunk)
-        if on_step is not None:  # one step per chunk (a read per step), handed over as soon as it was read
-            on_step(StepOutput(step=chunk.first_step, token_ids=chunk.tokens[0].tolist(),
-                               finished=chunk.finished[0].tolist(),
-                               log_probs=chunk.log_probs[0].tolist() if return_log_probs else None))
+        if on_step is not None:  # a read per step: each handed over as soon as it was read
+            for step in chunk.steps():
+                on_step(step)
     # each request keeps its tokens up to the step that finished it, end_id included (numpy, not a loop per token;
     # what remains after the last read at bs64 on the H200 host, ~0.5 ms, is the caller freeing the lists)
     tokens = np.concatenate([c.tokens for c in chunks])  # (steps, B)
