@@ -55,8 +55,9 @@ def _check_table(name: str, table: torch.Tensor) -> None:
 
 
 def embedding(input_ids: torch.Tensor, position_ids: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor,
-              out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """(T,) ids and positions, wte (V, H), wpe (P, H) -> (T, H) in out_dtype (default wte.dtype)."""
+              out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(T,) ids and positions, wte (V, H), wpe (P, H) -> (T, H) in out_dtype (default wte.dtype); with out, a
+    contiguous (T, H) tensor (its dtype the output's), written in place and returned."""
     _check_index("input_ids", input_ids)
     _check_index("position_ids", position_ids)
     _check_table("wte", wte)
@@ -67,7 +68,7 @@ def embedding(input_ids: torch.Tensor, position_ids: torch.Tensor, wte: torch.Te
         raise ValueError(f"wpe hidden size {wpe.shape[1]} != wte hidden size {wte.shape[1]}")
     if wpe.dtype != wte.dtype:
         raise ValueError(f"wpe dtype {wpe.dtype} != wte dtype {wte.dtype}")
-    out_dtype = wte.dtype if out_dtype is None else out_dtype
+    out_dtype = (out.dtype if out is not None else wte.dtype) if out_dtype is None else out_dtype
     if out_dtype not in _FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be fp32/fp16/bf16, got {out_dtype}")
     for name, t in (("input_ids", input_ids), ("position_ids", position_ids), ("wpe", wpe)):
@@ -76,7 +77,12 @@ def embedding(input_ids: torch.Tensor, position_ids: torch.Tensor, wte: torch.Te
 
     (T,) = input_ids.shape
     H = wte.shape[1]
-    out = torch.empty((T, H), dtype=out_dtype, device=wte.device)
+    if out is None:
+        out = torch.empty((T, H), dtype=out_dtype, device=wte.device)
+    elif (tuple(out.shape) != (T, H) or out.dtype != out_dtype or not out.is_contiguous()
+          or out.device != wte.device):
+        raise ValueError(f"out must be a contiguous {out_dtype} tensor of shape {(T, H)} on {wte.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
     if T == 0 or H == 0:
         return out
     # ids/positions may be non-contiguous 1-D views (e.g. a column of a [B, S] tensor): the kernel indexes densely

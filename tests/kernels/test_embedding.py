@@ -89,3 +89,15 @@ def test_argument_errors(device):
         embedding(ids, pos, torch.randn(8, 10, device=device).t(), wpe)
     with pytest.raises(ValueError, match="out_dtype"):
         embedding(ids, pos, wte, wpe, out_dtype=torch.int32)
+
+
+def test_embedding_writes_into_out(device):
+    wte = torch.randn(37, 13, device=device)
+    wpe = torch.randn(11, 13, device=device)
+    ids = torch.randint(0, 37, (7,), device=device)
+    pos = torch.randint(0, 11, (7,), device=device)
+    out = torch.full((7, 13), 5.0, dtype=torch.float16, device=device)
+    assert embedding(ids, pos, wte, wpe, out=out) is out
+    assert torch.equal(out, embedding_reference(ids, pos, wte, wpe, torch.float16))
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        embedding(ids, pos, wte, wpe, out=out[:, :12])

@@ -60,3 +60,95 @@ def test_finish_step_names_the_bad_tensor(device):
     with pytest.raises(ValueError, match="hist_finished"):
         finish_step(s["sampled"], s["sampled_log_probs"], s["end_id"], s["finished"], s["sampled"].clone(),
                     s["steps"], hist[0], hist[1], hist[2][:2])
+
+
+def _greedy_logits(B, V, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, V, generator=g) * 3
+    for b in range(B):  # exact ties for the maximum, some of them in other chunks: the lowest index must win
+        at = torch.randint(0, V, (3,), generator=g)
+        logits[b, at] = logits[b].max() + 1
+    if V > 4:
+        logits[:, 1] = float("-inf")
+    return logits.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,V,chunk", [(1, 1, None), (7, 13, None), (13, 1023, 16), (3, 5000, 64), (2, 50257, None)])
+def test_greedy_finish_step_is_sample_then_finish_step(B, V, chunk, dtype, device):
+    from ftlab.kernels.finish_step import greedy_finish_step
+    from ftlab.kernels.sampling import sample
+
+    rows = 9
+    s = _state(B, rows, device, vocab=max(V, 2))
+    logits = _greedy_logits(B, V, dtype, device, seed=B * 1000 + V)
+    ones = torch.ones(B, dtype=torch.int32, device=device)
+    sampled, sampled_lp = sample(logits, ones, torch.ones(B, device=device), torch.full((B,), 0.7, device=device),
+                                 torch.zeros(B, dtype=torch.int64, device=device), s["steps"], return_logprobs=True)
+    want = dict(finished=s["finished"].clone(), steps=s["steps"].clone(), positions=s["positions"].clone(),
+                next=torch.full((B,), -1, dtype=torch.int64, device=device), lp=sampled_lp.clone(),
+                hist=(torch.full((rows, B), -7, dtype=torch.int64, device=device),
+                      torch.full((rows, B), 3.5, dtype=torch.float32, device=device),
+                      torch.zeros((rows, B), dtype=torch.bool, device=device)))
+    got = {k: (tuple(h.clone() for h in v) if k == "hist" else v.clone()) for k, v in want.items()}
+    got["lp"].fill_(123.0)
+    finish_step(sampled, want["lp"], s["end_id"], want["finished"], want["next"], want["steps"], *want["hist"],
+                positions=want["positions"])
+    counter = torch.zeros(B, dtype=torch.int32, device=device)
+    for _ in range(2):  # the counter is left zero: a second call over the same state behaves the same
+        for k in ("finished", "steps", "positions"):
+            got[k].copy_(s[k])
+        greedy_finish_step(logits, s["end_id"], got["finished"], got["next"], got["lp"], got["steps"], *got["hist"],
+                           positions=got["positions"], counter=counter, chunk=chunk)
+        assert torch.equal(counter, torch.zeros_like(counter))
+        assert torch.equal(got["next"], want["next"]) and torch.equal(got["finished"], want["finished"])
+        assert torch.equal(got["steps"], want["steps"]) and torch.equal(got["positions"], want["positions"])
+        torch.testing.assert_close(got["lp"], want["lp"], rtol=1e-5, atol=1e-5)
+        assert torch.equal(got["hist"][0], want["hist"][0]) and torch.equal(got["hist"][2], want["hist"][2])
+        torch.testing.assert_close(got["hist"][1], want["hist"][1], rtol=1e-5, atol=1e-5)
+    live = ~s["finished"]  # the unfinished requests got the argmax (lowest index among ties)
+    row_max = logits.float().max(dim=1, keepdim=True).values
+    first_max = (logits.float() == row_max).int().argmax(dim=1)
+    assert torch.equal(got["next"][live], first_max[live])
+
+
+def test_greedy_finish_step_names_the_bad_tensor(device):
+    from ftlab.kernels.finish_step import greedy_finish_step
+
+    s = _state(4, 3, device)
+    hist = (torch.zeros((3, 4), dtype=torch.int64, device=device), torch.zeros((3, 4), device=device),
+            torch.zeros((3, 4), dtype=torch.bool, device=device))
+    logits = torch.randn(4, 10, device=device)
+    lp = torch.zeros(4, device=device)
+    with pytest.raises(ValueError, match="counter must be a contiguous torch.int32"):
+        greedy_finish_step(logits, s["end_id"], s["finished"], s["sampled"].clone(), lp, s["steps"], *hist,
+                           counter=torch.zeros(4, dtype=torch.int64, device=device))
+    with pytest.raises(ValueError, match="logits must be 2-D"):
+        greedy_finish_step(logits[0], s["end_id"], s["finished"], s["sampled"].clone(), lp, s["steps"], *hist)
+    with pytest.raises(ValueError, match="chunk must be a power of two"):
+        greedy_finish_step(logits, s["end_id"], s["finished"], s["sampled"].clone(), lp, s["steps"], *hist, chunk=24)
+
+
+@pytest.mark.parametrize("H", [7, 64, 1100])
+def test_greedy_finish_step_embeds_the_next_input(H, device):
+    # embed=(wte, wpe, x): x[b] = wte[emitted token] + wpe[position after the update], finished requests included
+    # (they emit end_id), in x's dtype: what the next decode step would compute with kernels/embedding.py
+    from ftlab.kernels.embedding import embedding_reference
+    from ftlab.kernels.finish_step import greedy_finish_step
+
+    B, V, P, rows = 5, 300, 50, 4
+    s = _state(B, rows, device, vocab=V)
+    positions = torch.randint(0, P - 1, (B,), dtype=torch.int32, device=device)
+    logits = _greedy_logits(B, V, torch.float32, device, seed=H)
+    wte = torch.randn(V, H, device=device)
+    wpe = torch.randn(P, H, device=device)
+    x = torch.full((B, H), 9.0, dtype=torch.float16, device=device)
+    hist = (torch.zeros((rows, B), dtype=torch.int64, device=device), torch.zeros((rows, B), device=device),
+            torch.zeros((rows, B), dtype=torch.bool, device=device))
+    tokens = torch.zeros(B, dtype=torch.int64, device=device)
+    greedy_finish_step(logits, s["end_id"], s["finished"].clone(), tokens, torch.zeros(B, device=device),
+                       s["steps"].clone(), *hist, positions=positions, chunk=64, embed=(wte, wpe, x))
+    assert torch.equal(x, embedding_reference(tokens, positions, wte, wpe, torch.float16))
+    with pytest.raises(ValueError, match="embed needs positions"):
+        greedy_finish_step(logits, s["end_id"], s["finished"].clone(), tokens, torch.zeros(B, device=device),
+                           s["steps"].clone(), *hist, embed=(wte, wpe, x))
