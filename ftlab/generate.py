@@ -14,7 +14,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .kernels.finish_step import finish_step
+from .kernels.embedding import embedding
+from .kernels.finish_step import finish_step, greedy_finish_step
 from .kernels.sampling import check_sampling_params, sample
 from .model import GPT, DeviceColumns, HostPrompts, host_to_device, pack_prompts_host
 from .processing import LogitsProcessor, normalize_words
@@ -261,22 +262,35 @@ def lru_get(cache: dict, key, make: Callable[[], object], limit: int):
 
 
 class DecodeGraph:
-    """The whole decode step (embedding, every block, LM head, sampling, end-of-sequence bookkeeping) captured once
-    as a CUDA graph over static buffers: one launch per token and no host synchronisation. Kept on the model per
-    (batch, capacity) so that later calls of the same size reuse both the graph and its KV cache.
+    """The whole decode step (every block, LM head, sampling, end-of-sequence bookkeeping, and the embedding of the
+    emitted tokens: the next step's input `x`) captured once as a CUDA graph over static buffers: one launch per
+    token and no host synchronisation. Kept on the model per (batch, capacity) so that later calls of the same size
+    reuse both the graph and its KV cache.
 
     A call loads its parameters and starting state in one copy (load_request), runs `first` (the prefill and the
     first token; captured too from a packed shape's second call) and then `replay`s the step: each token, its
     log-prob and the finished flags land in row `step` of the history buffers (kernels/finish_step.py), which the
     caller reads every few steps. One step per graph: capturing 2, 4 or 8 steps in one graph measured no gain on the
     H200 (GPT-345M, context 512, replays back to back: bs1 367.6 -> 365.3-368.4 us per step, bs64 1788 ->
-    1804-1848; data/bench/decode_attention_experiments.csv)."""
+    1804-1848; data/bench/decode_attention_experiments.csv).
+
+    Two variants of the step, each captured the first time a call needs it: the general one samples with
+    kernels/sampling.py and then runs finish_step (three launches), and the one for calls whose requests all decode
+    greedily (top_k = 1) does both in one launch (greedy_finish_step), the next input's embedding included. A step
+    ends with its tokens' embedding rather than starting with it, so that its first kernel, the QKV GEMV, loads its
+    weights as soon as the graph starts. H200, GPT-345M, fp16 (data/bench/greedy_finish_ab.csv): the sampler's two
+    launches and finish_step alone took 6.6 / 7.3 / 16.2 us at bs1 / 8 / 64, greedy_finish_step 4.5 / 5.0 / 8.7;
+    `ftlab bench` alternating with the code before (085ce8d), two rounds: decode step 0.356-0.359 -> 0.354 ms, bs1
+    512 -> 32 12.80-13.03 -> 12.65-12.71 ms, bs64 86.76-87.02 -> 86.05-86.63 ms; in a timeline of the bs1 step the
+    one launch adds 4.2 us where the four it replaces added ~7.3 (data/bench/decode_timeline.csv)."""
 
     def __init__(self, model: GPT, batch_size: int, capacity: int):
         dev, B = model.device, batch_size
         self.model = model
         self.cache = model.new_kv_cache(batch_size, capacity)
         self.tokens = torch.zeros(batch_size, dtype=torch.int64, device=dev)  # each step's input (last tokens)
+        # ... embedded at `positions`: what the step's blocks start from (written by the prefill and each step)
+        self.x = torch.zeros(batch_size, model.config.hidden, dtype=model.dtype, device=dev)
         self.request = DeviceColumns(dev, pinned_staging=True, top_k=(B, torch.int32), top_p=(B, torch.float32),
                                      temperature=(B, torch.float32), seeds=(B, torch.int64), end_id=(B, torch.int64),
                                      positions=(B, torch.int32), steps=(B, torch.int32), finished=(B, torch.bool))
@@ -290,23 +304,55 @@ class DecodeGraph:
         self.hist_finished = torch.zeros(capacity, B, dtype=torch.bool, device=dev)
         self.prefill_graphs: dict = {}  # PrefillGraph by (total tokens, longest prompt)
         self.prefill_seen: set = set()
-        self.graph, (_, self.out_log_probs) = capture_cuda_graph(self._step, dev)
+        self.greedy_counter = torch.zeros(B, dtype=torch.int32, device=dev)  # greedy_finish_step's, left zero
+        self.greedy_log_probs = torch.zeros(B, dtype=torch.float32, device=dev)
+        self.variants: dict = {}  # all-greedy (bool) -> (captured step, its log-probs buffer)
+        self.greedy = False  # the variant of the current call, chosen (and captured) by load_request
+        self.graph = self.out_log_probs = None
 
-    def _finish(self, logits: torch.Tensor, positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _use_variant(self, greedy: bool) -> None:
+        """Replay the general or the all-greedy step from now on, capturing it first if this graph has not yet. The
+        capture's warm-up runs one step: the loaded state is put back (the slots it wrote, the KV cache at the
+        positions and history row `steps`, are written again by the call before anything reads them)."""
+        self.greedy = greedy
+        if greedy not in self.variants:
+            saved = self.request.buffer.clone()
+            graph, (_, log_probs) = capture_cuda_graph(self._step, self.model.device)
+            self.variants[greedy] = graph, log_probs
+            self.request.buffer.copy_(saved)
+        self.graph, self.out_log_probs = self.variants[greedy]
+
+    def _finish(self, logits: torch.Tensor, positions: torch.Tensor | None,
+                greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampling, the bookkeeping (positions advanced when given: a decode step) and the next step's input x."""
+        w = self.model.weights
+        if greedy and positions is not None:  # every request has top_k = 1: all of it in one launch
+            greedy_finish_step(logits, self.end_id, self.finished, self.tokens, self.greedy_log_probs, self.steps,
+                               self.hist_tokens, self.hist_log_probs, self.hist_finished, positions=positions,
+                               counter=self.greedy_counter, embed=(w.wte, w.wpe, self.x))
+            return self.tokens, self.greedy_log_probs
         tokens, log_probs = sample(logits, self.top_k, self.top_p, self.temperature, self.seeds, self.steps,
                                    return_logprobs=True)
         finish_step(tokens, log_probs, self.end_id, self.finished, self.tokens, self.steps, self.hist_tokens,
                     self.hist_log_probs, self.hist_finished, positions=positions)
+        self._embed_tokens()
         return self.tokens, log_probs
 
+    def _embed_tokens(self) -> None:
+        embedding(self.tokens, self.positions, self.model.weights.wte, self.model.weights.wpe, out=self.x)
+
     def _step(self):
-        return self._finish(self.model.decode(self.tokens, self.positions, self.cache), self.positions)
+        logits = self.model.lm_logits(self.model.run_blocks_decode(self.x, self.positions, self.cache))
+        return self._finish(logits, self.positions, self.greedy)
 
     def load_request(self, params: "RequestParams", lengths: list[int]) -> dict[str, torch.Tensor]:
         """A call's parameters and starting state into the graph's inputs, in one copy: the decode steps start at
-        the prompts' ends; the first token is RNG step 0; no request has finished. Returns the views."""
-        return self.request.load(**{name: values for name, (values, _) in params.columns().items()},
-                                 positions=lengths, steps=0, finished=False)
+        the prompts' ends; the first token is RNG step 0; no request has finished; the step variant for these
+        parameters (all greedy or not) is replayed. Returns the views."""
+        views = self.request.load(**{name: values for name, (values, _) in params.columns().items()},
+                                  positions=lengths, steps=0, finished=False)
+        self._use_variant(bool(np.all(np.asarray(params.top_k) == 1)))
+        return views
 
     def first(self, prompts: HostPrompts) -> tuple[torch.Tensor, torch.Tensor]:
         """The context phase into this graph's cache and the first token: (B,) tokens and log-probs (static
@@ -331,6 +377,7 @@ class DecodeGraph:
         (valid until the next step; not cloned)."""
         if tokens is not self.tokens:
             self.tokens.copy_(tokens)
+            self._embed_tokens()
         self.graph.replay()
         return self.tokens, self.out_log_probs
 

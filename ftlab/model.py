@@ -438,7 +438,8 @@ class GPT:
         """One token per sequence (B, H) at `positions` (B,) through this stage's blocks.
 
         `positions` and the cache rows below them must have been written before x was (x comes from the step's
-        embedding or a receive, ordinary launches): decode attention then reads them before its PDL wait."""
+        embedding, a receive, or the previous captured step: work finished before the first block starts), so
+        decode attention reads them before its PDL wait."""
         if self._use_fused_block(x, cache):
             for i, block in enumerate(self.weights.blocks):  # BlockWeights' fields are decode_block's weight names
                 tensors = {k: v for k, v in vars(block).items() if not k.endswith("_ln_row_sums")}

@@ -165,6 +165,58 @@ def test_cuda_graph_on_and_off_agree(model):
             == generate(model, others, use_cuda_graph=False, **kwargs).output_ids)
 
 
+class _Replayed:
+    """Stands in for a captured CUDA graph off a GPU: each replay runs the step's launches again, eagerly."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def replay(self):
+        self.step()
+
+
+def test_decode_graph_logic_runs_eagerly_like_the_session(model, monkeypatch):
+    # DecodeGraph's own logic (its step starts from the x that the prefill or the previous step wrote, the greedy
+    # variant's one fused launch, lazily captured variants with the call's state put back, replayed prefills) on
+    # any device: capture_cuda_graph swapped for eager replays. Calls alternate between the variants on one shape.
+    import ftlab.generate as gen
+
+    monkeypatch.setattr(gen, "capture_cuda_graph", lambda step, device: (_Replayed(step), step()))
+    monkeypatch.setattr(gen, "decode_graph", lambda m, b, c: gen.lru_get(
+        m.graph_cache, ("eager", b, c), lambda: gen.DecodeGraph(m, b, c), gen.MAX_GRAPHS_PER_MODEL))
+    prompts = [[1, 2, 3], [7], [4, 4, 4, 4]]
+    end = generate(model, prompts, max_new_tokens=8, use_cuda_graph=False).generated_ids(1)[2]
+    greedy = dict(max_new_tokens=8, return_log_probs=True, end_id=[60, end, 60])  # request 1 ends early
+    sampled = dict(max_new_tokens=8, return_log_probs=True, top_k=[1, 0, 5], top_p=[1.0, 0.9, 1.0], random_seed=11)
+    for kwargs in (greedy, sampled, greedy, sampled, greedy):
+        on = generate(model, prompts, use_cuda_graph=True, **kwargs)
+        off = generate(model, prompts, use_cuda_graph=False, **kwargs)
+        assert on.output_ids == off.output_ids
+        for a, b in zip(on.output_log_probs, off.output_log_probs):
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    assert on.output_ids[1][-1] == end and len(on.output_ids[1]) <= 1 + 3  # stopped at its end_id, included
+    entry = model.graph_cache.pop(("eager", 3, cache_capacity([3, 1, 4], 8, CFG.max_pos_seq_len)))
+    assert sorted(entry.variants) == [False, True] and len(entry.prefill_graphs) == 1
+
+
+@pytest.mark.gpu
+def test_greedy_and_sampled_calls_share_a_graph_like_eager(model):
+    # a DecodeGraph captures its all-greedy step (kernels/finish_step.py greedy_finish_step) and its general step
+    # the first time a call needs each, in the middle of that call's set-up: calls alternating between them on one
+    # shape must each give what the eager path gives
+    prompts = [[1, 2, 3], [7], [4, 4, 4, 4]]
+    greedy = dict(max_new_tokens=9, return_log_probs=True)
+    sampled = dict(max_new_tokens=9, return_log_probs=True, top_k=[1, 0, 5], top_p=[1.0, 0.9, 1.0], random_seed=11)
+    for kwargs in (sampled, greedy, sampled, greedy):
+        on = generate(model, prompts, use_cuda_graph=True, **kwargs)
+        off = generate(model, prompts, use_cuda_graph=False, **kwargs)
+        assert on.output_ids == off.output_ids
+        for a, b in zip(on.output_log_probs, off.output_log_probs):
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    entry = model.graph_cache[(len(prompts), cache_capacity([3, 1, 4], 9, CFG.max_pos_seq_len))]
+    assert sorted(entry.variants) == [False, True]
+
+
 @pytest.mark.gpu
 def test_cuda_graph_masks_finished_requests_like_eager(model):
     # the captured step keeps the end-of-sequence bookkeeping itself (kernels/finish_step.py): per step the same
