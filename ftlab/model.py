@@ -468,7 +468,10 @@ class GPT:
         so the step is bound by the latency of its kernel chain, not by HBM idling. Again with kernels/gemv_rows.py
         (which ignores the hint, so only decode attention prefetches; 2026-12-02, two rounds, data/bench/
         prefetch_ahead_ab.csv): 0 / 1 / 2 / 3 ahead 0.365 / 0.364-0.365 / 0.369-0.376 / 0.374-0.375 ms. Never the
-        LM head (twice the L2). Read per call, like FTLAB_FUSED_BLOCK, so a benchmark can compare."""
+        LM head (twice the L2). Read per call, like FTLAB_FUSED_BLOCK, so a benchmark can compare. At bs32 / bs64
+        (the cuBLAS-path blocks, scratch code, 2026-12-02, data/bench/attention_prefetch_bs64_ab.csv) decode
+        attention prefetching its block's out-projection, FC1 or FC2 weight or the next block's QKV weight made
+        the step slower or equal (bs64 1.60-1.65 ms without, 1.61-1.68 with; bs32 1.07-1.08 vs 1.08-1.12)."""
         ahead = int(os.environ.get("FTLAB_PREFETCH_AHEAD", "0"))
         order = [w for b in self.weights.blocks for w in (b.qkv_weight, None, b.attn_out_weight, b.fc1_weight,
                                                            b.fc2_weight)]

@@ -48,6 +48,11 @@ gained nothing.
 Session 21 (scratch edit, not kept): two tiles loaded ahead instead of one made every step slower, alternating in
 one process (data/bench/decode_lookahead_ab.csv, ms): bs1 0.354-0.355 -> 0.393-0.394, bs8 0.556 -> 0.626-0.628,
 bs32 1.077-1.085 -> 1.298-1.303, bs64 1.648-1.659 -> 2.027-2.046.
+Session 23 (scratch edit, not kept): asking L2 for the next 1-6 tiles (or the whole partition) with bulk prefetches
+(`cp.async.bulk.prefetch.L2`, no registers held) made it slower at every distance (data/bench/
+decode_kv_l2_prefetch_ab.csv): the kernel alone at bs64 37.2-38.7 us -> 44.6-50.1, the bs64 step 1.61-1.64 ->
+1.76-1.93 ms, bs32 1.07-1.08 -> 1.17-1.23, bs8 0.560 -> 0.603, bs1 unchanged. More requests in flight do not raise
+the ~3.5 TB/s it reaches.
 """
 import math
 import os
