@@ -4,6 +4,9 @@ One program per (token, block of BLOCK_H hidden features): it reads the two tabl
 stores the sum in the output dtype. The tables may be stored in fp32 while the model computes in fp16/bf16: the
 cast happens in the kernel, so no converted copy of the (large) word table is ever made.
 Indices are not range-checked on the device (that would need a host sync); the launcher checks shapes and dtypes.
+Positions past the position table read its last row instead of memory beyond it: a captured decode step embeds its
+tokens at the position after theirs, which for the last position of the table is never fed to the model (and the
+capture's warm-up step runs on whatever state is loaded).
 """
 from typing import Optional
 
@@ -19,7 +22,7 @@ _MAX_BLOCK_H = 1024
 @triton.jit
 def _embedding_kernel(
     ids_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr,
-    H,
+    H, P,  # hidden size, rows of the position table
     BLOCK_H: tl.constexpr,
 ):
     token = tl.program_id(0)
@@ -27,7 +30,7 @@ def _embedding_kernel(
     h_mask = offs_h < H
     # row offsets in int64: V * H exceeds 2**31 for large vocabularies at large hidden sizes
     word_row = tl.load(ids_ptr + token).to(tl.int64) * H
-    pos_row = tl.load(pos_ptr + token).to(tl.int64) * H
+    pos_row = tl.minimum(tl.load(pos_ptr + token).to(tl.int64), P - 1) * H
     word = tl.load(wte_ptr + word_row + offs_h, mask=h_mask, other=0.0).to(tl.float32)
     pos = tl.load(wpe_ptr + pos_row + offs_h, mask=h_mask, other=0.0).to(tl.float32)
     out_row = token.to(tl.int64) * H
@@ -91,7 +94,8 @@ def embedding(input_ids: torch.Tensor, position_ids: torch.Tensor, wte: torch.Te
     block_h = min(triton.next_power_of_2(H), _MAX_BLOCK_H)
     num_warps = max(1, min(4, block_h // 256))
     grid = (T, triton.cdiv(H, block_h))
-    _embedding_kernel[grid](input_ids, position_ids, wte, wpe, out, H, BLOCK_H=block_h, num_warps=num_warps)
+    _embedding_kernel[grid](input_ids, position_ids, wte, wpe, out, H, wpe.shape[0], BLOCK_H=block_h,
+                            num_warps=num_warps)
     return out
 
 

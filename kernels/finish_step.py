@@ -121,7 +121,7 @@ def _greedy_finish_kernel(
     end_ptr, finished_ptr, next_ptr, log_prob_ptr, steps_ptr, positions_ptr,
     hist_tokens_ptr, hist_log_probs_ptr, hist_finished_ptr,
     wte_ptr, wpe_ptr, x_ptr,  # with EMBED: x[row] = wte[token] + wpe[position], the next step's input
-    B, rows, V, NCHUNK, H,
+    B, rows, V, NCHUNK, H, P,  # P: rows of wpe
     HAS_POSITIONS: tl.constexpr, CHUNK: tl.constexpr, NCHUNK_P2: tl.constexpr, EMBED: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -157,7 +157,7 @@ def _greedy_finish_kernel(
                                    hist_log_probs_ptr, hist_finished_ptr, B, rows, HAS_POSITIONS)
     if EMBED:  # kernels/embedding.py's sum for the token just emitted, at the position it will be fed at
         word = wte_ptr + (token.to(tl.int64) * H)[:, None]
-        pos = wpe_ptr + (position.to(tl.int64) * H)[:, None]
+        pos = wpe_ptr + (tl.minimum(position.to(tl.int64), P - 1) * H)[:, None]  # as kernels/embedding.py
         x_row = x_ptr + (offs.to(tl.int64) * H)[:, None]
         for h0 in range(0, H, BLOCK_H):
             cols = h0 + tl.arange(0, BLOCK_H)[None, :]
@@ -187,8 +187,8 @@ def greedy_finish_step(logits: torch.Tensor, end_id: torch.Tensor, finished: tor
     No host synchronisation: safe to capture in a CUDA graph. chunk: logits per program (a power of two; default
     greedy_chunk's), for tests of the merge under the interpreter. embed=(wte (V', H), wpe (P, H), x (B, H)), with
     positions: also x[b] = wte[token] + wpe[positions[b]] for the token each request emits and its position after
-    the update (kernels/embedding.py's sum, fp32 then x's dtype): the next decode step's input, so that step needs
-    no embedding launch of its own."""
+    the update (kernels/embedding.py's sum, fp32 then x's dtype, a position past wpe reading its last row): the next
+    decode step's input, so that step needs no embedding launch of its own."""
     if logits.dim() != 2 or logits.stride(-1) != 1:
         raise ValueError(f"greedy_finish_step: logits must be 2-D (B, V) with contiguous rows, got shape "
                          f"{tuple(logits.shape)} strides {logits.stride()}")
@@ -235,7 +235,7 @@ def greedy_finish_step(logits: torch.Tensor, end_id: torch.Tensor, finished: tor
     _greedy_finish_kernel[(B, nchunk)](
         logits, logits.stride(0), keys, maxes, sums, counter,
         end_id, finished, next_tokens, log_probs, steps, positions if positions is not None else steps,
-        hist_tokens, hist_log_probs, hist_finished, wte, wpe, x, B, rows, V, nchunk, x.shape[-1],
+        hist_tokens, hist_log_probs, hist_finished, wte, wpe, x, B, rows, V, nchunk, x.shape[-1], wpe.shape[0],
         HAS_POSITIONS=positions is not None, CHUNK=chunk, NCHUNK_P2=max(2, triton.next_power_of_2(nchunk)),
         EMBED=embed is not None, BLOCK_H=min(1024, triton.next_power_of_2(x.shape[-1])) if embed is not None else 16,
         num_warps=warps,

@@ -197,6 +197,12 @@ def test_decode_graph_logic_runs_eagerly_like_the_session(model, monkeypatch):
     assert on.output_ids[1][-1] == end and len(on.output_ids[1]) <= 1 + 3  # stopped at its end_id, included
     entry = model.graph_cache.pop(("eager", 3, cache_capacity([3, 1, 4], 8, CFG.max_pos_seq_len)))
     assert sorted(entry.variants) == [False, True] and len(entry.prefill_graphs) == 1
+    # prompts that fill the position table: the capture's warm-up step embeds one position past it
+    full = [[5] * (CFG.max_pos_seq_len - 1)]
+    for n in (1, 1):
+        assert (generate(model, full, max_new_tokens=n, use_cuda_graph=True).output_ids
+                == generate(model, full, max_new_tokens=n, use_cuda_graph=False).output_ids)
+    model.graph_cache.clear()
 
 
 @pytest.mark.gpu

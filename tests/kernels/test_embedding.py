@@ -101,3 +101,12 @@ def test_embedding_writes_into_out(device):
     assert torch.equal(out, embedding_reference(ids, pos, wte, wpe, torch.float16))
     with pytest.raises(ValueError, match="out must be a contiguous"):
         embedding(ids, pos, wte, wpe, out=out[:, :12])
+
+
+def test_positions_past_the_table_read_its_last_row(device):
+    # a captured decode step embeds its tokens one position ahead, which at the table's end is never fed
+    wte = torch.randn(20, 16, device=device)
+    wpe = torch.randn(6, 16, device=device)
+    ids = torch.tensor([3, 4], device=device)
+    out = embedding(ids, torch.tensor([5, 6], device=device), wte, wpe)
+    assert torch.equal(out, embedding_reference(ids, torch.tensor([5, 5], device=device), wte, wpe))
