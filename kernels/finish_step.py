@@ -14,8 +14,9 @@ rows every few steps.
 `greedy_finish_step` is the same bookkeeping fused with a greedy sampler (argmax, lowest index among ties, and its
 log-softmax), for a captured step whose requests all decode greedily: grid (row, chunk of the vocabulary), each
 program reduces its chunk to (largest key, max, sum of exp), and the last program of a row to finish (an
-acquire-release counter, as in kernels/decode_attention.py) merges the chunks and does the row's bookkeeping. One
-launch instead of three (the sampler's two and finish_step).
+acquire-release counter, as in kernels/decode_attention.py) merges the chunks and does the row's bookkeeping, and
+optionally writes the emitted token's embedding, the next step's input. One launch instead of four (the sampler's
+two, finish_step and the next step's embedding). Its reference: greedy_finish_step_reference.
 """
 from typing import Optional
 
@@ -240,3 +241,12 @@ def greedy_finish_step(logits: torch.Tensor, end_id: torch.Tensor, finished: tor
         EMBED=embed is not None, BLOCK_H=min(1024, triton.next_power_of_2(x.shape[-1])) if embed is not None else 16,
         num_warps=warps,
     )
+
+
+def greedy_finish_step_reference(logits, end_id, finished, steps, rows: int, positions=None):
+    """greedy_finish_step in torch, out of place: the argmax of each row (the first of equal maxima) and its
+    log-softmax in fp32, then finish_step_reference's (token, log_prob, finished, history row, steps, positions)."""
+    scaled = logits.float()
+    token = scaled.argmax(dim=1)
+    log_prob = torch.log_softmax(scaled, dim=1).gather(1, token[:, None])[:, 0]
+    return finish_step_reference(token, log_prob, end_id, finished, steps, rows, positions)

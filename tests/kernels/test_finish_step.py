@@ -76,7 +76,7 @@ def _greedy_logits(B, V, dtype, device, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,V,chunk", [(1, 1, None), (7, 13, None), (5, 1023, 64), (3, 5000, 512), (2, 50257, None)])
 def test_greedy_finish_step_is_sample_then_finish_step(B, V, chunk, dtype, device):
-    from ftlab.kernels.finish_step import greedy_finish_step
+    from ftlab.kernels.finish_step import greedy_finish_step, greedy_finish_step_reference
     from ftlab.kernels.sampling import sample
 
     rows = 9
@@ -106,10 +106,12 @@ def test_greedy_finish_step_is_sample_then_finish_step(B, V, chunk, dtype, devic
         torch.testing.assert_close(got["lp"], want["lp"], rtol=1e-5, atol=1e-5)
         assert torch.equal(got["hist"][0], want["hist"][0]) and torch.equal(got["hist"][2], want["hist"][2])
         torch.testing.assert_close(got["hist"][1], want["hist"][1], rtol=1e-5, atol=1e-5)
-    live = ~s["finished"]  # the unfinished requests got the argmax (lowest index among ties)
-    row_max = logits.float().max(dim=1, keepdim=True).values
-    first_max = (logits.float() == row_max).int().argmax(dim=1)
-    assert torch.equal(got["next"][live], first_max[live])
+    # and the torch reference (the first of equal maxima, log_softmax in fp32)
+    ref_token, ref_lp, ref_done, _, ref_steps, ref_pos = greedy_finish_step_reference(
+        logits, s["end_id"], s["finished"], s["steps"], rows, s["positions"])
+    assert torch.equal(got["next"], ref_token) and torch.equal(got["finished"], ref_done)
+    assert torch.equal(got["steps"], ref_steps) and torch.equal(got["positions"], ref_pos)
+    torch.testing.assert_close(got["lp"], ref_lp, rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_finish_step_names_the_bad_tensor(device):
