@@ -275,11 +275,11 @@ class DecodeGraph:
     1804-1848; data/bench/decode_attention_experiments.csv).
 
     Two variants of the step, each captured the first time a call needs it: the general one samples with
-    kernels/sampling.py and then runs finish_step (three launches), and the one for calls whose requests all decode
-    greedily (top_k = 1) does both in one launch (greedy_finish_step), the next input's embedding included. A step
-    ends with its tokens' embedding rather than starting with it, so that its first kernel, the QKV GEMV, loads its
-    weights as soon as the graph starts. H200, GPT-345M, fp16 (data/bench/greedy_finish_ab.csv): the sampler's two
-    launches and finish_step alone took 6.6 / 7.3 / 16.2 us at bs1 / 8 / 64, greedy_finish_step 4.5 / 5.0 / 8.7;
+    kernels/sampling.py, runs finish_step and embeds the tokens (four launches), and the one for calls whose requests
+    all decode greedily (top_k = 1) does all of it in one launch (greedy_finish_step). A step ends with its tokens'
+    embedding rather than starting with it, so that its first kernel, the QKV GEMV, loads its weights as soon as the
+    graph starts. H200, GPT-345M, fp16 (data/bench/greedy_finish_ab.csv): the sampler's two launches and finish_step
+    alone took 6.6 / 7.3 / 16.2 us at bs1 / 8 / 64, greedy_finish_step (no embedding) 4.5 / 5.0 / 8.7;
     `ftlab bench` alternating with the code before (085ce8d), two rounds: decode step 0.356-0.359 -> 0.354 ms, bs1
     512 -> 32 12.80-13.03 -> 12.65-12.71 ms, bs64 86.76-87.02 -> 86.05-86.63 ms; in a timeline of the bs1 step the
     one launch adds 4.2 us where the four it replaces added ~7.3 (data/bench/decode_timeline.csv)."""
@@ -312,8 +312,8 @@ class DecodeGraph:
 
     def _use_variant(self, greedy: bool) -> None:
         """Replay the general or the all-greedy step from now on, capturing it first if this graph has not yet. The
-        capture's warm-up runs one step: the loaded state is put back (the slots it wrote, the KV cache at the
-        positions and history row `steps`, are written again by the call before anything reads them)."""
+        capture's warm-up runs one step: the loaded state is put back (what else it wrote, the KV cache at the
+        positions, history row `steps`, the tokens and x, the call writes again before anything reads them)."""
         self.greedy = greedy
         if greedy not in self.variants:
             saved = self.request.buffer.clone()
