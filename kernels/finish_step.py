@@ -76,6 +76,23 @@ def _check(t: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple, device)
                          f"{t.dtype} {tuple(t.shape)} on {t.device}")
 
 
+def _check_state(B: int, dev, end_id, finished, next_tokens, steps, hist_tokens, hist_log_probs, hist_finished,
+                 positions, **more) -> int:
+    """Checks the per-request state both launchers update, and more name=(tensor, dtype) of shape (B,): the
+    history's number of rows."""
+    for name, t, dtype in (("end_id", end_id, torch.int64), ("finished", finished, torch.bool),
+                           ("next_tokens", next_tokens, torch.int64), ("steps", steps, torch.int32),
+                           *((name, t, dtype) for name, (t, dtype) in more.items())):
+        _check(t, name, dtype, (B,), dev)
+    if positions is not None:
+        _check(positions, "positions", torch.int32, (B,), dev)
+    rows = hist_tokens.shape[0] if hist_tokens.dim() == 2 else -1
+    for name, t, dtype in (("hist_tokens", hist_tokens, torch.int64), ("hist_log_probs", hist_log_probs, torch.float32),
+                           ("hist_finished", hist_finished, torch.bool)):
+        _check(t, name, dtype, (rows, B), dev)
+    return rows
+
+
 def finish_step(sampled: torch.Tensor, sampled_log_probs: torch.Tensor, end_id: torch.Tensor,
                 finished: torch.Tensor, next_tokens: torch.Tensor, steps: torch.Tensor,
                 hist_tokens: torch.Tensor, hist_log_probs: torch.Tensor, hist_finished: torch.Tensor,
@@ -85,16 +102,8 @@ def finish_step(sampled: torch.Tensor, sampled_log_probs: torch.Tensor, end_id: 
     row this step writes; incremented), hist_* (R, B) int64 / fp32 / bool, positions (B,) int32 or None.
     No host synchronisation: safe to capture in a CUDA graph."""
     B, dev = sampled.shape[0], sampled.device
-    for name, t, dtype in (("sampled", sampled, torch.int64), ("sampled_log_probs", sampled_log_probs, torch.float32),
-                           ("end_id", end_id, torch.int64), ("finished", finished, torch.bool),
-                           ("next_tokens", next_tokens, torch.int64), ("steps", steps, torch.int32)):
-        _check(t, name, dtype, (B,), dev)
-    if positions is not None:
-        _check(positions, "positions", torch.int32, (B,), dev)
-    rows = hist_tokens.shape[0] if hist_tokens.dim() == 2 else -1
-    for name, t, dtype in (("hist_tokens", hist_tokens, torch.int64), ("hist_log_probs", hist_log_probs, torch.float32),
-                           ("hist_finished", hist_finished, torch.bool)):
-        _check(t, name, dtype, (rows, B), dev)
+    rows = _check_state(B, dev, end_id, finished, next_tokens, steps, hist_tokens, hist_log_probs, hist_finished,
+                        positions, sampled=(sampled, torch.int64), sampled_log_probs=(sampled_log_probs, torch.float32))
     if B == 0:
         return
     block_b = min(1024, triton.next_power_of_2(B))
@@ -197,16 +206,8 @@ def greedy_finish_step(logits: torch.Tensor, end_id: torch.Tensor, finished: tor
         raise ValueError(f"greedy_finish_step: logits dtype must be float16/bfloat16/float32, got {logits.dtype}")
     B, V = logits.shape
     dev = logits.device
-    for name, t, dtype in (("end_id", end_id, torch.int64), ("finished", finished, torch.bool),
-                           ("next_tokens", next_tokens, torch.int64), ("log_probs", log_probs, torch.float32),
-                           ("steps", steps, torch.int32)):
-        _check(t, name, dtype, (B,), dev)
-    if positions is not None:
-        _check(positions, "positions", torch.int32, (B,), dev)
-    rows = hist_tokens.shape[0] if hist_tokens.dim() == 2 else -1
-    for name, t, dtype in (("hist_tokens", hist_tokens, torch.int64), ("hist_log_probs", hist_log_probs, torch.float32),
-                           ("hist_finished", hist_finished, torch.bool)):
-        _check(t, name, dtype, (rows, B), dev)
+    rows = _check_state(B, dev, end_id, finished, next_tokens, steps, hist_tokens, hist_log_probs, hist_finished,
+                        positions, log_probs=(log_probs, torch.float32))
     if counter is None:
         counter = torch.zeros(B, dtype=torch.int32, device=dev)
     _check(counter, "counter", torch.int32, (B,), dev)
