@@ -324,9 +324,10 @@ class DecodeGraph:
 
     def _finish(self, logits: torch.Tensor, positions: torch.Tensor | None,
                 greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sampling, the bookkeeping (positions advanced when given: a decode step) and the next step's input x."""
-        w = self.model.weights
-        if greedy and positions is not None:  # every request has top_k = 1: all of it in one launch
+        """Sampling, the bookkeeping (positions advanced when given: a decode step) and the next step's input x.
+        greedy (decode steps only: the embedding needs positions): every request has top_k = 1, all in one launch."""
+        if greedy:
+            w = self.model.weights
             greedy_finish_step(logits, self.end_id, self.finished, self.tokens, self.greedy_log_probs, self.steps,
                                self.hist_tokens, self.hist_log_probs, self.hist_finished, positions=positions,
                                counter=self.greedy_counter, embed=(w.wte, w.wpe, self.x))
