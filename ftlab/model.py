@@ -216,7 +216,10 @@ def _dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Nor did other ways of calling cuBLAS pay (2026-12-02, data/bench/prefill_gemm_forms.csv, us per GEMM at 512 /
     4096 / 32768 rows): cuBLASLt preferred for every matmul (QKV 8.03 / 44.8 / 350 vs 8.05 / 40.8 / 317), the weights
     pre-transposed to (in, out) (within 3 %, QKV 344 at 32768), a 128 MiB workspace (the same), or FC1's GELU as its
-    own kernel (12.6 / 76.8 / 627 vs 10.8 / 57.0 / 523 in cuBLASLt's epilogue, which costs 5-15 % over no GELU)."""
+    own kernel (12.6 / 76.8 / 627 vs 10.8 / 57.0 / 523 in cuBLASLt's epilogue, which costs 5-15 % over no GELU).
+    Nor, end to end, did cuBLASLt's other heuristic candidates chosen by timing each shape (session 24, scratch
+    code): faster alone at 32768 rows for the out-projection and FC1 (data/bench/cublaslt_algos.csv), the bench's
+    cells within their noise (cublaslt_e2e_ab.csv)."""
     if skinny_gemm_on(x, weight):
         return skinny_gemm(x, weight, bias, activation="gelu" if gelu else None)
     if gelu:

@@ -53,6 +53,10 @@ Session 23 (scratch edit, not kept): asking L2 for the next 1-6 tiles (or the wh
 decode_kv_l2_prefetch_ab.csv): the kernel alone at bs64 37.2-38.7 us -> 44.6-50.1, the bs64 step 1.61-1.64 ->
 1.76-1.93 ms, bs32 1.07-1.08 -> 1.17-1.23, bs8 0.560 -> 0.603, bs1 unchanged. More requests in flight do not raise
 the ~3.5 TB/s it reaches.
+Session 24 (scratch probe, data/bench/decode_read_ceiling.csv, bs64 at positions 512-543 of 768 slots): a kernel that
+only reads the same keys and values in this grid takes 35.0-35.7 us at its best tiles (3.88-3.96 TB/s), this kernel
+37.2-38.0 us; tiles loaded through TMA descriptors in a loop pipelined by the compiler read no faster (36.1-42.8 us)
+and made this kernel slower (39.1-54.6 us).
 """
 import math
 import os
