@@ -25,6 +25,14 @@ gemv-rows-search` found QKV and FC1 at (8, 1) (0.384-0.389 -> 0.362-0.367 ms, da
 and alternating in one process (data/bench/gemv_rows_m1_ab.csv) the bs1 step went 0.377-0.388 -> 0.366-0.372 ms
 with QKV and FC1 at 8 rows, 0.364-0.374 with the LM head at 8 rows too; at M = 4 the same tiles were 13 % slower
 (0.730-0.737 -> 0.831-0.843), so M > 1 keeps 256 bytes.
+Session 24 (data/bench/gemv_rows_one_row_ab.csv): the GEMVs without the fold had been searched only at 2-16 warps.
+One row per program with a warp per 1024 of K (out-projection (1, 1), FC2 (1, 4): 1024 programs, 32 elements per
+thread) against (2, 4) and (2, 8), the bs1 step alternating in one process: 353.7-354.6 -> 344.4-344.8 us on one
+machine, 358.4-359.8 -> 347.4-349.7 and 353.9-355.1 -> 343.7-345.2 in two processes on another; bs2 512.6-519.7 ->
+499.9-504.6, bs4 815.0-823.0 -> 800.9-807.0. Neither change alone gained more than ~4 us; their neighbours (FC2
+(2, 8), (1, 2), (1, 8), out (1, 2), (2, 1), QKV or FC1 at 2-4 rows) were slower. `ftlab bench` in alternating
+processes: decode step 0.354-0.355 -> 0.342-0.345 ms on both machines. One probe that ran generate() and prefill
+replays between its step timings measured both tiles alike (0.355-0.367 ms; cause not found).
 
 Tried (2026-12-02, scratch code): FC1 and FC2 in one launch at M = 1, each program taking R of the hidden
 features and adding its share of FC2 into a per-layer accumulator with atomics (no grid barrier): chained over 24
@@ -53,6 +61,9 @@ _THREAD_TILE_BYTES = 256
 _MAX_ROWS = 8
 _MAX_WARPS = 16
 MAX_M = 4  # rows of x per program (each reuses the weight tile in registers)
+# without the LayerNorm fold, up to this many programs per SM: one weight row each, 32 elements per thread
+_ONE_ROW_MAX_PER_SM = 8
+_ONE_ROW_ELEMENTS_PER_THREAD = 32
 
 
 @triton.jit
@@ -136,15 +147,21 @@ def pick_gemv_rows_config(M: int, N: int, K: int, dtype: torch.dtype, has_ln: bo
                           num_sms: int) -> Optional[GemvRowsConfig]:
     """(rows, warps) from the shapes (module docstring), or None where this kernel does not apply.
 
-    With the LayerNorm fold one warp (shuffle-only reductions) unless a row needs more threads to stay within
-    _THREAD_TILE_BYTES per thread; without it 4-8 warps (K / 512). Then the most rows (up to 8) that keep the
-    per-thread budget (doubled for one row of x with the fold) and still give the grid two programs per SM."""
+    Without the LayerNorm fold, while one program per row makes at most _ONE_ROW_MAX_PER_SM per SM (GPT-345M's
+    out-projection and FC2, N = 1024): one row per program, a warp per 1024 elements of it. Otherwise, with the fold
+    one warp (shuffle-only reductions) unless a row needs more threads to stay within _THREAD_TILE_BYTES per thread;
+    without it 4-8 warps (K / 512). Then the most rows (up to 8) that keep the per-thread budget (doubled for one
+    row of x with the fold) and still give the grid two programs per SM."""
     block_k = triton.next_power_of_2(K)
     block_m = min(triton.next_power_of_2(M), MAX_M)
     forced = _tiles_from_env().get((N, K))
     if forced is not None:
         return GemvRowsConfig(block_m, forced[0], forced[1], block_k)
     row_bytes = block_k * torch.finfo(dtype).bits // 8
+    if not has_ln and num_sms <= N <= _ONE_ROW_MAX_PER_SM * num_sms:
+        warps = triton.next_power_of_2(triton.cdiv(block_k, 32 * _ONE_ROW_ELEMENTS_PER_THREAD))
+        if warps <= _MAX_WARPS:  # one row per program, 32 of its elements per thread (docstring)
+            return GemvRowsConfig(block_m, 1, warps, block_k)
     warps = 1 if has_ln else max(4, min(8, K // 512))
     warps = max(warps, triton.next_power_of_2(triton.cdiv(row_bytes, 32 * _THREAD_TILE_BYTES)))
     if warps > _MAX_WARPS:

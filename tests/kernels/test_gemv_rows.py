@@ -9,7 +9,8 @@ from tests.util import DTYPES, REL_TOL, assert_rel_close
 # (M, N, K, rows, warps, block_m): rows not dividing N, K not a power of two, more rows of x than a program takes
 CASES = [(1, 1, 7, 1, 1, 1), (1, 13, 1023, 4, 1, 1), (3, 7, 64, 8, 4, 4), (4, 33, 100, 2, 2, 4),
          (2, 1023, 13, 8, 1, 2), (7, 9, 40, 4, 1, 2), (1, 50, 4096, 2, 8, 1),
-         (1, 21, 1024, 8, 1, 1)]  # the M = 1 pick with the LN fold at K = 1024: 8 whole rows in one warp
+         (1, 21, 1024, 8, 1, 1),  # the M = 1 pick with the LN fold at K = 1024: 8 whole rows in one warp
+         (1, 37, 4096, 1, 4, 1), (2, 29, 1000, 1, 1, 2)]  # the picks without it: one row, a warp per 1024
 
 
 def _inputs(M, N, K, dtype, device, offset=0.5):
@@ -77,13 +78,16 @@ def test_rows_of_x_are_independent_and_repeatable(device):
 
 
 def test_pick_config_on_gpt345m_shapes():
-    # the H200 measurements in the module docstring: one warp with the LN fold, 4-8 without; two programs per SM
+    # the H200 measurements in the module docstring: with the LN fold one warp and up to 8 rows (two programs per
+    # SM); without it one row per program and a warp per 1024 of K while N is at most 8 programs per SM
     pick = lambda N, K, ln, M=1: pick_gemv_rows_config(M, N, K, torch.float16, ln, 132)  # noqa: E731
     assert pick(3072, 1024, True) == GemvRowsConfig(1, 8, 1, 1024)  # QKV
-    assert pick(1024, 1024, False) == GemvRowsConfig(1, 2, 4, 1024)  # attention out-proj
+    assert pick(1024, 1024, False) == GemvRowsConfig(1, 1, 1, 1024)  # attention out-proj
     assert pick(4096, 1024, True) == GemvRowsConfig(1, 8, 1, 1024)  # FC1
-    assert pick(1024, 4096, False) == GemvRowsConfig(1, 2, 8, 4096)  # FC2
+    assert pick(1024, 4096, False) == GemvRowsConfig(1, 1, 4, 4096)  # FC2
     assert pick(50257, 1024, True) == GemvRowsConfig(1, 8, 1, 1024)  # LM head
+    assert pick(1024, 4096, False, M=4) == GemvRowsConfig(4, 1, 4, 4096)  # measured at bs2 and bs4 too
+    assert pick(2048, 8192, False) == GemvRowsConfig(1, 4, 8, 8192)  # above 8 per SM: rows and 4-8 warps
     # more rows of x keep 256 bytes per thread (8 rows at M = 4 measured 13 % slower)
     assert pick(3072, 1024, True, M=2) == GemvRowsConfig(2, 4, 1, 1024)
     assert pick(4096, 1024, True, M=4) == GemvRowsConfig(4, 4, 1, 1024)
