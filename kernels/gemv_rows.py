@@ -31,8 +31,9 @@ thread) against (2, 4) and (2, 8), the bs1 step alternating in one process: 353.
 machine, 358.4-359.8 -> 347.4-349.7 and 353.9-355.1 -> 343.7-345.2 in two processes on another; bs2 512.6-519.7 ->
 499.9-504.6, bs4 815.0-823.0 -> 800.9-807.0. Neither change alone gained more than ~4 us; their neighbours (FC2
 (2, 8), (1, 2), (1, 8), out (1, 2), (2, 1), QKV or FC1 at 2-4 rows) were slower. `ftlab bench` in alternating
-processes: decode step 0.354-0.355 -> 0.342-0.345 ms on both machines. One probe that ran generate() and prefill
-replays between its step timings measured both tiles alike (0.355-0.367 ms; cause not found).
+processes: decode step 0.354-0.355 -> 0.342-0.345 ms on both machines. But once a process has run generate(), the
+step measures 359-364 us with these tiles and 360-367 with the old ones, also inside generate()'s own calls
+(data/bench/decode_step_state_probe.csv; cause not found, the SM clock unchanged).
 
 Tried (2026-12-02, scratch code): FC1 and FC2 in one launch at M = 1, each program taking R of the hidden
 features and adding its share of FC2 into a per-layer accumulator with atomics (no grid barrier): chained over 24
