@@ -8,6 +8,7 @@ that batch size, which the call loads and then owns until it returns (one CUDA-g
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -235,14 +236,26 @@ def sample_step(logits: torch.Tensor, params: RequestParams, steps: torch.Tensor
 
 
 def capture_cuda_graph(step: Callable[[], object], device) -> tuple[torch.cuda.CUDAGraph, object]:
-    """Run `step` once outside the graph on a side stream (compiles every kernel variant, sets up cuBLAS
-    workspaces), then capture it: (graph, what step returned inside the capture: static buffers each replay
-    rewrites)."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
+    """Run `step` once outside the graph (compiles every kernel variant, sets up cuBLAS workspaces), then capture
+    it: (graph, what step returned inside the capture: static buffers each replay rewrites).
+
+    The warm-up runs on the current stream, not on a side stream as torch's examples do. With side-stream warm-ups,
+    a second capture over the buffers a captured decode step reads (generate() captures its prefill on a shape's
+    second call: its warm-up writes the step's KV cache and inputs) left that step ~17 us slower at every later
+    replay, even with every buffer copied back to its contents (H200, GPT-345M, bs1 step 340-345 -> 358-367 us in
+    sessions 25 and 26; with both warm-ups on the current stream 344 -> 345; an unrelated GEMM or LayerNorm warmed up
+    on a side stream changed nothing; the cause inside the driver or the GPU is not known;
+    data/bench/capture_warmup_state.csv). `ftlab bench` alternating side / current, bs1 512 -> 32 12.63-13.06 ->
+    12.02-12.23 ms (data/bench/capture_warmup_ab.csv). FTLAB_CAPTURE_WARMUP=side restores the side stream (for
+    measuring)."""
+    if os.environ.get("FTLAB_CAPTURE_WARMUP") == "side":
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            step()
+        torch.cuda.current_stream(device).wait_stream(stream)
+    else:
         step()
-    torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = step()

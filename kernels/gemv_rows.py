@@ -33,7 +33,8 @@ machine, 358.4-359.8 -> 347.4-349.7 and 353.9-355.1 -> 343.7-345.2 in two proces
 (2, 8), (1, 2), (1, 8), out (1, 2), (2, 1), QKV or FC1 at 2-4 rows) were slower. `ftlab bench` in alternating
 processes: decode step 0.354-0.355 -> 0.342-0.345 ms on both machines. But once a process has run generate(), the
 step measures 359-364 us with these tiles and 360-367 with the old ones, also inside generate()'s own calls
-(data/bench/decode_step_state_probe.csv; cause not found, the SM clock unchanged).
+(data/bench/decode_step_state_probe.csv). Session 25 found the cause outside this kernel: graph captures warmed up on a
+side stream (ftlab/generate.py capture_cuda_graph; data/bench/capture_warmup_state.csv).
 
 Tried (2026-12-02, scratch code): FC1 and FC2 in one launch at M = 1, each program taking R of the hidden
 features and adding its share of FC2 into a per-layer accumulator with atomics (no grid barrier): chained over 24

@@ -182,7 +182,8 @@ _OUTGROWN: list = []  # counters replaced by larger ones, kept alive for the gra
 def _counter(device: torch.device, tiles: int) -> torch.Tensor:
     """A zeroed int32 counter per output tile that every launch leaves zero again, one per device: calls in one
     stream run one after another (with PDL a kernel touches it only after its wait), so they can share it, and so
-    can a CUDA graph's warm-up and its capture, which run on different streams: the warm-up creates the counter,
+    can a CUDA graph's warm-up and its capture, which run on different streams (ftlab.generate.capture_cuda_graph:
+    the warm-up on the current stream, the capture on torch's capture stream): the warm-up creates the counter,
     outside the graph. (Keyed by stream, the capture made its own, and the graph then zeroed it on every replay: a
     fill kernel and a lost PDL overlap in each decode step.) Two calls must therefore not run at the same time on
     different streams of one device; ftlab runs its kernels and graphs from one stream (decode attention's

@@ -179,7 +179,7 @@ def test_linear_dispatches_impl_skinny(device):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams and graphs")
 def test_graph_capture_reuses_the_warm_up_counter():
-    # capture_cuda_graph warms up on a side stream and captures on another: the capture must find the counter the
+    # capture_cuda_graph warms up on the current stream and captures on another: the capture must find the counter the
     # warm-up made, or its torch.zeros would be recorded into the graph and zero it again on every replay
     from ftlab.generate import capture_cuda_graph
     from ftlab.kernels import skinny_gemm as module
