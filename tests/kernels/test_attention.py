@@ -155,3 +155,19 @@ def test_blocks_must_tile_the_query_block(device):
     cu_seqlens = torch.tensor([0, 5], dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="block_m=64 must be a multiple of blocks.block_n=128"):
         context_attention(qkv, cu_seqlens, 5, blocks=ContextBlocks(64, 128, 4, 2))
+
+
+def test_sdpa_comparison_computes_the_same_attention_and_cache(device):
+    # the --graph benchmark's SDPA variant must do the model's work, or its timings compare different things
+    from torch.nn.attention import SDPBackend
+
+    backend = SDPBackend.MATH if device == "cpu" else SDPBackend.FLASH_ATTENTION
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    batch, length, num_heads, head_dim = 3, 13, 2, 16
+    qkv, cu_seqlens = _packed_qkv([length] * batch, num_heads, head_dim, dtype, device)
+    caches = [_nan_cache(batch, num_heads, length + 4, head_dim, dtype, device) for _ in range(4)]
+    out = attention_module._sdpa_with_cache(qkv, batch, length, caches[0], caches[1], backend)
+    expected = context_attention_reference(qkv, cu_seqlens, length, k_cache=caches[2], v_cache=caches[3])
+    assert_rel_close(out, expected, dtype, what="sdpa output")
+    _assert_cache_equal(caches[0], caches[2], "k cache")
+    _assert_cache_equal(caches[1], caches[3], "v cache")
