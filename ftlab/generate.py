@@ -246,8 +246,8 @@ def capture_cuda_graph(step: Callable[[], object], device) -> tuple[torch.cuda.C
     sessions 25 and 26; with both warm-ups on the current stream 344 -> 345; an unrelated GEMM or LayerNorm warmed up
     on a side stream changed nothing; the cause inside the driver or the GPU is not known;
     data/bench/capture_warmup_state.csv). `ftlab bench` alternating side / current, bs1 512 -> 32 12.63-13.06 ->
-    12.02-12.23 ms (data/bench/capture_warmup_ab.csv). FTLAB_CAPTURE_WARMUP=side restores the side stream (for
-    measuring)."""
+    12.02-12.23 ms on one machine, 12.69-12.81 -> 12.63-12.66 on another (data/bench/capture_warmup_ab.csv).
+    FTLAB_CAPTURE_WARMUP=side restores the side stream (for measuring)."""
     if os.environ.get("FTLAB_CAPTURE_WARMUP") == "side":
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
