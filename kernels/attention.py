@@ -393,7 +393,8 @@ def _graph_chain() -> None:
             print(f"B={batch:>2} L={length} {name:<32} {us:7.2f} us per call (spread {spread:.1%}), max err {err:.2e}",
                   flush=True)
             rows.append(dict(gpu=torch.cuda.get_device_name(), date=str(datetime.date.today()),
-                             torch=torch.__version__, triton=triton.__version__, num_heads=num_heads, head_dim=head_dim, batch=batch, prompt_len=length, variant=name,
+                             torch=torch.__version__, triton=triton.__version__, num_heads=num_heads,
+                             head_dim=head_dim, batch=batch, prompt_len=length, variant=name,
                              us_per_call=round(us, 2), spread=round(spread, 4), max_abs_err=err))
             del graph
     save_rows(rows, "context_attention_graph.csv")
