@@ -9,7 +9,7 @@ from ftlab.checkpoint import random_ft_tensors, write_cmodel
 from ftlab.cli import main
 from ftlab.config import GPTConfig
 from ftlab.generate import GenerationError, cache_capacity, generate, lru_get, stream
-from ftlab.model import GPT, host_to_device, pack_prompts_host
+from ftlab.model import GPT, DeviceColumns, host_to_device, pack_prompts_host
 
 CFG = GPTConfig(head_num=2, size_per_head=8, num_layer=2, vocab_size=61, max_pos_seq_len=24, start_id=0, end_id=60)
 
@@ -292,13 +292,18 @@ def test_prompts_may_be_tuples_arrays_or_tensors(model):
 
 
 def test_packed_prompts_hold_ids_and_positions():
-    # ragged lists, ragged int32 arrays, and rows of one (B, T) array (the uniform-length fast path)
+    # ragged lists, ragged int32 arrays, rows of one (B, T) array and equal-length lists (the uniform-length path,
+    # whose positions and boundaries come from a cache per shape and must not be writable)
     for prompts in ([[5, 1, 2], [7], [3, 4]], [np.array([5, 1], np.int32), np.array([7, 9, 2], np.int32)],
-                    list(np.arange(12).reshape(3, 4) * 7)):
+                    list(np.arange(12).reshape(3, 4) * 7), [[9, 8, 7, 6], [1, 2, 3, 4], [0, 0, 5, 1]], [[3]]):
         packed = pack_prompts_host(prompts)
-        assert packed.ids_and_positions[0].tolist() == [int(t) for p in prompts for t in p]
-        assert packed.ids_and_positions[1].tolist() == [i for p in prompts for i in range(len(p))]
+        assert packed.token_ids.dtype == np.int64 and packed.token_ids.tolist() == [int(t) for p in prompts for t in p]
+        assert packed.positions.tolist() == [i for p in prompts for i in range(len(p))]
         assert packed.cu_seqlens.tolist() == np.cumsum([0] + [len(p) for p in prompts]).tolist()
+        assert packed.lengths == [len(p) for p in prompts] and packed.total == sum(packed.lengths)
+        if len(set(packed.lengths)) == 1:
+            with pytest.raises(ValueError):
+                packed.positions[0] = 1
 
 
 def test_host_to_device_views_every_part_exactly(device):
@@ -312,3 +317,29 @@ def test_host_to_device_views_every_part_exactly(device):
     assert parts["seeds"].tolist() == seeds and parts["ids"].tolist() == [3 * i for i in range(7)]
     assert parts["empty"].numel() == 0 and parts["one"].tolist() == [5]
     assert all(t.device.type == torch.device(device).type for t in parts.values())
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_device_columns_reload_scalars_arrays_and_bad_sizes(device, staged):
+    # the same columns loaded again and again (a captured graph's inputs): lists, tuples, 2-D arrays (flattened),
+    # scalars (fill the column); a wrong count or wrong names fail naming the column and leave the last load intact
+    cols = DeviceColumns(device, pinned_staging=staged, k=(3, torch.int32), p=(3, torch.float32),
+                         ids=(6, torch.int64), done=(3, torch.bool))
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        ids = rng.integers(-2**40, 2**40, size=(2, 3))
+        k, p = rng.integers(0, 50, size=3).tolist(), tuple(rng.random(3).astype(np.float32).tolist())
+        done = bool(rng.integers(0, 2))
+        views = cols.load(k=k, p=p, ids=ids, done=done)
+        assert views["k"].tolist() == k and views["p"].tolist() == list(p)
+        assert views["ids"].tolist() == ids.reshape(-1).tolist() and views["done"].tolist() == [done] * 3
+    views = cols.load(k=7, p=np.float32(0.5), ids=np.arange(6), done=[True, False, True])
+    assert views["k"].tolist() == [7] * 3 and views["p"].tolist() == [0.5] * 3
+    assert views["done"].tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="'k' has 2 values, expected 3"):
+        cols.load(k=[1, 2], p=0.5, ids=np.arange(6), done=False)
+    with pytest.raises(ValueError, match="'ids' has 5 values, expected 6"):
+        cols.load(k=1, p=0.5, ids=np.arange(5), done=False)
+    with pytest.raises(KeyError, match="expected"):
+        cols.load(k=1, p=0.5, ids=np.arange(6))
+    assert cols.views["ids"].tolist() == list(range(6))  # the last good load, not the failed ones
