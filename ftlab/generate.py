@@ -274,6 +274,12 @@ def capture_cuda_graph(step: Callable[[], object], device) -> tuple[torch.cuda.C
     return graph, out
 
 
+def _one_or_all(values: list):
+    """A list's one value when every entry equals it (DeviceColumns.load then fills the column instead of
+    converting a list: a batch sharing its parameters), else the list."""
+    return values[0] if values.count(values[0]) == len(values) else values
+
+
 def lru_get(cache: dict, key, make: Callable[[], object], limit: int):
     """cache[key], made by make() on a miss; the dict is kept most recently used last, and the least recently used
     entries beyond `limit` are dropped (captured graphs hold their KV caches and memory pools)."""
@@ -375,8 +381,8 @@ class DecodeGraph:
         """A call's parameters and starting state into the graph's inputs, in one copy: the decode steps start at
         the prompts' ends; the first token is RNG step 0; no request has finished; the step variant for these
         parameters (all greedy or not) is replayed. Returns the views."""
-        views = self.request.load(**{name: values for name, (values, _) in params.columns().items()},
-                                  positions=lengths, steps=0, finished=False)
+        views = self.request.load(**{name: _one_or_all(values) for name, (values, _) in params.columns().items()},
+                                  positions=_one_or_all(lengths), steps=0, finished=False)
         self._use_variant(params.top_k.count(1) == len(params.top_k))
         return views
 

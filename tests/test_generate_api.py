@@ -8,7 +8,7 @@ import torch
 from ftlab.checkpoint import random_ft_tensors, write_cmodel
 from ftlab.cli import main
 from ftlab.config import GPTConfig
-from ftlab.generate import GenerationError, cache_capacity, generate, lru_get, stream
+from ftlab.generate import GenerationError, _one_or_all, cache_capacity, generate, lru_get, stream
 from ftlab.model import GPT, DeviceColumns, host_to_device, pack_prompts_host
 
 CFG = GPTConfig(head_num=2, size_per_head=8, num_layer=2, vocab_size=61, max_pos_seq_len=24, start_id=0, end_id=60)
@@ -259,6 +259,12 @@ def test_cli_decoding_features(model_dir, capsys):
     assert main(base + ["--repetition-penalty", "0"]) == 2
     assert "repetition_penalty" in capsys.readouterr().err
 
+
+
+def test_one_or_all_collapses_only_equal_values():
+    # a captured graph's request columns: one value fills the column, anything else is loaded entry by entry
+    assert _one_or_all([40]) == 40 and _one_or_all([0.9] * 64) == 0.9
+    assert _one_or_all([1, 1, 40]) == [1, 1, 40] and _one_or_all([40, 1, 1]) == [40, 1, 1]
 
 
 def test_lru_get_makes_once_and_drops_the_least_recently_used():
