@@ -9,16 +9,16 @@ from ftlab.host_marks import PHASES, call_marks, marked
 from ftlab.model import GPT
 
 
-def test_marks_follow_a_call_and_leave_every_phase_as_it_was():
+def test_marks_follow_a_call_and_leave_every_phase_as_it_was(device):
     before = [(owner, attr, owner.__dict__.get(attr)) for owner, attr in PHASES]
     cfg = GPTConfig(head_num=2, size_per_head=8, num_layer=2, vocab_size=97, max_pos_seq_len=64, start_id=0, end_id=96)
-    model = GPT.from_ft_tensors(cfg, random_ft_tensors(cfg, seed=3), dtype="fp32", device=torch.device("cpu"))
+    model = GPT.from_ft_tensors(cfg, random_ft_tensors(cfg, seed=3, device=torch.device(device)), dtype="fp32", device=torch.device(device))
     prompts = np.random.default_rng(5).integers(0, cfg.vocab_size, size=(3, 7))
     m = call_marks(model, prompts, n_out=4, repeats=2, warmup=1, top_k=5, random_seed=11)
     order = ["_checked_prompts start", "RequestParams.build start", "pack_prompts_host start",
              "prefill launch", "last read end", "return"]
     assert [m[k] for k in order] == sorted(m[k] for k in order)
-    assert m["GPT.prefill start"] == m["prefill launch"] and m["DeviceColumns.load total"] > 0
+    assert m["DeviceColumns.load total"] > 0  # eager: the prompts' copy; on a GPU also the graph's request columns
     assert m["_HostRows.wait total"] >= m["_HostRows.wait first dur"] > 0
     assert [(owner, attr, owner.__dict__.get(attr)) for owner, attr in PHASES] == before
     # an exception inside the block restores them too
