@@ -113,11 +113,9 @@ class RequestParams:
             self._tensors = host_to_device(self.device, **self.columns())
         return self._tensors
 
-    COLUMNS = ("top_k", "top_p", "temperature", "seeds", "end_id")  # columns()' names
-
     def use_tensors(self, moved: dict[str, torch.Tensor]) -> None:
         """Take columns() from device columns a session loaded (views; the session keeps them alive)."""
-        self._tensors = {name: moved[name] for name in self.COLUMNS}
+        self._tensors = {name: moved[name] for name in self.columns()}
 
     @classmethod
     def build(cls, batch_size: int, vocab_size: int, device, *, top_k=1, top_p=1.0, temperature=1.0, random_seed=0,
@@ -274,12 +272,6 @@ def capture_cuda_graph(step: Callable[[], object], device) -> tuple[torch.cuda.C
     return graph, out
 
 
-def _one_or_all(values: list):
-    """A list's one value when every entry equals it (DeviceColumns.load then fills the column instead of
-    converting a list: a batch sharing its parameters), else the list."""
-    return values[0] if values.count(values[0]) == len(values) else values
-
-
 def lru_get(cache: dict, key, make: Callable[[], object], limit: int):
     """cache[key], made by make() on a miss; the dict is kept most recently used last, and the least recently used
     entries beyond `limit` are dropped (captured graphs hold their KV caches and memory pools)."""
@@ -381,8 +373,8 @@ class DecodeGraph:
         """A call's parameters and starting state into the graph's inputs, in one copy: the decode steps start at
         the prompts' ends; the first token is RNG step 0; no request has finished; the step variant for these
         parameters (all greedy or not) is replayed. Returns the views."""
-        views = self.request.load(**{name: _one_or_all(values) for name, (values, _) in params.columns().items()},
-                                  positions=_one_or_all(lengths), steps=0, finished=False)
+        views = self.request.load(**{name: values for name, (values, _) in params.columns().items()},
+                                  positions=lengths, steps=0, finished=False)
         self._use_variant(params.top_k.count(1) == len(params.top_k))
         return views
 

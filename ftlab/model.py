@@ -574,6 +574,8 @@ class DeviceColumns:
                 value = value.reshape(-1)
             elif isinstance(value, (list, tuple)):
                 size = len(value)
+                if size and value.count(value[0]) == size:  # one value for every entry (a batch sharing its
+                    value = value[0]  # parameters): a fill, not a conversion of the list
             else:  # a scalar fills the column
                 size = part.size
             if size != part.size:

@@ -8,7 +8,7 @@ import torch
 from ftlab.checkpoint import random_ft_tensors, write_cmodel
 from ftlab.cli import main
 from ftlab.config import GPTConfig
-from ftlab.generate import GenerationError, _one_or_all, cache_capacity, generate, lru_get, stream
+from ftlab.generate import GenerationError, cache_capacity, generate, lru_get, stream
 from ftlab.model import GPT, DeviceColumns, host_to_device, pack_prompts_host
 
 CFG = GPTConfig(head_num=2, size_per_head=8, num_layer=2, vocab_size=61, max_pos_seq_len=24, start_id=0, end_id=60)
@@ -261,12 +261,6 @@ def test_cli_decoding_features(model_dir, capsys):
 
 
 
-def test_one_or_all_collapses_only_equal_values():
-    # a captured graph's request columns: one value fills the column, anything else is loaded entry by entry
-    assert _one_or_all([40]) == 40 and _one_or_all([0.9] * 64) == 0.9
-    assert _one_or_all([1, 1, 40]) == [1, 1, 40] and _one_or_all([40, 1, 1]) == [40, 1, 1]
-
-
 def test_lru_get_makes_once_and_drops_the_least_recently_used():
     made, cache = [], {}
 
@@ -342,6 +336,9 @@ def test_device_columns_reload_scalars_arrays_and_bad_sizes(device, staged):
     views = cols.load(k=7, p=np.float32(0.5), ids=np.arange(6), done=[True, False, True])
     assert views["k"].tolist() == [7] * 3 and views["p"].tolist() == [0.5] * 3
     assert views["done"].tolist() == [True, False, True]
+    # equal entries (filled from one value) and lists that differ only in their last or first entry
+    for k in ([5, 5, 5], [5, 5, 6], [6, 5, 5], (9, 9, 9)):
+        assert cols.load(k=k, p=[0.25] * 3, ids=np.arange(6), done=False)["k"].tolist() == list(k)
     with pytest.raises(ValueError, match="'k' has 2 values, expected 3"):
         cols.load(k=[1, 2], p=0.5, ids=np.arange(6), done=False)
     with pytest.raises(ValueError, match="'ids' has 5 values, expected 6"):
