@@ -8,7 +8,8 @@ wrapped to record when it started and ended, relative to the call's start; `gc.c
 total`, `prefill launch` (the first graph replay, or eager GPT.prefill), `last read end` (the last _HostRows.wait
 returned), `return`, the garbage collections' count and ms per generation, and `wall` (CUDA events around the call).
 `python -m ftlab.host_marks` (GPU): GPT-345M random weights, cells bs1 512 -> 32, bs64 512 -> 32, bs1 128 -> 8; prints
-the marks and writes them as JSON (--json). The wrappers cost ~1-3 us per marked call on the H200 machine's host.
+the marks and writes them as JSON (--json). Each wrapper adds its own time to the phases around it (not measured
+separately): compare marks taken the same way, not marks with unmarked timings.
 """
 from __future__ import annotations
 
