@@ -316,7 +316,9 @@ class GPT:
     def _block_impl(self, tokens: int) -> str | None:
         """linear()'s impl for `_block`'s GEMMs at `tokens` rows: the skinny or tiled Triton GEMM when those paths
         are on, else linear()'s own dispatch."""
-        return "skinny" if self._skinny_blocks(tokens) else "gemm" if self._small_m_gemm(tokens) else None
+        if self._skinny_blocks(tokens):
+            return "skinny-stats" if os.environ.get("FTLAB_SKINNY_LN") == "stats" else "skinny"
+        return "gemm" if self._small_m_gemm(tokens) else None
 
     def _reduced(self, partial: torch.Tensor) -> torch.Tensor:
         if self.all_reduce is not None:
@@ -350,14 +352,16 @@ class GPT:
         per block than `_blocks_cublas`. Default on a GPU in fp16 / bf16 for up to SKINNY_LN_AUTO_MAX_M rows: H200,
         GPT-345M, decode step at context 512 (data/bench/skinny_gemm_step_ab.csv, 2026-12-01) bs8 0.636 -> 0.573 ms,
         bs16 0.776 -> 0.722, but bs32 1.126 -> 1.154 and bs64 1.76 -> 2.30 (its whole-row tiles are slower there).
-        FTLAB_SKINNY_LN=1 forces it for 5..64 rows, =0 turns it off (read per call)."""
+        FTLAB_SKINNY_LN=1 forces it for 5..64 rows, =0 turns it off, =stats forces it with each LayerNorm's
+        row statistics from a small launch before the GEMM (kernels/layernorm.py layernorm_stats) instead of
+        inside every program of it (read per call)."""
         b = self.weights.blocks[0] if self.weights.blocks else None
         if not (GEMV_MAX_M < tokens <= SKINNY_MAX_M and b is not None and b.qkv_ln_row_sums is not None
                 and self.config.hidden <= SKINNY_LN_MAX_K):
             return False
         flag = os.environ.get("FTLAB_SKINNY_LN")
         if flag is not None:
-            return flag == "1"
+            return flag in ("1", "stats")
         return (tokens <= SKINNY_LN_AUTO_MAX_M and skinny_enabled(self.device, self.dtype)
                 and not self._small_m_gemm(tokens))
 

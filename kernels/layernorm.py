@@ -6,6 +6,8 @@
                                              that made x, so a cuBLAS GEMM without epilogue can precede it)
     layernorm(x, w, b, eps, x_bias=c)     -> LN(x + c), x + c not stored (c: biases a residual stream kept
                                              without them has yet to add, see ftlab/model.py's prefill blocks)
+    layernorm_stats(x, eps)               -> (mean, rstd) per row in fp32, for a GEMM that normalises in its
+                                             epilogue (kernels/skinny_gemm.py ln_stats=)
 
 Statistics are computed in fp32; y and s are stored in x.dtype. With a residual, s is summed in fp32 and rounded to
 x.dtype first, and LN is applied to that rounded value: the normalised output then agrees exactly with what a later
@@ -116,6 +118,38 @@ def _layernorm_kernel(
             tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _layernorm_stats_kernel(x_ptr, mean_ptr, rstd_ptr, M, N, eps,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
+    # a LayerNorm's statistics only (mean, rstd in fp32 per row), for a GEMM that applies them in its epilogue
+    # (kernels/skinny_gemm.py ln_stats=); x comes from the previous kernel, so nothing is read before the wait
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    row_offs = offs_m.to(tl.int64)[:, None] * N
+    cols = tl.arange(0, BLOCK_N)
+    # running (count, mean, sum of squared deviations) per row, merged chunk by chunk (Chan): with one chunk
+    # (N <= BLOCK_N) this is the two-pass mean of squared deviations
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n_mask = (n0 + cols) < N
+        mask = m_mask[:, None] & n_mask[None, :]
+        v = tl.load(x_ptr + row_offs + n0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        count = n0 * 1.0  # every chunk before this one is full
+        chunk_count = tl.sum(n_mask.to(tl.float32), axis=0)
+        chunk_mean = tl.sum(v, axis=1) / chunk_count
+        dev = tl.where(mask, v - chunk_mean[:, None], 0.0)
+        total = count + chunk_count
+        delta = chunk_mean - mean
+        mean = mean + delta * (chunk_count / total)
+        m2 = m2 + tl.sum(dev * dev, axis=1) + delta * delta * (count * chunk_count / total)
+    tl.store(mean_ptr + offs_m, mean, mask=m_mask)
+    tl.store(rstd_ptr + offs_m, 1.0 / tl.sqrt(m2 / N + eps), mask=m_mask)
+
+
 def _check_2d(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -191,6 +225,40 @@ def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: fl
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     return _layernorm_launch(x, weight, bias, eps, residual, _MAX_BLOCK_N, x_bias)
+
+
+def layernorm_stats(x: torch.Tensor, eps: float = 1e-5) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x (M, N) -> (mean, rstd), each (M,) fp32: LN(x) = (x - mean) * rstd * w + b without the normalised rows, for
+    a GEMM that takes the LayerNorm into its epilogue (its gain and shift folded into the weight, see
+    kernels/linear.py fold_layernorm). One program per row up to 128 rows (decode batches: the whole row in
+    registers of a 1-2 warp program), in the PDL chain like layernorm()."""
+    _check_2d("x", x)
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return _stats_launch(x, eps, _MAX_BLOCK_N)
+
+
+def _stats_launch(x, eps, max_block_n):
+    M, N = x.shape
+    mean = torch.empty(M, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M > 0 and N > 0:
+        block_n = min(triton.next_power_of_2(N), max_block_n)
+        block_m = 1 if M <= 128 else max(1, min(_MAX_ROWS_PER_PROGRAM, _ROW_ELEMS_PER_PROGRAM // block_n))
+        num_warps = max(1, min(16, (block_m * block_n) // 512))
+        use_pdl = pdl_for(x.device)
+        _layernorm_stats_kernel[(triton.cdiv(M, block_m),)](
+            x, mean, rstd, M, N, float(eps), BLOCK_M=block_m, BLOCK_N=block_n, USE_PDL=use_pdl,
+            num_warps=num_warps, **launch_options(use_pdl))
+    return mean, rstd
+
+
+def layernorm_stats_reference(x: torch.Tensor, eps: float = 1e-5) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch: (mean, 1 / sqrt(var + eps)) over the last dim in fp64, returned as fp32."""
+    xd = x.double()
+    mean = xd.mean(dim=-1)
+    var = (xd - mean[:, None]).pow(2).mean(dim=-1)
+    return mean.float(), torch.rsqrt(var + eps).float()
 
 
 def layernorm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,

@@ -34,7 +34,9 @@ Implementations, picked by `linear_impl_for(M, N, K)` or forced with impl=:
           8; see linear_impl_for). GPT's blocks at those sizes bypass it (ftlab/model.py: LayerNorm fused with the
           residual add instead of run before each GEMM).
   "skinny" kernels/skinny_gemm.py (up to 64 rows, a LayerNorm only pre-folded): GPT's blocks call it for decode
-          batches of 5-64 on a GPU (ftlab/model.py), never picked by linear_impl_for.
+          batches of 5-64 on a GPU (ftlab/model.py), never picked by linear_impl_for; "skinny-stats" the same
+          with a pre-folded LayerNorm's row statistics from a layernorm_stats launch before it (the GEMM then
+          keeps its K split).
 Block sizes come from small heuristics of the shapes (no autotuning, so everything also runs in the interpreter);
 `python -m ftlab.kernels.linear` times all three paths (--sweep also tries other block sizes; --chain a whole
 decode step's GEMVs under block policies with PDL on/off; --gemm tensor-core tiles at decode batches).
@@ -60,13 +62,14 @@ import triton.language as tl
 from ._shared import add3 as _add3, bias_act_residual, shifted_ln_stats
 from ._env import ints_from_env
 from .gemv_rows import gemv_rows, gemv_rows_on, pick_gemv_rows_config
+from .layernorm import layernorm_stats
 from .skinny_gemm import skinny_gemm
 from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
 from ._prefetch import l2_prefetch, prefetch_plan
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACTIVATIONS = (None, "gelu")
-_IMPLS = (None, "gemv", "gemm", "torch", "skinny")
+_IMPLS = (None, "gemv", "gemm", "torch", "skinny", "skinny-stats")
 
 # Default dispatch, measured with `python -m ftlab.kernels.linear` on an H200 (fp16, CUDA-graph timings, weights
 # streamed from HBM; 2026-11-29, data/bench/linear_bench.csv), GPT-345M shapes:
@@ -732,11 +735,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         return torch.empty((M, N), dtype=x.dtype, device=x.device)
     if impl == "torch":
         return _run_torch(x, weight, bias, residual, ln_weight, ln_bias, ln_eps, act_gelu)
-    if impl == "skinny":  # kernels/skinny_gemm.py: up to 64 rows, a LayerNorm only folded (ln_row_sums)
+    if impl in ("skinny", "skinny-stats"):  # kernels/skinny_gemm.py: up to 64 rows, a LayerNorm only folded
         if ln_weight is not None and ln_row_sums is None:
-            raise ValueError("impl='skinny' takes a LayerNorm only folded into the weight (ln_row_sums=)")
+            raise ValueError(f"impl={impl!r} takes a LayerNorm only folded into the weight (ln_row_sums=)")
+        stats = layernorm_stats(x, ln_eps) if impl == "skinny-stats" and ln_row_sums is not None else None
         return skinny_gemm(x, weight, bias, activation=activation, residual=residual, ln_row_sums=ln_row_sums,
-                           ln_eps=ln_eps)
+                           ln_eps=ln_eps, ln_stats=stats)
     num_sms = _num_sms(x.device)
     if impl == "gemv":
         # whole weight rows per program where they fit (kernels/gemv_rows.py); on a GPU only: under the

@@ -49,10 +49,11 @@ from ._shared import bias_act_residual, shifted_ln_stats
 
 @triton.jit
 def _skinny_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, counter_ptr, row_sums_ptr,
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, counter_ptr, row_sums_ptr, mean_ptr, rstd_ptr,
     M, N, K, stride_xm, ln_eps,
     HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, USE_PDL: tl.constexpr, IEEE: tl.constexpr,
     LN_PREFOLDED: tl.constexpr,  # the LayerNorm's affine folded into weight / bias (kernels/linear.py fold_layernorm)
+    STATS_GIVEN: tl.constexpr,  # with LN_PREFOLDED: the rows' mean / rstd come from mean_ptr / rstd_ptr
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
     STAT_K: tl.constexpr,  # columns of x per step of the LayerNorm statistics pass
     W_EVICT: tl.constexpr,  # L2 eviction policy of the weight's loads
@@ -84,7 +85,8 @@ def _skinny_gemm_kernel(
         acc = tl.dot(x, tl.trans(w), input_precision="ieee")  # (BLOCK_M, BLOCK_N) fp32
     else:
         acc = tl.dot(x, tl.trans(w))
-    if LN_PREFOLDED:  # one split holds whole rows of x: LN(x) @ W'^T = rstd * (x @ W'^T - mean * rowsum(W'))
+    if LN_PREFOLDED and not STATS_GIVEN:
+        # one split holds whole rows of x: LN(x) @ W'^T = rstd * (x @ W'^T - mean * rowsum(W'))
         # x's statistics from a second, chunked pass over it (L1/L2-hot): the whole tile in fp32 would spill
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
         x0 = tl.load(x_ptr + offs_m.to(tl.int64) * stride_xm, mask=m_ok, other=0.0).to(tl.float32)  # (BLOCK_M,)
@@ -110,6 +112,10 @@ def _skinny_gemm_kernel(
         for s in range(SPLIT_K):  # fixed order: the sum does not depend on which program finished last
             acc += tl.load(part_ptr + s * M * N + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
         tl.store(counter_ptr + pid_n, 0)  # leave the counter zero for the next launch
+    if LN_PREFOLDED and STATS_GIVEN:  # statistics of a pre-pass (kernels/layernorm.py layernorm_stats), any split
+        mean = tl.load(mean_ptr + offs_m, mask=m_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + offs_m, mask=m_ok, other=0.0)
+        acc = rstd[:, None] * (acc - mean[:, None] * row_sums[None, :])
     if HAS_RES:
         res = tl.load(res_ptr + tile, mask=out_mask, other=0.0).to(tl.float32)
     else:
@@ -200,25 +206,37 @@ def _counter(device: torch.device, tiles: int) -> torch.Tensor:
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                 activation: Optional[str] = None, residual: Optional[torch.Tensor] = None,
                 config: Optional[SkinnyConfig] = None, counter: Optional[torch.Tensor] = None,
-                ln_row_sums: Optional[torch.Tensor] = None, ln_eps: float = 1e-5) -> torch.Tensor:
+                ln_row_sums: Optional[torch.Tensor] = None, ln_eps: float = 1e-5,
+                ln_stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """x (M, K) with 1 <= M <= MAX_M, weight (N, K), bias (N,), residual (M, N) -> (M, N) in x.dtype; activation
     None or "gelu" (tanh). fp32 inputs multiply exactly (no TF32). counter: int32, at least cdiv(N, block_n) long,
     zero before the call and left zero after it (default: one shared by the calls on this device).
     ln_row_sums (N,) fp32: x is LayerNorm-ed first, its gain and shift already folded into weight and bias
     (kernels/linear.py fold_layernorm); each program then takes whole rows of K (at most LN_MAX_K) and computes
-    their statistics itself, so no LayerNorm launch precedes it."""
+    their statistics itself, so no LayerNorm launch precedes it. ln_stats (mean, rstd), each (M,) fp32 (kernels/
+    layernorm.py layernorm_stats, launched just before): with ln_row_sums, the epilogue takes these statistics
+    instead, after any split-K sum, so the config's K split stands and K is not limited."""
     _check_args(x, weight, bias, activation, residual)
     M, K = x.shape
     N = weight.shape[0]
-    cfg = config or _config_from_env() or pick_skinny_config(M, N, K, ln=ln_row_sums is not None)
+    whole_rows = ln_row_sums is not None and ln_stats is None  # the kernel takes the LayerNorm's statistics itself
+    cfg = config or _config_from_env() or pick_skinny_config(M, N, K, ln=whole_rows)
+    if ln_stats is not None:
+        if ln_row_sums is None:
+            raise ValueError("ln_stats (mean, rstd) needs ln_row_sums: the LayerNorm folded into weight and bias")
+        for name, t in zip(("mean", "rstd"), ln_stats):
+            if t.shape != (M,) or t.dtype != torch.float32 or t.device != x.device or not t.is_contiguous():
+                raise ValueError(f"ln_stats {name} must be contiguous fp32 ({M},) on {x.device}, got {t.dtype} "
+                                 f"{tuple(t.shape)} on {t.device}")
     if ln_row_sums is not None:
-        if K > LN_MAX_K:
+        if K > LN_MAX_K and whole_rows:
             raise ValueError(f"skinny_gemm folds a LayerNorm over at most {LN_MAX_K} features, got K = {K}")
         if (ln_row_sums.shape != (N,) or ln_row_sums.dtype != torch.float32 or ln_row_sums.device != x.device
                 or not ln_row_sums.is_contiguous()):
             raise ValueError(f"ln_row_sums must be contiguous fp32 ({N},) on {x.device}, got {ln_row_sums.dtype} "
                              f"{tuple(ln_row_sums.shape)} on {ln_row_sums.device}")
-        cfg = cfg._replace(k_split=max(cfg.k_split, triton.next_power_of_2(K)))  # one split: whole rows
+        if whole_rows:  # one split
+            cfg = cfg._replace(k_split=max(cfg.k_split, triton.next_power_of_2(K)))
     if cfg.block_n < 16 or cfg.k_split < 16 or cfg.k_split & (cfg.k_split - 1) or cfg.block_n & (cfg.block_n - 1):
         raise ValueError(f"skinny_gemm config {cfg}: block_n and k_split must be powers of two >= 16")
     split_k = triton.cdiv(K, cfg.k_split)
@@ -236,9 +254,10 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     use_pdl = pdl_for(x.device)
     _skinny_gemm_kernel[(tiles_n, split_k)](
         x, weight, bias if bias is not None else out, residual if residual is not None else out, out, part, counter,
-        ln_row_sums if ln_row_sums is not None else part, M, N, K, x.stride(0), float(ln_eps),
+        ln_row_sums if ln_row_sums is not None else part, *(ln_stats if ln_stats is not None else (part, part)),
+        M, N, K, x.stride(0), float(ln_eps),
         HAS_BIAS=bias is not None, ACT_GELU=activation == "gelu", HAS_RES=residual is not None, USE_PDL=use_pdl,
-        IEEE=x.dtype == torch.float32, LN_PREFOLDED=ln_row_sums is not None,
+        IEEE=x.dtype == torch.float32, LN_PREFOLDED=ln_row_sums is not None, STATS_GIVEN=ln_stats is not None,
         BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=cfg.block_n, K_SPLIT=cfg.k_split, SPLIT_K=split_k,
         STAT_K=min(cfg.k_split, 128), W_EVICT=eviction_policy_from_env("FTLAB_SKINNY_W_EVICT", "evict_first"),
         num_warps=cfg.num_warps, **launch_options(use_pdl),

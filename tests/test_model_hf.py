@@ -186,20 +186,24 @@ def _small_m_cases():
     return [("fp32", 1e-4)] + [pytest.param(d, t, marks=pytest.mark.gpu) for d, t in (("fp16", 5e-3), ("bf16", 3e-2))]
 
 
-@pytest.mark.parametrize("flag, uses", [("FTLAB_SMALL_M_GEMM", "_small_m_gemm"), ("FTLAB_SKINNY_LN", "_skinny_blocks")])
+@pytest.mark.parametrize("flag, value, uses, impl", [("FTLAB_SMALL_M_GEMM", "1", "_small_m_gemm", "gemm"),
+                                                   ("FTLAB_SKINNY_LN", "1", "_skinny_blocks", "skinny"),
+                                                   ("FTLAB_SKINNY_LN", "stats", "_skinny_blocks", "skinny-stats")])
 @pytest.mark.parametrize("dtype, tol", _small_m_cases())
-def test_small_m_block_paths_match_hf(dtype, tol, flag, uses, device, monkeypatch):
+def test_small_m_block_paths_match_hf(dtype, tol, flag, value, uses, impl, device, monkeypatch):
     # 5..64 rows (a batch of 6 decoding, a 20-token prefill) in the five-launch block with every GEMM on a Triton
     # tensor-core kernel and the LayerNorms folded in: FTLAB_SMALL_M_GEMM=1 the tiled gemm, FTLAB_SKINNY_LN=1 the
-    # skinny GEMM. Logits against HF, greedy tokens against the LayerNorm + cuBLAS path
+    # skinny GEMM (=stats: the LayerNorms' statistics from a launch of their own). Logits against HF, greedy tokens
+    # against the LayerNorm + cuBLAS path
     monkeypatch.setenv("FTLAB_SKINNY_LN", "0")
-    monkeypatch.setenv(flag, "1")
+    monkeypatch.setenv(flag, value)
     cfg = dict(n_embd=64, n_head=2, n_layer=3, vocab_size=67, n_inner=72)
     hf = random_hf_model(**cfg)
     model = ftlab_model(hf, dtype, device)
     prompts = random_prompts(cfg["vocab_size"], [2, 7, 1, 5, 3, 2])  # 20 tokens packed
     path = getattr(model, uses)
     assert path(20) and path(6) and not path(4) and not model._uses_cublas(6)
+    assert model._block_impl(20) == model._block_impl(6) == impl
     for prompt, got in zip(prompts, model.logits(prompts)):
         with torch.no_grad():
             ref = hf(torch.tensor([prompt])).logits[0]
@@ -212,18 +216,19 @@ def test_small_m_block_paths_match_hf(dtype, tol, flag, uses, device, monkeypatc
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("ln_folded", ["0", "1"])
+@pytest.mark.parametrize("ln_folded", ["0", "1", "stats"])
 @pytest.mark.parametrize("dtype, tol", [("fp16", 5e-3), ("bf16", 3e-2)])
 def test_skinny_gemm_path_matches_hf(dtype, tol, ln_folded, device, monkeypatch):
     # on a GPU, 5..64 rows (a 20-token prefill, a batch of 6 decoding) take kernels/skinny_gemm.py, between the
-    # LayerNorm kernels (FTLAB_SKINNY_LN=0) or with the LayerNorms folded in (=1); prefill logits against HF, then
+    # LayerNorm kernels (FTLAB_SKINNY_LN=0) or with the LayerNorms folded in (=1, =stats with their statistics from
+    # a launch before each folded GEMM); prefill logits against HF, then
     # greedy decode (CUDA graphs on) step by step against HF's logits on the same prefix
     monkeypatch.setenv("FTLAB_SKINNY_LN", ln_folded)
     cfg = dict(n_embd=128, n_head=4, n_layer=3, vocab_size=97, n_inner=200)
     hf = random_hf_model(**cfg)
     model = ftlab_model(hf, dtype, device)
     prompts = random_prompts(cfg["vocab_size"], [2, 7, 1, 5, 3, 2])  # 20 tokens packed
-    folded = ln_folded == "1"
+    folded = ln_folded != "0"
     assert model._skinny_blocks(20) == folded and model._skinny_blocks(6) == folded
     assert model._uses_cublas(20) != folded and model._uses_cublas(6) != folded  # cublas = the LayerNorm + dense path
     for prompt, got in zip(prompts, model.logits(prompts)):

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from ftlab.kernels import layernorm as layernorm_module
-from ftlab.kernels.layernorm import layernorm, layernorm_reference
+from ftlab.kernels.layernorm import layernorm, layernorm_reference, layernorm_stats, layernorm_stats_reference
 from tests.util import DTYPES, REL_TOL, assert_rel_close
 
 
@@ -168,3 +168,36 @@ def test_argument_errors(device):
         layernorm(x, weight, bias, 1e-5, residual=torch.randn(4, 8, device=device).half())
     with pytest.raises(ValueError, match="eps"):
         layernorm(x, weight, bias, -1.0)
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("M,N,max_block_n", [(1, 1, 16384), (7, 13, 16384), (13, 1023, 16384), (64, 1024, 16384),
+                                             (130, 100, 16384), (5, 70, 16)])
+@pytest.mark.parametrize("offset", [0.5, 300.0])
+def test_layernorm_stats_match_reference(M, N, max_block_n, offset, dtype_name, device):
+    # (mean, rstd) per row in fp32; offset 300: |mean| >> std, where a sum of squares would cancel; 130 rows take
+    # several rows per program, max_block_n 16 the chunked merge (Chan's formula)
+    dtype = DTYPES[dtype_name]
+    x = (torch.randn(M, N) * 2 + offset).to(dtype=dtype, device=device)
+    mean, rstd = layernorm_module._stats_launch(x, 1e-5, max_block_n)
+    ref_mean, ref_rstd = layernorm_stats_reference(x, 1e-5)
+    assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == rstd.shape == (M,)
+    assert_rel_close(mean, ref_mean, tol=1e-6, what=f"mean, {M}x{N}")
+    assert_rel_close(rstd, ref_rstd, tol=1e-5 if N > 1 else 1e-6, what=f"rstd, {M}x{N}")
+    # the statistics normalise as layernorm() does
+    w, b = torch.ones(N, device=device), torch.zeros(N, device=device)
+    y = ((x.float() - mean[:, None]) * rstd[:, None]).to(dtype)
+    assert_rel_close(y, _ref64(x, w, b, 1e-5), dtype)
+
+
+def test_layernorm_stats_public_entry_and_errors(device):
+    x = torch.randn(3, 40, device=device) + 2
+    mean, rstd = layernorm_stats(x, 1e-3)
+    ref_mean, ref_rstd = layernorm_stats_reference(x, 1e-3)
+    assert_rel_close(mean, ref_mean, tol=1e-6, what="mean")
+    assert_rel_close(rstd, ref_rstd, tol=1e-5, what="rstd (eps 1e-3)")
+    assert layernorm_stats(torch.empty(0, 8, device=device))[0].shape == (0,)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        layernorm_stats(torch.randn(8, device=device))
+    with pytest.raises(ValueError, match="eps"):
+        layernorm_stats(x, -1.0)

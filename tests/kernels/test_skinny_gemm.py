@@ -65,6 +65,52 @@ def test_skinny_gemm_with_folded_layernorm(offset, case, dtype_name, device):
     assert_rel_close(out, ref, tol=tol, what=f"LN fold, offset {offset}, M={M} N={N} K={K}")
 
 
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("offset", [0.5, 300.0])
+def test_skinny_gemm_with_given_layernorm_stats(offset, case, dtype_name, device):
+    # LN folded into weight and bias, its row statistics from layernorm_stats (ln_stats=): the config's K split
+    # stands (several splits in most CASES), the correction comes after the split-K sum
+    from ftlab.kernels.layernorm import layernorm_stats
+
+    dtype = DTYPES[dtype_name]
+    skip_if_interpreter_bf16(dtype, device)
+    M, N, K, block_n, k_split, warps = CASES[case]
+    x, weight, bias, residual = _inputs(M, N, K, dtype, device)
+    x = x + offset
+    ln_w = (1 + 0.5 * torch.randn(K)).to(dtype=dtype, device=device)
+    ln_b = (0.5 * torch.randn(K)).to(dtype=dtype, device=device)
+    folded, folded_bias, row_sums = fold_layernorm(weight, bias, ln_w, ln_b)
+    counter = torch.zeros(64, dtype=torch.int32, device=device)
+    out = skinny_gemm(x, folded, folded_bias, activation="gelu", residual=residual,
+                      config=SkinnyConfig(block_n, k_split, warps), counter=counter, ln_row_sums=row_sums,
+                      ln_stats=layernorm_stats(x, 1e-5))
+    ref = linear_reference(x.double(), weight.double(), bias=bias.double(), residual=residual.double(),
+                           activation="gelu", ln_weight=ln_w.double(), ln_bias=ln_b.double())
+    tol = REL_TOL[dtype] * (2 if dtype != torch.float32 else 10)  # as in the in-kernel statistics' test
+    assert_rel_close(out, ref, tol=tol, what=f"LN stats given, offset {offset}, M={M} N={N} K={K}")
+    assert int(counter.abs().sum()) == 0
+
+
+def test_skinny_gemm_given_stats_lift_the_width_limit_and_are_checked(device):
+    # with ln_stats the kernel need not hold whole rows: K above LN_MAX_K is fine
+    from ftlab.kernels.layernorm import layernorm_stats
+
+    x, weight, bias, _ = _inputs(3, 20, 1500, torch.float32, device)
+    ln_w, ln_b = 1 + 0.3 * torch.randn(1500, device=device), 0.3 * torch.randn(1500, device=device)
+    folded, folded_bias, row_sums = fold_layernorm(weight, bias, ln_w, ln_b)
+    out = skinny_gemm(x, folded, folded_bias, ln_row_sums=row_sums, ln_stats=layernorm_stats(x),
+                      config=SkinnyConfig(16, 512, 4))
+    ref = linear_reference(x.double(), weight.double(), bias=bias.double(), ln_weight=ln_w.double(),
+                           ln_bias=ln_b.double())
+    assert_rel_close(out, ref, tol=1e-4, what="K = 1500 with given statistics")
+    mean, rstd = layernorm_stats(x)
+    with pytest.raises(ValueError, match="needs ln_row_sums"):
+        skinny_gemm(x, weight, bias, ln_stats=(mean, rstd))
+    with pytest.raises(ValueError, match="ln_stats rstd must be contiguous fp32"):
+        skinny_gemm(x, folded, folded_bias, ln_row_sums=row_sums, ln_stats=(mean, rstd[:2]))
+
+
 def test_skinny_gemm_layernorm_fold_limits(device):
     x = torch.randn(3, 1025, device=device)
     with pytest.raises(ValueError, match="at most 1024 features"):
@@ -173,6 +219,9 @@ def test_linear_dispatches_impl_skinny(device):
     ref = linear_reference(x.double(), weight.double(), bias=bias.double(), residual=residual.double(),
                            ln_weight=ln_w.double(), ln_bias=ln_b.double())
     assert_rel_close(out, ref, tol=1e-4, what="linear(impl='skinny') with a folded LayerNorm")
+    stats_out = linear(x, folded, folded_bias, residual=residual, ln_weight=torch.ones_like(ln_w),
+                       ln_bias=torch.zeros_like(ln_b), ln_row_sums=row_sums, impl="skinny-stats")
+    assert_rel_close(stats_out, ref, tol=1e-4, what="linear(impl='skinny-stats') with a folded LayerNorm")
     with pytest.raises(ValueError, match="only folded"):
         linear(x, weight, bias, ln_weight=ln_w, ln_bias=ln_b, impl="skinny")
 
