@@ -22,8 +22,10 @@ GEMM before it, FasterTransformer's layout:
 In one process at prefill sizes the products go into the residual stream in place instead (x += a W^T inside the
 GEMM) and the stream is kept without the biases, which the LayerNorms add (`_blocks_cublas`).
 
-Except at 5-16 rows on a GPU (decode batches 8-16), where the five-launch layout above runs on the skinny GEMM
-with the LayerNorms folded in (`_skinny_blocks`): fewer launches win there, whole-row tiles lose above.
+Except at 5-32 rows on a GPU (decode batches 8-32), where the five-launch layout above runs on the skinny GEMM
+with the LayerNorms folded in (`_skinny_ln_mode`): at 5-16 rows each GEMM program takes its rows' statistics
+itself, at 17-32 a small launch before the GEMM computes them (two launches fewer per block than LayerNorm
+launches, which win above 32 rows).
 
 Two phases share the weights: `prefill` runs packed ragged prompts (T = sum of prompt lengths) through causal
 context attention; `decode` runs one token per sequence (T = B) through decode attention over the KV cache.
@@ -59,7 +61,8 @@ from .kernels.skinny_gemm import (LN_MAX_K as SKINNY_LN_MAX_K, MAX_M as SKINNY_M
                                   skinny_gemm_on)
 
 SMALL_M_MAX = 64  # up to this many rows (decode batches, short prompts) see GPT._small_m_gemm
-SKINNY_LN_AUTO_MAX_M = 16  # up to this many rows take GPT._skinny_blocks by default on a GPU
+SKINNY_LN_AUTO_MAX_M = 16  # up to this many rows take GPT._skinny_blocks by default on a GPU (in-GEMM statistics)
+SKINNY_STATS_AUTO_MAX_M = 32  # and up to this many with the statistics from a layernorm_stats launch
 
 
 @dataclass
@@ -316,9 +319,7 @@ class GPT:
     def _block_impl(self, tokens: int) -> str | None:
         """linear()'s impl for `_block`'s GEMMs at `tokens` rows: the skinny or tiled Triton GEMM when those paths
         are on, else linear()'s own dispatch."""
-        if self._skinny_blocks(tokens):
-            return "skinny-stats" if os.environ.get("FTLAB_SKINNY_LN") == "stats" else "skinny"
-        return "gemm" if self._small_m_gemm(tokens) else None
+        return self._skinny_ln_mode(tokens) or ("gemm" if self._small_m_gemm(tokens) else None)
 
     def _reduced(self, partial: torch.Tensor) -> torch.Tensor:
         if self.all_reduce is not None:
@@ -346,24 +347,39 @@ class GPT:
                 and os.environ.get("FTLAB_SMALL_M_GEMM", "0") == "1")
 
     def _skinny_blocks(self, tokens: int) -> bool:
-        """Whether `tokens` rows (GEMV_MAX_M < tokens <= 64) run the five-launch block of the GEMV path with every
-        GEMM on kernels/skinny_gemm.py, the LayerNorms folded into QKV and FC1 (their row statistics taken inside
-        the GEMM) and the residual adds in the out-projection's and FC2's epilogues: two LayerNorm launches fewer
-        per block than `_blocks_cublas`. Default on a GPU in fp16 / bf16 for up to SKINNY_LN_AUTO_MAX_M rows: H200,
-        GPT-345M, decode step at context 512 (data/bench/skinny_gemm_step_ab.csv, 2026-12-01) bs8 0.636 -> 0.573 ms,
-        bs16 0.776 -> 0.722, but bs32 1.126 -> 1.154 and bs64 1.76 -> 2.30 (its whole-row tiles are slower there).
-        FTLAB_SKINNY_LN=1 forces it for 5..64 rows, =0 turns it off, =stats forces it with each LayerNorm's
-        row statistics from a small launch before the GEMM (kernels/layernorm.py layernorm_stats) instead of
-        inside every program of it (read per call)."""
+        """Whether `tokens` rows run the five-launch block of the GEMV path on kernels/skinny_gemm.py with the
+        LayerNorms folded into QKV and FC1 (see `_skinny_ln_mode`)."""
+        return self._skinny_ln_mode(tokens) is not None
+
+    def _skinny_ln_mode(self, tokens: int) -> str | None:
+        """linear()'s impl when `tokens` rows (GEMV_MAX_M < tokens <= 64) run the five-launch block of the GEMV
+        path with every GEMM on kernels/skinny_gemm.py, the LayerNorms folded into QKV and FC1 and the residual
+        adds in the out-projection's and FC2's epilogues, else None (`_blocks_cublas`: LayerNorm launches between
+        the GEMMs). "skinny": each program of a folded GEMM takes whole rows of x and their statistics itself (no
+        launch for the LayerNorm); "skinny-stats": the statistics come from a small launch before the GEMM
+        (kernels/layernorm.py layernorm_stats), whose K split then stands.
+
+        Defaults on a GPU in fp16 / bf16 (H200, GPT-345M, decode step at context 512): "skinny" up to
+        SKINNY_LN_AUTO_MAX_M rows (data/bench/skinny_gemm_step_ab.csv, 2026-12-01: bs8 0.636 -> 0.573 ms, bs16
+        0.776 -> 0.722 against LayerNorm launches; but bs32 1.126 -> 1.154 and bs64 1.76 -> 2.30, its whole-row
+        tiles are slower there), "skinny-stats" up to SKINNY_STATS_AUTO_MAX_M (data/bench/skinny_stats_step_ab.csv,
+        2026-12-03, three rounds in one process: bs32 1.049-1.064 -> 0.981-0.983 ms, bs64 1.580-1.601 -> 1.601-1.609,
+        bs8 / bs16 0.554-0.560 / 0.650-0.655 -> 0.591-0.601 / 0.687-0.689 against the defaults there), LayerNorm
+        launches above. FTLAB_SKINNY_LN=1 forces "skinny" for 5..64 rows, =stats "skinny-stats", =0 turns both off
+        (read per call)."""
         b = self.weights.blocks[0] if self.weights.blocks else None
-        if not (GEMV_MAX_M < tokens <= SKINNY_MAX_M and b is not None and b.qkv_ln_row_sums is not None
-                and self.config.hidden <= SKINNY_LN_MAX_K):
-            return False
+        if not (GEMV_MAX_M < tokens <= SKINNY_MAX_M and b is not None and b.qkv_ln_row_sums is not None):
+            return None
+        whole_rows_fit = self.config.hidden <= SKINNY_LN_MAX_K
         flag = os.environ.get("FTLAB_SKINNY_LN")
         if flag is not None:
-            return flag in ("1", "stats")
-        return (tokens <= SKINNY_LN_AUTO_MAX_M and skinny_enabled(self.device, self.dtype)
-                and not self._small_m_gemm(tokens))
+            return {"1": "skinny" if whole_rows_fit else None, "stats": "skinny-stats"}.get(flag)
+        # (measured at GPT-345M's width only: wider models keep the LayerNorm launches unless the flag says)
+        if not (skinny_enabled(self.device, self.dtype) and whole_rows_fit) or self._small_m_gemm(tokens):
+            return None
+        if tokens <= SKINNY_LN_AUTO_MAX_M:
+            return "skinny"
+        return "skinny-stats" if tokens <= SKINNY_STATS_AUTO_MAX_M else None
 
     def _blocks_cublas(self, x: torch.Tensor, attend: Callable[[int, torch.Tensor], torch.Tensor],
                        keep_rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._env import ints_from_env, is_pow2
 from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -186,12 +187,24 @@ def _pick_blocks(N: int, max_block_n: int) -> Tuple[int, int, int, bool]:
     return block_m, block_n, num_warps, single
 
 
+def _rows_from_env(block_m: int, num_warps: int, single: bool) -> Tuple[int, int]:
+    """FTLAB_LN_TILE="block_m,num_warps" (powers of two) replaces the picked rows per program and warps of a
+    LayerNorm whose rows fit one block (for measuring them inside a model's step; read per call)."""
+    values = ints_from_env("FTLAB_LN_TILE", "block_m,num_warps")
+    if values is None or not single:
+        return block_m, num_warps
+    if not all(is_pow2(v) for v in values):
+        raise ValueError(f"FTLAB_LN_TILE={values}: block_m and num_warps must be powers of two")
+    return values
+
+
 def _layernorm_launch(x, weight, bias, eps, residual, max_block_n, x_bias=None):
     M, N = x.shape
     y = torch.empty_like(x)
     s = torch.empty_like(x) if residual is not None else None
     if M > 0 and N > 0:
         block_m, block_n, num_warps, single = _pick_blocks(N, max_block_n)
+        block_m, num_warps = _rows_from_env(block_m, num_warps, single)
         grid = (triton.cdiv(M, block_m),)
         use_pdl = pdl_for(x.device)
         _layernorm_kernel[grid](

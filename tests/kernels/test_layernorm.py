@@ -201,3 +201,18 @@ def test_layernorm_stats_public_entry_and_errors(device):
         layernorm_stats(torch.randn(8, device=device))
     with pytest.raises(ValueError, match="eps"):
         layernorm_stats(x, -1.0)
+
+
+def test_layernorm_rows_per_program_from_env(device, monkeypatch):
+    # FTLAB_LN_TILE="block_m,num_warps" changes how rows are spread over programs, never the result
+    x, weight, bias = _inputs(13, 100, torch.float32, device)
+    residual = torch.randn(13, 100, device=device)
+    want_y, want_s = layernorm(x, weight, bias, 1e-5, residual=residual)
+    for tile in ("1,1", "4,2", "16,4"):
+        monkeypatch.setenv("FTLAB_LN_TILE", tile)
+        y, s = layernorm(x, weight, bias, 1e-5, residual=residual)
+        assert torch.equal(s, want_s), tile
+        assert_rel_close(y, want_y, torch.float32, what=f"FTLAB_LN_TILE={tile}")
+    monkeypatch.setenv("FTLAB_LN_TILE", "3,2")
+    with pytest.raises(ValueError, match="FTLAB_LN_TILE"):
+        layernorm(x, weight, bias, 1e-5)
