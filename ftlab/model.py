@@ -22,10 +22,10 @@ GEMM before it, FasterTransformer's layout:
 In one process at prefill sizes the products go into the residual stream in place instead (x += a W^T inside the
 GEMM) and the stream is kept without the biases, which the LayerNorms add (`_blocks_cublas`).
 
-Except at 5-32 rows on a GPU (decode batches 8-32), where the five-launch layout above runs on the skinny GEMM
+Except at 5-40 rows on a GPU (decode batches 8-40), where the five-launch layout above runs on the skinny GEMM
 with the LayerNorms folded in (`_skinny_ln_mode`): at 5-16 rows each GEMM program takes its rows' statistics
-itself, at 17-32 a small launch before the GEMM computes them (two launches fewer per block than LayerNorm
-launches, which win above 32 rows).
+itself, at 17-40 a small launch before each folded GEMM computes them (as many launches as LayerNorm launches,
+which win above 40 rows, but the residual adds ride in the GEMMs' epilogues and the stream is written once).
 
 Two phases share the weights: `prefill` runs packed ragged prompts (T = sum of prompt lengths) through causal
 context attention; `decode` runs one token per sequence (T = B) through decode attention over the KV cache.
@@ -62,7 +62,7 @@ from .kernels.skinny_gemm import (LN_MAX_K as SKINNY_LN_MAX_K, MAX_M as SKINNY_M
 
 SMALL_M_MAX = 64  # up to this many rows (decode batches, short prompts) see GPT._small_m_gemm
 SKINNY_LN_AUTO_MAX_M = 16  # up to this many rows take GPT._skinny_blocks by default on a GPU (in-GEMM statistics)
-SKINNY_STATS_AUTO_MAX_M = 32  # and up to this many with the statistics from a layernorm_stats launch
+SKINNY_STATS_AUTO_MAX_M = 40  # and up to this many with the statistics from a layernorm_stats launch
 
 
 @dataclass
@@ -363,9 +363,10 @@ class GPT:
         SKINNY_LN_AUTO_MAX_M rows (data/bench/skinny_gemm_step_ab.csv, 2026-12-01: bs8 0.636 -> 0.573 ms, bs16
         0.776 -> 0.722 against LayerNorm launches; but bs32 1.126 -> 1.154 and bs64 1.76 -> 2.30, its whole-row
         tiles are slower there), "skinny-stats" up to SKINNY_STATS_AUTO_MAX_M (data/bench/skinny_stats_step_ab.csv,
-        2026-12-03, three rounds in one process: bs32 1.049-1.064 -> 0.981-0.983 ms, bs64 1.580-1.601 -> 1.601-1.609,
-        bs8 / bs16 0.554-0.560 / 0.650-0.655 -> 0.591-0.601 / 0.687-0.689 against the defaults there), LayerNorm
-        launches above. FTLAB_SKINNY_LN=1 forces "skinny" for 5..64 rows, =stats "skinny-stats", =0 turns both off
+        2026-12-03, alternating in one process, against LayerNorm launches: bs17 0.864 / 0.878 -> 0.818 / 0.827 ms,
+        bs24 0.972 / 0.984 -> 0.945 / 0.938, bs32 1.049-1.064 -> 0.981-0.983, bs40 1.265 / 1.281 -> 1.240 / 1.241,
+        but bs48 1.406 / 1.419 -> 1.412 / 1.429 and bs64 1.580-1.601 -> 1.601-1.609; and at bs8 / bs16 slower than
+        the in-GEMM statistics, 0.554-0.560 / 0.650-0.655 -> 0.591-0.601 / 0.687-0.689), LayerNorm launches above. FTLAB_SKINNY_LN=1 forces "skinny" for 5..64 rows, =stats "skinny-stats", =0 turns both off
         (read per call)."""
         b = self.weights.blocks[0] if self.weights.blocks else None
         if not (GEMV_MAX_M < tokens <= SKINNY_MAX_M and b is not None and b.qkv_ln_row_sums is not None):
