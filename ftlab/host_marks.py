@@ -9,7 +9,8 @@ total`, `prefill launch` (the first graph replay, or eager GPT.prefill), `last r
 returned), `return`, the garbage collections' count and ms per generation, and `wall` (CUDA events around the call).
 `python -m ftlab.host_marks` (GPU): GPT-345M random weights, cells bs1 512 -> 32, bs64 512 -> 32, bs1 128 -> 8; prints
 the marks and writes them as JSON (--json). Each wrapper adds its own time to the phases around it (not measured
-separately): compare marks taken the same way, not marks with unmarked timings.
+separately): compare marks taken the same way, not marks with unmarked timings. `--profile` instead times the host's
+side op by op (`host_ops`: torch.profiler over a few calls, CUDA runtime calls included; self CPU time per call).
 """
 from __future__ import annotations
 
@@ -130,6 +131,23 @@ def call_marks(model, prompts, n_out: int, repeats: int = 25, warmup: int = 3, *
     return {k: statistics.median(row.get(k, 0.0) for row in rows) for k in keys}
 
 
+def host_ops(model, prompts, n_out: int, calls: int = 5, warmup: int = 3, row_limit: int = 30, **params) -> str:
+    """The host's own time per operator over `calls` generate() calls (after `warmup`), as torch.profiler records
+    it: aten ops and, on a GPU, the CUDA runtime calls (cudaGraphLaunch, cudaMemcpyAsync, events...), sorted by self
+    CPU time. The profiler slows Python down, so the ranking matters, not the sum."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        gen.generate(model, prompts, max_new_tokens=n_out, **params)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            gen.generate(model, prompts, max_new_tokens=n_out, **params)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)
+
+
 def print_marks(title: str, medians: dict[str, float]) -> None:
     print(f"=== {title}")
     for key in sorted(medians, key=medians.get):
@@ -143,11 +161,16 @@ def main(argv=None) -> None:
     p.add_argument("--json", type=Path, default=None, help="write the medians here")
     p.add_argument("--repeats", type=int, default=25)
     p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after the warm-up calls")
+    p.add_argument("--profile", action="store_true", help="print the host's time per operator instead of marks")
     args = p.parse_args(argv)
     model = random_model(GPT_345M)
     out = {}
     for batch, n_in, n_out in ((1, 512, 32), (64, 512, 32), (1, 128, 8)):
         prompts = random_prompts(batch, n_in, GPT_345M.vocab_size)
+        if args.profile:
+            print(f"=== bs{batch} {n_in} -> {n_out}: host time per operator over 5 calls\n"
+                  + host_ops(model, prompts, n_out), flush=True)
+            continue
         for _ in range(3):
             gen.generate(model, prompts, max_new_tokens=n_out)
         if args.gc_freeze:

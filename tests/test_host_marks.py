@@ -5,7 +5,7 @@ import torch
 from ftlab import generate as gen
 from ftlab.checkpoint import random_ft_tensors
 from ftlab.config import GPTConfig
-from ftlab.host_marks import PHASES, call_marks, marked
+from ftlab.host_marks import PHASES, call_marks, host_ops, marked
 from ftlab.model import GPT
 
 
@@ -29,3 +29,12 @@ def test_marks_follow_a_call_and_leave_every_phase_as_it_was(device):
     except KeyError:
         pass
     assert [(owner, attr, owner.__dict__.get(attr)) for owner, attr in PHASES] == before
+
+
+def test_host_ops_lists_the_calls_operators(device):
+    cfg = GPTConfig(head_num=2, size_per_head=8, num_layer=1, vocab_size=97, max_pos_seq_len=64, start_id=0, end_id=96)
+    model = GPT.from_ft_tensors(cfg, random_ft_tensors(cfg, seed=4, device=torch.device(device)), dtype="fp32",
+                                device=torch.device(device))
+    prompts = np.random.default_rng(6).integers(0, cfg.vocab_size, size=(2, 5))
+    table = host_ops(model, prompts, n_out=3, calls=2, warmup=1, row_limit=10)
+    assert "Self CPU" in table and "aten::" in table
