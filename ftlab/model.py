@@ -366,8 +366,9 @@ class GPT:
         2026-12-03, alternating in one process, against LayerNorm launches: bs17 0.864 / 0.878 -> 0.818 / 0.827 ms,
         bs24 0.972 / 0.984 -> 0.945 / 0.938, bs32 1.049-1.064 -> 0.981-0.983, bs40 1.265 / 1.281 -> 1.240 / 1.241,
         but bs48 1.406 / 1.419 -> 1.412 / 1.429 and bs64 1.580-1.601 -> 1.601-1.609; and at bs8 / bs16 slower than
-        the in-GEMM statistics, 0.554-0.560 / 0.650-0.655 -> 0.591-0.601 / 0.687-0.689), LayerNorm launches above. FTLAB_SKINNY_LN=1 forces "skinny" for 5..64 rows, =stats "skinny-stats", =0 turns both off
-        (read per call)."""
+        the in-GEMM statistics, 0.554-0.560 / 0.650-0.655 -> 0.591-0.601 / 0.687-0.689), LayerNorm launches above.
+        FTLAB_SKINNY_LN=1 forces "skinny" for 5..64 rows, =stats "skinny-stats", =0 turns both off (read per
+        call)."""
         b = self.weights.blocks[0] if self.weights.blocks else None
         if not (GEMV_MAX_M < tokens <= SKINNY_MAX_M and b is not None and b.qkv_ln_row_sums is not None):
             return None

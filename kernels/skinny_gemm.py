@@ -19,7 +19,8 @@ statistics from a chunked second pass over x), so a block needs no LayerNorm lau
 path, its default at 5-16 rows (H200 decode step bs8 0.636 -> 0.573 ms, bs16 0.776 -> 0.722; slower at 32 and 64
 rows, see there). With ln_stats the statistics come from kernels/layernorm.py's layernorm_stats launched just
 before, and the correction follows any split-K sum: the model's default at 17-40 rows (bs32 step 1.049-1.064 ->
-0.981-0.983 ms against LayerNorm launches; ftlab/model.py `_skinny_ln_mode`). Tried and not kept (2026-12-02): the residual GEMMs (out-projection, FC2) writing each row's
+0.981-0.983 ms against LayerNorm launches; ftlab/model.py `_skinny_ln_mode`). Tried and not kept (2026-12-02):
+the residual GEMMs (out-projection, FC2) writing each row's
 mean and squared deviations per output tile in their epilogue, and the next LN-folded GEMM merging those instead
 of reading whole rows, so a block needs no LayerNorm launch at any batch: the decode step got slower at every
 batch (ms, three rounds alternating in one process: bs8 0.566-0.571 -> 0.573-0.576, bs16 0.671-0.681 ->
