@@ -293,8 +293,12 @@ class DecodeGraph:
     A call loads its parameters and starting state in one copy (load_request), runs `first` (the prefill and the
     first token; captured too from a packed shape's second call) and then `replay`s the step: each token, its
     log-prob and the finished flags land in row `step` of the history buffers (kernels/finish_step.py), which the
-    caller reads every few steps. One step per graph: capturing 2, 4 or 8 steps in one graph measured no gain on the
-    H200 (GPT-345M, context 512, replays back to back: bs1 367.6 -> 365.3-368.4 us per step, bs64 1788 ->
+    caller reads every few steps. With FTLAB_PREFILL_FIRST=1 a call runs `launch_prefill` before load_request and
+    `first_token` after it instead of `first`, so that the host loads the parameters while the device runs the
+    prompt (load_request took ~0.09 ms of the 0.32 ms before a bs1 512 -> 32 call's prefill launch on the H200
+    machine; the order is not yet measured end to end, so it is off by default). One step per graph: capturing 2,
+    4 or 8 steps in one graph measured no gain on the H200 (GPT-345M, context 512, replays back to back: bs1 367.6
+    -> 365.3-368.4 us per step, bs64 1788 ->
     1804-1848; data/bench/decode_attention_experiments.csv).
 
     Two variants of the step, each captured the first time a call needs it: the general one samples with
@@ -332,6 +336,7 @@ class DecodeGraph:
         self.variants: dict = {}  # all-greedy (bool) -> (captured step, its log-probs buffer)
         self.greedy = False  # the variant of the current call, chosen (and captured) by load_request
         self.graph = self.out_log_probs = None
+        self.pending_logits = None  # launch_prefill's logits until first_token samples them
 
     def _use_variant(self, greedy: bool) -> None:
         """Replay the general or the all-greedy step from now on, capturing it first if this graph has not yet. The
@@ -386,11 +391,32 @@ class DecodeGraph:
         key = (prompts.total, prompts.max_seqlen)
         if key not in self.prefill_graphs and key not in self.prefill_seen:
             self.prefill_seen.add(key)
-            b = prompts.to_device(self.model.device)
-            return self._finish(self.model.prefill(b.token_ids, b.positions, b.cu_seqlens, b.max_seqlen, self.cache),
-                                None)
+            return self._finish(self._eager_prefill(prompts), None)
         graph = lru_get(self.prefill_graphs, key, lambda: PrefillGraph(self, prompts), MAX_PREFILL_GRAPHS)
         return graph.run(prompts)
+
+    def _eager_prefill(self, prompts: HostPrompts) -> torch.Tensor:
+        b = prompts.to_device(self.model.device)
+        return self.model.prefill(b.token_ids, b.positions, b.cu_seqlens, b.max_seqlen, self.cache)
+
+    def launch_prefill(self, prompts: HostPrompts) -> None:
+        """The context phase alone (the first token waits for `first_token`), so that it can be launched before
+        the call's parameters are loaded (LocalSession with FTLAB_PREFILL_FIRST=1): the host loads them while the
+        device runs the prompt. Captured per packed shape as in `first`, without the sampling."""
+        key = (prompts.total, prompts.max_seqlen, "prefill only")
+        if key not in self.prefill_graphs and key not in self.prefill_seen:
+            self.prefill_seen.add(key)
+            self.pending_logits = self._eager_prefill(prompts)
+            return
+        graph = lru_get(self.prefill_graphs, key, lambda: PrefillGraph(self, prompts, first_token=False),
+                        MAX_PREFILL_GRAPHS)
+        self.pending_logits = graph.run(prompts)
+
+    def first_token(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """After launch_prefill and load_request: the first token sampled from the prompt's logits, launched
+        eagerly (behind the prefill on the device), as `first` returns it."""
+        logits, self.pending_logits = self.pending_logits, None
+        return self._finish(logits, None)
 
     def replay(self) -> None:
         """One decode step (its outputs: `tokens`, `out_log_probs`, history row `step`)."""
@@ -408,16 +434,17 @@ class DecodeGraph:
 
 class PrefillGraph:
     """The context phase and first token of one packed shape, captured over a DecodeGraph's KV cache and state
-    (the prompts loaded from the host in one copy per call)."""
+    (the prompts loaded from the host in one copy per call). first_token=False: the context phase alone, whose
+    replay returns the last tokens' logits (DecodeGraph.launch_prefill)."""
 
-    def __init__(self, decode: DecodeGraph, prompts: HostPrompts):
+    def __init__(self, decode: DecodeGraph, prompts: HostPrompts, first_token: bool = True):
         model, columns = decode.model, prompts.columns()
         self.inputs = DeviceColumns.like(model.device, columns, pinned_staging=True)
         b = prompts.on_device(self.inputs.load_columns(columns))
 
         def first():
             logits = model.prefill(b.token_ids, b.positions, b.cu_seqlens, b.max_seqlen, decode.cache)
-            return decode._finish(logits, None)
+            return decode._finish(logits, None) if first_token else logits
 
         # the capture's warm-up run samples a first token: leave the call's state as it was loaded
         saved = decode.request.buffer.clone()
@@ -463,6 +490,11 @@ class LocalSession:
         # the logits processors keep their own device state outside the captured step: those calls run eagerly
         use_cuda_graph = (model.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph)
         self.graph = decode_graph(model, B, capacity) if use_cuda_graph and self.processor is None else None
+        # FTLAB_PREFILL_FIRST=1 (read per call): the prompt's context phase is launched before the parameters are
+        # loaded into the graph's inputs, and the first token sampled eagerly behind it (not yet measured on a GPU)
+        self.prefill_launched = self.graph is not None and os.environ.get("FTLAB_PREFILL_FIRST", "0") == "1"
+        if self.prefill_launched:
+            self.graph.launch_prefill(self.prompts)
         if self.graph is not None:
             state = self.graph.load_request(params, lengths)  # the graph's own inputs: nothing to copy later
             self.cache = self.graph.cache
@@ -482,6 +514,8 @@ class LocalSession:
     def first(self):
         """Context phase + first token: (tokens, log_probs, stopped-by-a-stop-word or None), each (B,)."""
         if self.graph is not None:  # the graph also masks finished requests (kernels/finish_step.py)
+            if self.prefill_launched:
+                return (*self.graph.first_token(), None)
             return (*self.graph.first(self.prompts), None)
         b = self.prompts.to_device(self.model.device)
         return self._sample(self.model.prefill(b.token_ids, b.positions, b.cu_seqlens, b.max_seqlen, self.cache))

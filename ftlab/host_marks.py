@@ -31,7 +31,8 @@ from . import model as mdl
 
 PHASES = [(gen, "_checked_prompts"), (gen, "_open"), (gen.RequestParams, "build"), (gen, "pack_prompts_host"),
           (gen.LogitsProcessor, "build"), (gen.LocalSession, "__init__"), (gen, "decode_graph"),
-          (gen.DecodeGraph, "load_request"), (gen.DecodeGraph, "first"), (gen.PrefillGraph, "run"),
+          (gen.DecodeGraph, "load_request"), (gen.DecodeGraph, "first"), (gen.DecodeGraph, "launch_prefill"),
+          (gen.DecodeGraph, "first_token"), (gen.PrefillGraph, "run"),
           (mdl.DeviceColumns, "load"), (mdl.GPT, "prefill"), (torch.cuda.CUDAGraph, "replay"),
           (gen._HostRows, "__init__"), (gen._HostRows, "start"), (gen._HostRows, "wait")]
 

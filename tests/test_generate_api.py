@@ -145,7 +145,10 @@ def test_cli_missing_file_is_named(model_dir, tmp_path, capsys):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_on_and_off_agree(model):
+@pytest.mark.parametrize("prefill_first", ["0", "1"])
+def test_cuda_graph_on_and_off_agree(prefill_first, model, monkeypatch):
+    monkeypatch.setenv("FTLAB_PREFILL_FIRST", prefill_first)  # =1: context phase launched before the parameters
+    model.graph_cache.clear()
     prompts = [[1, 2, 3], [7], [4, 4, 4, 4]]
     kwargs = dict(max_new_tokens=12, top_k=[1, 0, 5], top_p=[1.0, 0.9, 1.0], random_seed=[3, 4, 5],
                   return_log_probs=True)
@@ -166,22 +169,35 @@ def test_cuda_graph_on_and_off_agree(model):
 
 
 class _Replayed:
-    """Stands in for a captured CUDA graph off a GPU: each replay runs the step's launches again, eagerly."""
+    """Stands in for a captured CUDA graph off a GPU: each replay runs the step's launches again, eagerly, and
+    copies what it returns into the tensors the capture returned (a graph's static outputs)."""
 
     def __init__(self, step):
         self.step = step
+        self.out = step()
 
     def replay(self):
-        self.step()
+        new = self.step()
+        for static, fresh in zip(*((o,) if isinstance(o, torch.Tensor) else o for o in (self.out, new))):
+            if static is not fresh:
+                static.copy_(fresh)
 
 
-def test_decode_graph_logic_runs_eagerly_like_the_session(model, monkeypatch):
+def _eager_capture(step, device):
+    replayed = _Replayed(step)
+    return replayed, replayed.out
+
+
+@pytest.mark.parametrize("prefill_first", ["0", "1"])
+def test_decode_graph_logic_runs_eagerly_like_the_session(prefill_first, model, monkeypatch):
     # DecodeGraph's own logic (its step starts from the x that the prefill or the previous step wrote, the greedy
     # variant's one fused launch, lazily captured variants with the call's state put back, replayed prefills) on
     # any device: capture_cuda_graph swapped for eager replays. Calls alternate between the variants on one shape.
+    # FTLAB_PREFILL_FIRST=1: the context phase launched before the parameters are loaded, the first token after
     import ftlab.generate as gen
 
-    monkeypatch.setattr(gen, "capture_cuda_graph", lambda step, device: (_Replayed(step), step()))
+    monkeypatch.setenv("FTLAB_PREFILL_FIRST", prefill_first)
+    monkeypatch.setattr(gen, "capture_cuda_graph", _eager_capture)
     monkeypatch.setattr(gen, "decode_graph", lambda m, b, c: gen.lru_get(
         m.graph_cache, ("eager", b, c), lambda: gen.DecodeGraph(m, b, c), gen.MAX_GRAPHS_PER_MODEL))
     prompts = [[1, 2, 3], [7], [4, 4, 4, 4]]
@@ -197,6 +213,12 @@ def test_decode_graph_logic_runs_eagerly_like_the_session(model, monkeypatch):
     assert on.output_ids[1][-1] == end and len(on.output_ids[1]) <= 1 + 3  # stopped at its end_id, included
     entry = model.graph_cache.pop(("eager", 3, cache_capacity([3, 1, 4], 8, CFG.max_pos_seq_len)))
     assert sorted(entry.variants) == [False, True] and len(entry.prefill_graphs) == 1
+    assert [len(k) == 3 for k in entry.prefill_graphs] == [prefill_first == "1"]  # (tokens, longest, "prefill only")
+    # other prompts of the same packed shape replay the captured prefill with their own tokens
+    others = [[9, 8, 7], [5], [6, 6, 1, 2]]
+    again = [generate(model, others, use_cuda_graph=True, **sampled) for _ in range(2)]
+    off = generate(model, others, use_cuda_graph=False, **sampled)
+    assert again[0].output_ids == again[1].output_ids == off.output_ids
     # prompts that fill the position table: the capture's warm-up step embeds one position past it
     full = [[5] * (CFG.max_pos_seq_len - 1)]
     for n in (1, 1):
@@ -224,7 +246,9 @@ def test_greedy_and_sampled_calls_share_a_graph_like_eager(model):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_masks_finished_requests_like_eager(model):
+@pytest.mark.parametrize("prefill_first", ["0", "1"])
+def test_cuda_graph_masks_finished_requests_like_eager(prefill_first, model, monkeypatch):
+    monkeypatch.setenv("FTLAB_PREFILL_FIRST", prefill_first)
     # the captured step keeps the end-of-sequence bookkeeping itself (kernels/finish_step.py): per step the same
     # tokens, finished flags and log-probs as the torch ops of the eager path, also after a request has ended
     prompts = [[1, 2, 3], [7], [4, 4, 4, 4]]
