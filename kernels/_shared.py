@@ -29,6 +29,21 @@ def bias_act_residual(acc, bias, res, ACT_GELU: tl.constexpr, HAS_BIAS: tl.const
 
 
 @triton.jit
+def chan_merge(mean, m2, v, valid, n0):
+    # one chunk of a row-wise (mean, sum of squared deviations) pass, merged with Chan's formula (no large
+    # sum-of-squares that could cancel): v (BLOCK_M, BLOCK_N) fp32 holds columns n0.. of each row, zero where
+    # `valid` (BLOCK_N,) is false, and every chunk before it was full
+    count = n0 * 1.0
+    chunk_count = tl.sum(valid.to(tl.float32), axis=0)
+    chunk_mean = tl.sum(v, axis=1) / chunk_count
+    dev = tl.where(valid[None, :], v - chunk_mean[:, None], 0.0)
+    total = count + chunk_count
+    delta = chunk_mean - mean
+    return (mean + delta * (chunk_count / total),
+            m2 + tl.sum(dev * dev, axis=1) + delta * delta * (count * chunk_count / total))
+
+
+@triton.jit
 def shifted_ln_stats(s1, s2, K, eps):
     # a LayerNorm's statistics from the sums over a row of K of d = x - x0 and of d * d (x0: the row's first element,
     # so that a mean much larger than the spread does not cancel in fp32): (mean - x0, rstd)

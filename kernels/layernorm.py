@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ._env import ints_from_env, is_pow2
 from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
+from ._shared import chan_merge
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # widest row held in registers in one block; wider rows take the chunked path
@@ -95,15 +96,7 @@ def _layernorm_kernel(
             mask = m_mask[:, None] & n_mask[None, :]
             v = _load_row_block(x_ptr, res_ptr, xb_ptr, s_ptr, row_offs + n0 + cols[None, :], n0 + cols, mask,
                                 n_mask, HAS_RES, HAS_XB, True)
-            count = n0 * 1.0  # every chunk before this one is full
-            chunk_count = tl.sum(n_mask.to(tl.float32), axis=0)
-            chunk_mean = tl.sum(v, axis=1) / chunk_count
-            dev = tl.where(mask, v - chunk_mean[:, None], 0.0)
-            chunk_m2 = tl.sum(dev * dev, axis=1)
-            total = count + chunk_count
-            delta = chunk_mean - mean
-            mean = mean + delta * (chunk_count / total)
-            m2 = m2 + chunk_m2 + delta * delta * (count * chunk_count / total)
+            mean, m2 = chan_merge(mean, m2, v, n_mask, n0)  # rows past M: never stored
         rstd = 1.0 / tl.sqrt(m2 / N + eps)
         # pass 2: normalise; the sum is recomputed from x and r (not read back from s) so nothing depends on
         # this program's own stores becoming visible
@@ -131,22 +124,15 @@ def _layernorm_stats_kernel(x_ptr, mean_ptr, rstd_ptr, M, N, eps,
     m_mask = offs_m < M
     row_offs = offs_m.to(tl.int64)[:, None] * N
     cols = tl.arange(0, BLOCK_N)
-    # running (count, mean, sum of squared deviations) per row, merged chunk by chunk (Chan): with one chunk
-    # (N <= BLOCK_N) this is the two-pass mean of squared deviations
+    # running (mean, sum of squared deviations) per row, merged chunk by chunk: with one chunk (N <= BLOCK_N) the
+    # two-pass mean of squared deviations; rows past M are never stored
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         n_mask = (n0 + cols) < N
-        mask = m_mask[:, None] & n_mask[None, :]
-        v = tl.load(x_ptr + row_offs + n0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        count = n0 * 1.0  # every chunk before this one is full
-        chunk_count = tl.sum(n_mask.to(tl.float32), axis=0)
-        chunk_mean = tl.sum(v, axis=1) / chunk_count
-        dev = tl.where(mask, v - chunk_mean[:, None], 0.0)
-        total = count + chunk_count
-        delta = chunk_mean - mean
-        mean = mean + delta * (chunk_count / total)
-        m2 = m2 + tl.sum(dev * dev, axis=1) + delta * delta * (count * chunk_count / total)
+        v = tl.load(x_ptr + row_offs + n0 + cols[None, :], mask=m_mask[:, None] & n_mask[None, :],
+                    other=0.0).to(tl.float32)
+        mean, m2 = chan_merge(mean, m2, v, n_mask, n0)
     tl.store(mean_ptr + offs_m, mean, mask=m_mask)
     tl.store(rstd_ptr + offs_m, 1.0 / tl.sqrt(m2 / N + eps), mask=m_mask)
 

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._shared import add3 as _add3, bias_act_residual, shifted_ln_stats
+from ._shared import add3 as _add3, bias_act_residual, chan_merge, shifted_ln_stats
 from ._env import ints_from_env
 from .gemv_rows import gemv_rows, gemv_rows_on, pick_gemv_rows_config
 from .layernorm import layernorm_stats
@@ -112,14 +112,7 @@ def _ln_row_stats(x_rows, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + cols) < K
         v = tl.load(x_rows + k0 + cols[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)  # (BM, BK)
-        count = k0 * 1.0  # every chunk before this one is full
-        chunk_count = tl.sum(k_ok.to(tl.float32), axis=0)
-        chunk_mean = tl.sum(v, axis=1) / chunk_count
-        dev = tl.where(k_ok[None, :], v - chunk_mean[:, None], 0.0)
-        total = count + chunk_count
-        delta = chunk_mean - mean
-        mean = mean + delta * (chunk_count / total)
-        m2 = m2 + tl.sum(dev * dev, axis=1) + delta * delta * (count * chunk_count / total)
+        mean, m2 = chan_merge(mean, m2, v, k_ok, k0)
     rstd = 1.0 / tl.sqrt(m2 / K + eps)
     return mean, rstd
 

@@ -41,6 +41,25 @@ def test_skinny_gemm_matches_reference(features, case, dtype_name, device):
     assert int(counter.abs().sum()) == 0, "the split-K counters must be left zero for the next launch"
 
 
+def _folded_layernorm_case(case, dtype, device, offset):
+    """CASES[case] with x shifted by `offset` and a LayerNorm folded into weight and bias: (config, x, folded
+    weight, folded bias, row sums, residual, fp64 reference of gelu(LN(x) W^T + b) + residual)."""
+    M, N, K, block_n, k_split, warps = CASES[case]
+    x, weight, bias, residual = _inputs(M, N, K, dtype, device)
+    x = x + offset
+    ln_w = (1 + 0.5 * torch.randn(K)).to(dtype=dtype, device=device)
+    ln_b = (0.5 * torch.randn(K)).to(dtype=dtype, device=device)
+    folded, folded_bias, row_sums = fold_layernorm(weight, bias, ln_w, ln_b)
+    ref = linear_reference(x.double(), weight.double(), bias=bias.double(), residual=residual.double(),
+                           activation="gelu", ln_weight=ln_w.double(), ln_bias=ln_b.double())
+    return SkinnyConfig(block_n, k_split, warps), x, folded, folded_bias, row_sums, residual, ref
+
+
+# folding rounds W * g and c + W @ b once in the dtype, and at offset 300 x @ W'^T - mean * rowsum(W') loses
+# ~log2(300 / std) bits of fp32 (the same allowance as test_gemv_rows' folded test)
+_FOLD_TOL = {dtype: REL_TOL[dtype] * (2 if dtype != torch.float32 else 10) for dtype in REL_TOL}
+
+
 @pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("offset", [0.5, 300.0])
@@ -49,20 +68,9 @@ def test_skinny_gemm_with_folded_layernorm(offset, case, dtype_name, device):
     # widened to one) and their statistics relative to x[:, 0] (offset 300: |mean| >> std would cancel in fp32)
     dtype = DTYPES[dtype_name]
     skip_if_interpreter_bf16(dtype, device)
-    M, N, K, block_n, k_split, warps = CASES[case]
-    x, weight, bias, residual = _inputs(M, N, K, dtype, device)
-    x = x + offset
-    ln_w = (1 + 0.5 * torch.randn(K)).to(dtype=dtype, device=device)
-    ln_b = (0.5 * torch.randn(K)).to(dtype=dtype, device=device)
-    folded, folded_bias, row_sums = fold_layernorm(weight, bias, ln_w, ln_b)
-    out = skinny_gemm(x, folded, folded_bias, activation="gelu", residual=residual,
-                      config=SkinnyConfig(block_n, k_split, warps), ln_row_sums=row_sums)
-    ref = linear_reference(x.double(), weight.double(), bias=bias.double(), residual=residual.double(),
-                           activation="gelu", ln_weight=ln_w.double(), ln_bias=ln_b.double())
-    # folding rounds W * g and c + W @ b once in the dtype, and at offset 300 x @ W'^T - mean * rowsum(W') loses
-    # ~log2(300 / std) bits of fp32 (the same allowance as test_gemv_rows' folded test)
-    tol = REL_TOL[dtype] * (2 if dtype != torch.float32 else 10)
-    assert_rel_close(out, ref, tol=tol, what=f"LN fold, offset {offset}, M={M} N={N} K={K}")
+    cfg, x, folded, folded_bias, row_sums, residual, ref = _folded_layernorm_case(case, dtype, device, offset)
+    out = skinny_gemm(x, folded, folded_bias, activation="gelu", residual=residual, config=cfg, ln_row_sums=row_sums)
+    assert_rel_close(out, ref, tol=_FOLD_TOL[dtype], what=f"LN fold, offset {offset}, {tuple(x.shape)} {cfg}")
 
 
 @pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
@@ -75,20 +83,11 @@ def test_skinny_gemm_with_given_layernorm_stats(offset, case, dtype_name, device
 
     dtype = DTYPES[dtype_name]
     skip_if_interpreter_bf16(dtype, device)
-    M, N, K, block_n, k_split, warps = CASES[case]
-    x, weight, bias, residual = _inputs(M, N, K, dtype, device)
-    x = x + offset
-    ln_w = (1 + 0.5 * torch.randn(K)).to(dtype=dtype, device=device)
-    ln_b = (0.5 * torch.randn(K)).to(dtype=dtype, device=device)
-    folded, folded_bias, row_sums = fold_layernorm(weight, bias, ln_w, ln_b)
+    cfg, x, folded, folded_bias, row_sums, residual, ref = _folded_layernorm_case(case, dtype, device, offset)
     counter = torch.zeros(64, dtype=torch.int32, device=device)
-    out = skinny_gemm(x, folded, folded_bias, activation="gelu", residual=residual,
-                      config=SkinnyConfig(block_n, k_split, warps), counter=counter, ln_row_sums=row_sums,
-                      ln_stats=layernorm_stats(x, 1e-5))
-    ref = linear_reference(x.double(), weight.double(), bias=bias.double(), residual=residual.double(),
-                           activation="gelu", ln_weight=ln_w.double(), ln_bias=ln_b.double())
-    tol = REL_TOL[dtype] * (2 if dtype != torch.float32 else 10)  # as in the in-kernel statistics' test
-    assert_rel_close(out, ref, tol=tol, what=f"LN stats given, offset {offset}, M={M} N={N} K={K}")
+    out = skinny_gemm(x, folded, folded_bias, activation="gelu", residual=residual, config=cfg, counter=counter,
+                      ln_row_sums=row_sums, ln_stats=layernorm_stats(x, 1e-5))
+    assert_rel_close(out, ref, tol=_FOLD_TOL[dtype], what=f"LN stats given, offset {offset}, {tuple(x.shape)} {cfg}")
     assert int(counter.abs().sum()) == 0
 
 
