@@ -10,7 +10,8 @@ returned), `return`, the garbage collections' count and ms per generation, and `
 `python -m ftlab.host_marks` (GPU): GPT-345M random weights, cells bs1 512 -> 32, bs64 512 -> 32, bs1 128 -> 8; prints
 the marks and writes them as JSON (--json). Each wrapper adds its own time to the phases around it (not measured
 separately): compare marks taken the same way, not marks with unmarked timings. `--profile` instead times the host's
-side op by op (`host_ops`: torch.profiler over a few calls, CUDA runtime calls included; self CPU time per call).
+side op by op (`host_ops`: torch.profiler over a few calls, CUDA runtime calls included; self CPU time per call), and
+`--cprofile` function by function (`host_functions`: Python's cProfile, by own time).
 """
 from __future__ import annotations
 
@@ -149,6 +150,27 @@ def host_ops(model, prompts, n_out: int, calls: int = 5, warmup: int = 3, row_li
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)
 
 
+def host_functions(model, prompts, n_out: int, calls: int = 20, warmup: int = 3, row_limit: int = 45,
+                   **params) -> str:
+    """Python's cProfile over `calls` generate() calls (after `warmup`), by each function's own time: where the
+    host's Python goes, the waits for the device (_HostRows.wait's event synchronisation) included."""
+    import cProfile
+    import io
+    import pstats
+
+    for _ in range(warmup):
+        gen.generate(model, prompts, max_new_tokens=n_out, **params)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        result = gen.generate(model, prompts, max_new_tokens=n_out, **params)
+        del result  # freed inside the profile, as a caller would
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(row_limit)
+    return text.getvalue()
+
+
 def print_marks(title: str, medians: dict[str, float]) -> None:
     print(f"=== {title}")
     for key in sorted(medians, key=medians.get):
@@ -163,6 +185,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=25)
     p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after the warm-up calls")
     p.add_argument("--profile", action="store_true", help="print the host's time per operator instead of marks")
+    p.add_argument("--cprofile", action="store_true", help="print the host's time per Python function instead")
     args = p.parse_args(argv)
     model = random_model(GPT_345M)
     out = {}
@@ -171,6 +194,10 @@ def main(argv=None) -> None:
         if args.profile:
             print(f"=== bs{batch} {n_in} -> {n_out}: host time per operator over 5 calls\n"
                   + host_ops(model, prompts, n_out), flush=True)
+            continue
+        if args.cprofile:
+            print(f"=== bs{batch} {n_in} -> {n_out}: cProfile of 20 calls, by own time\n"
+                  + host_functions(model, prompts, n_out), flush=True)
             continue
         for _ in range(3):
             gen.generate(model, prompts, max_new_tokens=n_out)

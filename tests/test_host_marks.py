@@ -5,7 +5,7 @@ import torch
 from ftlab import generate as gen
 from ftlab.checkpoint import random_ft_tensors
 from ftlab.config import GPTConfig
-from ftlab.host_marks import PHASES, call_marks, host_ops, marked
+from ftlab.host_marks import PHASES, call_marks, host_functions, host_ops, marked
 from ftlab.model import GPT
 
 
@@ -38,3 +38,5 @@ def test_host_ops_lists_the_calls_operators(device):
     prompts = np.random.default_rng(6).integers(0, cfg.vocab_size, size=(2, 5))
     table = host_ops(model, prompts, n_out=3, calls=2, warmup=1, row_limit=10)
     assert "Self CPU" in table and "aten::" in table
+    functions = host_functions(model, prompts, n_out=3, calls=2, warmup=1, row_limit=10)
+    assert "tottime" in functions and "function calls" in functions
