@@ -121,10 +121,15 @@ def _one_call(rec: _Recorder, model, prompts, n_out: int, **params) -> dict[str,
     return row
 
 
+def _calls(model, prompts, n_out: int, n: int, params: dict) -> None:
+    """`n` generate() calls, results dropped (warm-ups: graphs captured, kernels compiled)."""
+    for _ in range(n):
+        gen.generate(model, prompts, max_new_tokens=n_out, **params)
+
+
 def call_marks(model, prompts, n_out: int, repeats: int = 25, warmup: int = 3, **params) -> dict[str, float]:
     """Medians over `repeats` marked generate() calls (after `warmup` unmarked ones: graphs captured)."""
-    for _ in range(warmup):
-        gen.generate(model, prompts, max_new_tokens=n_out, **params)
+    _calls(model, prompts, n_out, warmup, params)
     rows = []
     with marked() as rec:
         for _ in range(repeats):
@@ -139,8 +144,7 @@ def host_ops(model, prompts, n_out: int, calls: int = 5, warmup: int = 3, row_li
     CPU time. The profiler slows Python down, so the ranking matters, not the sum."""
     from torch.profiler import ProfilerActivity, profile
 
-    for _ in range(warmup):
-        gen.generate(model, prompts, max_new_tokens=n_out, **params)
+    _calls(model, prompts, n_out, warmup, params)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(calls):
@@ -158,8 +162,7 @@ def host_functions(model, prompts, n_out: int, calls: int = 20, warmup: int = 3,
     import io
     import pstats
 
-    for _ in range(warmup):
-        gen.generate(model, prompts, max_new_tokens=n_out, **params)
+    _calls(model, prompts, n_out, warmup, params)
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(calls):

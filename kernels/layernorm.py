@@ -168,9 +168,12 @@ def _pick_blocks(N: int, max_block_n: int) -> Tuple[int, int, int, bool]:
     if not single:
         block_n = max_block_n
     block_m = max(1, min(_MAX_ROWS_PER_PROGRAM, _ROW_ELEMS_PER_PROGRAM // block_n)) if single else 1
-    # about 16 fp32 values per thread in the single-block case
-    num_warps = max(1, min(16, (block_m * block_n) // 512))
-    return block_m, block_n, num_warps, single
+    return block_m, block_n, _warps_for(block_m * block_n), single
+
+
+def _warps_for(elements: int) -> int:
+    # about 16 fp32 values per thread when a program's rows fit one block
+    return max(1, min(16, elements // 512))
 
 
 def _rows_from_env(block_m: int, num_warps: int, single: bool) -> Tuple[int, int]:
@@ -242,9 +245,9 @@ def _stats_launch(x, eps, max_block_n):
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M > 0 and N > 0:
-        block_n = min(triton.next_power_of_2(N), max_block_n)
-        block_m = 1 if M <= 128 else max(1, min(_MAX_ROWS_PER_PROGRAM, _ROW_ELEMS_PER_PROGRAM // block_n))
-        num_warps = max(1, min(16, (block_m * block_n) // 512))
+        block_m, block_n, num_warps, _ = _pick_blocks(N, max_block_n)
+        if M <= 128:  # one row per program: decode batches get a program per row
+            block_m, num_warps = 1, _warps_for(block_n)
         use_pdl = pdl_for(x.device)
         _layernorm_stats_kernel[(triton.cdiv(M, block_m),)](
             x, mean, rstd, M, N, float(eps), BLOCK_M=block_m, BLOCK_N=block_n, USE_PDL=use_pdl,
