@@ -293,13 +293,18 @@ class DecodeGraph:
     A call loads its parameters and starting state in one copy (load_request), runs `first` (the prefill and the
     first token; captured too from a packed shape's second call) and then `replay`s the step: each token, its
     log-prob and the finished flags land in row `step` of the history buffers (kernels/finish_step.py), which the
-    caller reads every few steps. With FTLAB_PREFILL_FIRST=1 a call runs `launch_prefill` before load_request and
-    `first_token` after it instead of `first`, so that the host loads the parameters while the device runs the
-    prompt (load_request took ~0.09 ms of the 0.32 ms before a bs1 512 -> 32 call's prefill launch on the H200
-    machine; the order is not yet measured end to end, so it is off by default). One step per graph: capturing 2,
-    4 or 8 steps in one graph measured no gain on the H200 (GPT-345M, context 512, replays back to back: bs1 367.6
-    -> 365.3-368.4 us per step, bs64 1788 ->
-    1804-1848; data/bench/decode_attention_experiments.csv).
+    caller reads every few steps. By default (FTLAB_PREFILL_FIRST=0: `first` instead) a call runs `launch_prefill`
+    before load_request and `first_token` after it, so that the host loads the parameters while the device runs the
+    prompt. H200, 2026-12-03 (`.ci/gpu-check prefill-first`): a bs1 512 -> 32 call's prefill launched 0.339 ms
+    after entry instead of 0.403; `ftlab bench` in alternating processes, five rounds on two machines, bs1 512 -> 32
+    12.05-12.51 -> 11.93-12.30 ms, bs64 85.8-87.1 -> 85.6-86.8, 25 of 32 cell pairs faster
+    (data/bench/prefill_first_e2e_ab.csv). With the first token sampled by eager launches, a process that had run
+    bs1 128 -> 8 calls before then ran bs1 512 -> 32 in 12.61-12.88 ms (against 12.27-12.37 in the other order),
+    the ~17 us per step of capture_cuda_graph's unexplained slow state; with the first token as a graph of its own
+    (PrefillGraph.sample_first) 12.04 / 12.27 (data/bench/prefill_first_grid_order.csv). One step per
+    graph: capturing 2, 4 or 8 steps in one graph measured no gain on the H200 (GPT-345M, context 512, replays
+    back to back: bs1 367.6 -> 365.3-368.4 us per step, bs64 1788 -> 1804-1848;
+    data/bench/decode_attention_experiments.csv).
 
     Two variants of the step, each captured the first time a call needs it: the general one samples with
     kernels/sampling.py, runs finish_step and embeds the tokens (four launches), and the one for calls whose requests
@@ -337,6 +342,8 @@ class DecodeGraph:
         self.greedy = False  # the variant of the current call, chosen (and captured) by load_request
         self.graph = self.out_log_probs = None
         self.pending_logits = None  # launch_prefill's logits until first_token samples them
+        self.pending_prefill = None  # and the PrefillGraph that wrote them (None after an eager prefill)
+        self.host_rows_kept: dict = {}  # _HostRows by (max_new_tokens, with log-probs): see host_rows
 
     def _use_variant(self, greedy: bool) -> None:
         """Replay the general or the all-greedy step from now on, capturing it first if this graph has not yet. The
@@ -401,22 +408,40 @@ class DecodeGraph:
 
     def launch_prefill(self, prompts: HostPrompts) -> None:
         """The context phase alone (the first token waits for `first_token`), so that it can be launched before
-        the call's parameters are loaded (LocalSession with FTLAB_PREFILL_FIRST=1): the host loads them while the
+        the call's parameters are loaded (LocalSession's default order): the host loads them while the
         device runs the prompt. Captured per packed shape as in `first`, without the sampling."""
         key = (prompts.total, prompts.max_seqlen, "prefill only")
         if key not in self.prefill_graphs and key not in self.prefill_seen:
             self.prefill_seen.add(key)
-            self.pending_logits = self._eager_prefill(prompts)
+            self.pending_logits, self.pending_prefill = self._eager_prefill(prompts), None
             return
         graph = lru_get(self.prefill_graphs, key, lambda: PrefillGraph(self, prompts, first_token=False),
                         MAX_PREFILL_GRAPHS)
         self.pending_logits = graph.run(prompts)
+        self.pending_prefill = graph
 
     def first_token(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """After launch_prefill and load_request: the first token sampled from the prompt's logits, launched
-        eagerly (behind the prefill on the device), as `first` returns it."""
+        """After launch_prefill and load_request: the first token sampled from the prompt's logits, as `first`
+        returns it: the replayed prefill's own first-token graph, or eager launches after an eager prefill
+        (FTLAB_FIRST_TOKEN_GRAPH=0, read per call: eager after either)."""
         logits, self.pending_logits = self.pending_logits, None
+        prefill, self.pending_prefill = self.pending_prefill, None
+        if prefill is not None and os.environ.get("FTLAB_FIRST_TOKEN_GRAPH", "1") != "0":
+            return prefill.sample_first()
         return self._finish(logits, None)
+
+    def host_rows(self, n: int, with_log_probs: bool) -> "_HostRows":
+        """The pinned host buffers (and event) into which a call reads its history rows, kept per (n, log-probs) and
+        reused by the next call of the same size: _HostRows.wait hands out copies, and a graph serves one call at
+        a time (FTLAB_KEEP_HOST_ROWS=0, read per call: per-call buffers again). Made per call they cost the H200
+        machine's host ~0.06 ms while the prefill runs, and freeing them falls in the call's tail: one process per
+        variant, return - last read 0.148 -> 0.080 ms at bs1 512 -> 32 and 0.533 -> 0.276 at bs64, but 0.146 / 0.482
+        in a later process on another machine, and `ftlab bench` moved within its noise (bs1 512 -> 32 11.94-12.16
+        -> 12.07-12.11 ms; data/bench/host_rows_kept_marks.csv, host_rows_kept_ab.csv)."""
+        make = lambda: _HostRows(self.hist_tokens, self.hist_finished, self.hist_log_probs, n, with_log_probs)
+        if os.environ.get("FTLAB_KEEP_HOST_ROWS", "1") == "0":
+            return make()
+        return lru_get(self.host_rows_kept, (n, with_log_probs), make, MAX_HOST_ROWS)
 
     def replay(self) -> None:
         """One decode step (its outputs: `tokens`, `out_log_probs`, history row `step`)."""
@@ -435,7 +460,8 @@ class DecodeGraph:
 class PrefillGraph:
     """The context phase and first token of one packed shape, captured over a DecodeGraph's KV cache and state
     (the prompts loaded from the host in one copy per call). first_token=False: the context phase alone, whose
-    replay returns the last tokens' logits (DecodeGraph.launch_prefill)."""
+    replay returns the last tokens' logits (DecodeGraph.launch_prefill), and the first token's sampling from them
+    as a second graph (sample_first), replayed once the call's parameters are loaded."""
 
     def __init__(self, decode: DecodeGraph, prompts: HostPrompts, first_token: bool = True):
         model, columns = decode.model, prompts.columns()
@@ -449,6 +475,10 @@ class PrefillGraph:
         # the capture's warm-up run samples a first token: leave the call's state as it was loaded
         saved = decode.request.buffer.clone()
         self.graph, self.out = capture_cuda_graph(first, model.device)
+        self.token_graph = None
+        if not first_token:
+            self.token_graph, self.token_out = capture_cuda_graph(lambda: decode._finish(self.out, None),
+                                                                  model.device)
         decode.request.buffer.copy_(saved)
 
     def run(self, prompts: HostPrompts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -456,9 +486,15 @@ class PrefillGraph:
         self.graph.replay()
         return self.out
 
+    def sample_first(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first_token=False) The first token from the logits the last `run` left in place, as `first` returns it."""
+        self.token_graph.replay()
+        return self.token_out
+
 
 MAX_GRAPHS_PER_MODEL = 4
 MAX_PREFILL_GRAPHS = 4  # per decode graph
+MAX_HOST_ROWS = 4  # _HostRows per decode graph (one per max_new_tokens and log-probs choice)
 
 
 def decode_graph(model: GPT, batch_size: int, capacity: int) -> DecodeGraph:
@@ -490,9 +526,9 @@ class LocalSession:
         # the logits processors keep their own device state outside the captured step: those calls run eagerly
         use_cuda_graph = (model.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph)
         self.graph = decode_graph(model, B, capacity) if use_cuda_graph and self.processor is None else None
-        # FTLAB_PREFILL_FIRST=1 (read per call): the prompt's context phase is launched before the parameters are
-        # loaded into the graph's inputs, and the first token sampled eagerly behind it (not yet measured on a GPU)
-        self.prefill_launched = self.graph is not None and os.environ.get("FTLAB_PREFILL_FIRST", "0") == "1"
+        # the prompt's context phase is launched before the parameters are loaded into the graph's inputs, and the
+        # first token sampled behind it (DecodeGraph; FTLAB_PREFILL_FIRST=0, read per call: the other order)
+        self.prefill_launched = self.graph is not None and os.environ.get("FTLAB_PREFILL_FIRST", "1") != "0"
         if self.prefill_launched:
             self.graph.launch_prefill(self.prompts)
         if self.graph is not None:
@@ -635,7 +671,8 @@ def _chunks(model, prompts: list[np.ndarray], max_new_tokens: int, return_log_pr
     graphed = isinstance(session, LocalSession) and session.graph is not None
     rows = _GraphRows(session) if graphed else _Rows(session, request, max_new_tokens, model.device)
     rows.first()
-    host = _HostRows(rows, max_new_tokens, return_log_probs)  # its pinned buffers made while the prefill runs
+    host = (session.graph.host_rows(max_new_tokens, return_log_probs) if graphed  # kept with the graph
+            else _HostRows(rows.tokens, rows.finished, rows.log_probs, max_new_tokens, return_log_probs))
     flushed = 0  # steps already handed to the host
     for step in range(max_new_tokens):
         last = step == max_new_tokens - 1
@@ -663,22 +700,22 @@ class _HostRows:
     512 -> 32 13.85-13.89 -> 13.48-13.73, bs8 512 -> 32 24.3 -> 23.8; generate() (a read every 16 steps) bs1
     128 -> 128 46.4-46.5 -> 45.9. Off a GPU a plain copy."""
 
-    def __init__(self, rows, n: int, with_log_probs: bool):
-        self.rows, self.with_log_probs = rows, with_log_probs
-        self.pinned = rows.tokens.is_cuda
-        B = rows.tokens.shape[1]
+    def __init__(self, tokens: torch.Tensor, finished: torch.Tensor, log_probs: torch.Tensor, n: int,
+                 with_log_probs: bool):
+        self.with_log_probs = with_log_probs
+        self.sources = (tokens, finished, log_probs)[:3 if with_log_probs else 2]  # (steps, B) device rows
+        self.pinned = tokens.is_cuda
+        B = tokens.shape[1]
         self.tokens = torch.empty(n, B, dtype=torch.int64, pin_memory=self.pinned)
         self.finished = torch.empty(n, B, dtype=torch.bool, pin_memory=self.pinned)
         self.log_probs = torch.empty(n, B, dtype=torch.float32, pin_memory=self.pinned) if with_log_probs else None
         self.event = torch.cuda.Event() if self.pinned else None
+        self.buffers = [t for t in (self.tokens, self.finished, self.log_probs) if t is not None]
         # numpy views made once: wait() slices them without a torch op per buffer
-        self.host = [t.numpy() for t in (self.tokens, self.finished, self.log_probs) if t is not None]
+        self.host = [t.numpy() for t in self.buffers]
 
     def start(self, lo: int, hi: int) -> None:
-        pairs = [(self.tokens, self.rows.tokens), (self.finished, self.rows.finished)]
-        if self.with_log_probs:
-            pairs.append((self.log_probs, self.rows.log_probs))
-        for dst, src in pairs:
+        for dst, src in zip(self.buffers, self.sources):
             dst[lo:hi].copy_(src[lo:hi], non_blocking=self.pinned)
         if self.pinned:
             self.event.record()

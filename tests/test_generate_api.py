@@ -188,8 +188,8 @@ def _eager_capture(step, device):
     return replayed, replayed.out
 
 
-@pytest.mark.parametrize("prefill_first", ["0", "1"])
-def test_decode_graph_logic_runs_eagerly_like_the_session(prefill_first, model, monkeypatch):
+@pytest.mark.parametrize("prefill_first,token_graph", [("0", "1"), ("1", "1"), ("1", "0")])
+def test_decode_graph_logic_runs_eagerly_like_the_session(prefill_first, token_graph, model, monkeypatch):
     # DecodeGraph's own logic (its step starts from the x that the prefill or the previous step wrote, the greedy
     # variant's one fused launch, lazily captured variants with the call's state put back, replayed prefills) on
     # any device: capture_cuda_graph swapped for eager replays. Calls alternate between the variants on one shape.
@@ -197,6 +197,7 @@ def test_decode_graph_logic_runs_eagerly_like_the_session(prefill_first, model, 
     import ftlab.generate as gen
 
     monkeypatch.setenv("FTLAB_PREFILL_FIRST", prefill_first)
+    monkeypatch.setenv("FTLAB_FIRST_TOKEN_GRAPH", token_graph)  # =0: the first token sampled eagerly
     monkeypatch.setattr(gen, "capture_cuda_graph", _eager_capture)
     monkeypatch.setattr(gen, "decode_graph", lambda m, b, c: gen.lru_get(
         m.graph_cache, ("eager", b, c), lambda: gen.DecodeGraph(m, b, c), gen.MAX_GRAPHS_PER_MODEL))
@@ -214,6 +215,9 @@ def test_decode_graph_logic_runs_eagerly_like_the_session(prefill_first, model, 
     entry = model.graph_cache.pop(("eager", 3, cache_capacity([3, 1, 4], 8, CFG.max_pos_seq_len)))
     assert sorted(entry.variants) == [False, True] and len(entry.prefill_graphs) == 1
     assert [len(k) == 3 for k in entry.prefill_graphs] == [prefill_first == "1"]  # (tokens, longest, "prefill only")
+    # with the parameters loaded after the prefill, the first token has a graph of its own beside the prefill's
+    assert [g.token_graph is not None for g in entry.prefill_graphs.values()] == [prefill_first == "1"]
+    assert list(entry.host_rows_kept) == [(8, True)]  # the three calls read their rows through one set of buffers
     # other prompts of the same packed shape replay the captured prefill with their own tokens
     others = [[9, 8, 7], [5], [6, 6, 1, 2]]
     again = [generate(model, others, use_cuda_graph=True, **sampled) for _ in range(2)]
