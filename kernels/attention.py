@@ -148,6 +148,11 @@ def pick_context_blocks(batch: int, num_heads: int, max_seqlen: int, head_dim: i
     (flash), of 128 4.1 against 11.0 (flash), 8 x 512 31 against 49 (cuDNN), 64 x 512 192 against 317 (cuDNN); the
     do_bench numbers above time SDPA on contiguous inputs without the cache write. End to end, the model's prefill on
     SDPA was slower in every cell (bs1 512 -> 32 12.31-12.40 ms against 11.94-12.11 with this kernel).
+
+    Tried and not kept (2026-12-03, scratch edit, the same graph chain alternating in one process, three rounds;
+    data/bench/context_attention_fma_ab.csv): the softmax scale applied inside exp2's argument as one FMA (and to
+    the row max) instead of to every score first, us per call: one prompt of 128 4.24-4.33 -> 4.32-4.37, one of 512
+    8.94-9.00 -> 9.02-9.07, 8 x 512 31.6-31.9 -> 30.9-31.4, 64 x 512 193-214 -> 192-213 (noise of that size).
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     if dtype == torch.float32:
