@@ -396,6 +396,9 @@ def run_parallel(model_dir=None, *, tensor_para_size: int, layer_para_size: int,
 
 
 def _hf_model(config, ft, dtype, device):
+    from ._kernels_shadow import import_pypi_kernels
+
+    import_pypi_kernels()  # before transformers: the repo's kernels/ folder must not stand in for the PyPI package
     try:
         import transformers
     except ImportError:

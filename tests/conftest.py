@@ -13,6 +13,12 @@ if not _has_cuda:
 
 import zlib  # noqa: E402
 
+# pytest puts the repo root on sys.path (tests/ is a package), where kernels/ would shadow the PyPI package
+# `kernels` that transformers >= 5.25 imports: load the installed one first (ftlab/_kernels_shadow.py)
+from ftlab._kernels_shadow import import_pypi_kernels  # noqa: E402
+
+import_pypi_kernels()
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
