@@ -395,12 +395,19 @@ class DecodeGraph:
         buffers), history row 0 written. A packed shape (total tokens, longest prompt) seen a second time is
         captured as a CUDA graph and replayed from then on: the prefill is ~150 launches, whose host cost exceeds
         their GPU time for short prompts, while capturing a shape that never comes back would only cost time."""
-        key = (prompts.total, prompts.max_seqlen)
+        graph = self._prefill_graph(prompts, first_token=True)
+        if graph is None:
+            return self._finish(self._eager_prefill(prompts), None)
+        return graph.run(prompts)
+
+    def _prefill_graph(self, prompts: HostPrompts, first_token: bool) -> "PrefillGraph | None":
+        """This packed shape's captured prefill (with or without the first token), captured on its second sight;
+        None the first time it is seen (the caller runs it eagerly)."""
+        key = (prompts.total, prompts.max_seqlen) + (() if first_token else ("prefill only",))
         if key not in self.prefill_graphs and key not in self.prefill_seen:
             self.prefill_seen.add(key)
-            return self._finish(self._eager_prefill(prompts), None)
-        graph = lru_get(self.prefill_graphs, key, lambda: PrefillGraph(self, prompts), MAX_PREFILL_GRAPHS)
-        return graph.run(prompts)
+            return None
+        return lru_get(self.prefill_graphs, key, lambda: PrefillGraph(self, prompts, first_token), MAX_PREFILL_GRAPHS)
 
     def _eager_prefill(self, prompts: HostPrompts) -> torch.Tensor:
         b = prompts.to_device(self.model.device)
@@ -410,15 +417,8 @@ class DecodeGraph:
         """The context phase alone (the first token waits for `first_token`), so that it can be launched before
         the call's parameters are loaded (LocalSession's default order): the host loads them while the
         device runs the prompt. Captured per packed shape as in `first`, without the sampling."""
-        key = (prompts.total, prompts.max_seqlen, "prefill only")
-        if key not in self.prefill_graphs and key not in self.prefill_seen:
-            self.prefill_seen.add(key)
-            self.pending_logits, self.pending_prefill = self._eager_prefill(prompts), None
-            return
-        graph = lru_get(self.prefill_graphs, key, lambda: PrefillGraph(self, prompts, first_token=False),
-                        MAX_PREFILL_GRAPHS)
-        self.pending_logits = graph.run(prompts)
-        self.pending_prefill = graph
+        self.pending_prefill = graph = self._prefill_graph(prompts, first_token=False)
+        self.pending_logits = self._eager_prefill(prompts) if graph is None else graph.run(prompts)
 
     def first_token(self) -> tuple[torch.Tensor, torch.Tensor]:
         """After launch_prefill and load_request: the first token sampled from the prompt's logits, as `first`
