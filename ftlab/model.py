@@ -212,10 +212,13 @@ def _dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     GEMMs at 8 / 64 rows: 12.4 / 21.3 us vs cuBLAS's 23.8 / 26.2), else cuBLAS (GELU in cuBLASLt's epilogue). At
     prefill sizes kernels/linear.py's tiled Triton GEMM (LayerNorms folded, bias / residual epilogues) measured
     slower than cuBLAS: a block's GEMMs 41.8 vs 28.2 us at 128 rows, 53.4 vs 38.6 at 512 (data/bench/
-    prefill_gemm_ab.csv). So were persistent Triton GEMMs at 8192 and 32768 rows (bs16 / bs64 prompts of 512; the
-    same epilogues; pointer loads or TMA descriptors, 128-256 x 128-256 tiles): best at 32768 rows QKV 337 vs 298
-    us, out-projection 129 vs 119, FC1 522 vs 502, FC2 456 vs 420 (data/bench/prefill_gemm_large_m.csv, cfg =
-    BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, group, flatten[, epilogue split in two]; scratch code, not kept).
+    prefill_gemm_ab.csv); swept over 11 tiles and split-K 1-8 at 512 rows, its best per GEMM was still slower (QKV
+    9.88 vs 8.22 us, out-projection 6.21 vs 5.19, FC1 11.86 vs 10.83, FC2 14.01 vs 11.06; 2026-12-03,
+    data/bench/prefill_gemm_512_sweep.csv). So were persistent Triton GEMMs at 8192 and 32768 rows (bs16 / bs64
+    prompts of 512; the same epilogues; pointer loads or TMA descriptors, 128-256 x 128-256 tiles): best at 32768
+    rows QKV 337 vs 298 us, out-projection 129 vs 119, FC1 522 vs 502, FC2 456 vs 420 (data/bench/
+    prefill_gemm_large_m.csv, cfg = BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, group, flatten[, epilogue split in
+    two]; scratch code, not kept).
     Nor did other ways of calling cuBLAS pay (2026-12-02, data/bench/prefill_gemm_forms.csv, us per GEMM at 512 /
     4096 / 32768 rows): cuBLASLt preferred for every matmul (QKV 8.03 / 44.8 / 350 vs 8.05 / 40.8 / 317), the weights
     pre-transposed to (in, out) (within 3 %, QKV 344 at 32768), a 128 MiB workspace (the same), or FC1's GELU as its
