@@ -295,8 +295,9 @@ class DecodeGraph:
     log-prob and the finished flags land in row `step` of the history buffers (kernels/finish_step.py), which the
     caller reads every few steps. By default (FTLAB_PREFILL_FIRST=0: `first` instead) a call runs `launch_prefill`
     before load_request and `first_token` after it, so that the host loads the parameters while the device runs the
-    prompt. H200, 2026-12-03 (`.ci/gpu-check prefill-first`): a bs1 512 -> 32 call's prefill launched 0.339 ms
-    after entry instead of 0.403; `ftlab bench` in alternating processes, five rounds on two machines, bs1 512 -> 32
+    prompt (since session 30 before the parameters are even checked: generate's _launch_early). H200, 2026-12-03
+    (`.ci/gpu-check prefill-first`): a bs1 512 -> 32 call's prefill launched 0.339 ms after entry instead of 0.403;
+    `ftlab bench` in alternating processes, five rounds on two machines, bs1 512 -> 32
     12.05-12.51 -> 11.93-12.30 ms, bs64 85.8-87.1 -> 85.6-86.8, 25 of 32 cell pairs faster
     (data/bench/prefill_first_e2e_ab.csv). With the first token sampled by eager launches, a process that had run
     bs1 128 -> 8 calls before then ran bs1 512 -> 32 in 12.61-12.88 ms (against 12.27-12.37 in the other order),
@@ -505,6 +506,74 @@ def decode_graph(model: GPT, batch_size: int, capacity: int) -> DecodeGraph:
                    MAX_GRAPHS_PER_MODEL)
 
 
+def _prefill_first() -> bool:
+    return os.environ.get("FTLAB_PREFILL_FIRST", "1") != "0"
+
+
+def _uses_graph(model: GPT, use_cuda_graph: bool | None, unprocessed: bool) -> bool:
+    return (model.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph) and unprocessed
+
+
+def _graph_for(model: GPT, prompts: HostPrompts, max_new_tokens: int, use_cuda_graph: bool | None,
+               unprocessed: bool) -> DecodeGraph | None:
+    """The decode graph a single-process call of these prompts runs on, or None for an eager call: graphs by
+    default on a GPU (use_cuda_graph), and never for calls with logits processors (`unprocessed` False)."""
+    if not _uses_graph(model, use_cuda_graph, unprocessed):
+        return None
+    capacity = cache_capacity(prompts.lengths, max_new_tokens, model.config.max_pos_seq_len)
+    return decode_graph(model, len(prompts.lengths), capacity)
+
+
+# generate() parameters that make a LogitsProcessor, with the values that leave it out
+_PROCESSOR_PARAMS = dict(repetition_penalty=1.0, presence_penalty=0.0, min_length=0, stop_words=None, bad_words=None)
+
+
+def _surely_unprocessed(params: dict) -> bool:
+    """Whether raw generate() keywords certainly need no LogitsProcessor: each of its parameters absent or given
+    as its default number (after RequestParams.build they then hold the defaults, and LogitsProcessor.build
+    returns None). Anything else (lists, tensors, other values) answers False, also where it would turn out
+    inactive."""
+    for name, default in _PROCESSOR_PARAMS.items():
+        value = params.get(name, default)
+        if value is default:
+            continue
+        if default is None or type(value) not in (int, float) or value != default:
+            return False
+    return True
+
+
+@dataclass
+class EarlyPrefill:
+    prompts: HostPrompts  # the call's packed prompts
+    graph: DecodeGraph  # the decode graph whose cache the context phase is filling
+
+
+def _launch_early(model, prompts: list[np.ndarray], max_new_tokens: int, use_cuda_graph: bool | None,
+                  params: dict) -> EarlyPrefill | None:
+    """For a single-process call that will run on a decode graph: its prompt's context phase launched before the
+    call's parameters are checked and built (RequestParams.build: ~0.05 ms of the H200 machine's host at bs1 inside
+    a call, 10 us in a loop), so that the device starts sooner. The prompts were checked already; parameters that
+    fail their checks afterwards leave a prefill of the graph's cache behind, which the graph's next call
+    overwrites (a model runs one graph call at a time, see decode_graph). None where the call goes another way (an
+    engine with open_session, eager calls, calls that may need logits processors) or with FTLAB_EARLY_PREFILL=0 or
+    FTLAB_PREFILL_FIRST=0 (read per call): LocalSession then decides and launches itself.
+
+    H200, GPT-345M, 2026-12-03: host marks (one process per variant) put the prefill launch 0.264 -> 0.174 ms after
+    entry at bs1 512 -> 32, 0.789 -> 0.585 at bs64 512 -> 32, 0.138 -> 0.090 at bs1 128 -> 8
+    (data/bench/host_marks_ab.csv). End to end in fresh processes alternating (9 pairs from four runs,
+    data/bench/early_prefill_ab.csv) bs1 512 -> 32 moved by -0.086 ms on average (6 faster, 3 slower, -0.42 to
+    +0.23), bs1 128 -> 8 by -0.018 (5 / 4), i.e. within the noise of single runs; in one run both 128 -> 8 cells
+    were slower in each of its three rounds (bs1 +0.11-0.21, bs64 +0.08-0.31 ms), which the other runs did not
+    repeat."""
+    if (hasattr(model, "open_session") or not _prefill_first() or os.environ.get("FTLAB_EARLY_PREFILL", "1") == "0"
+            or not _uses_graph(model, use_cuda_graph, _surely_unprocessed(params))):
+        return None
+    host = pack_prompts_host(prompts)
+    graph = _graph_for(model, host, max_new_tokens, use_cuda_graph, True)
+    graph.launch_prefill(host)
+    return EarlyPrefill(host, graph)
+
+
 class LocalSession:
     """One generate() call on a single-process model: owns (or borrows from a DecodeGraph) the KV cache, positions
     and per-request RNG steps.
@@ -514,30 +583,34 @@ class LocalSession:
     On a DecodeGraph both already return the end-of-sequence-masked tokens (finished requests emit end_id with
     log-prob 0) and record them in the graph's history rows; eager sessions return raw samples.
     Request parameters, positions and RNG steps reach the device in one copy (one per call, too, for the prompts).
+    `launched`: the call's prompts and decode graph, whose context phase _open launched already (_launch_early).
     """
 
     def __init__(self, model: GPT, prompts: list[list[int]], max_new_tokens: int, params: RequestParams,
-                 use_cuda_graph: bool | None = None):
+                 use_cuda_graph: bool | None = None, launched: "EarlyPrefill | None" = None):
         self.model, self.params = model, params
-        self.prompts = pack_prompts_host(prompts)
-        B, dev, lengths = len(prompts), model.device, self.prompts.lengths
-        capacity = cache_capacity(lengths, max_new_tokens, model.config.max_pos_seq_len)
+        B, dev = len(prompts), model.device
         self.processor = LogitsProcessor.build(prompts, model.config.vocab_size, dev, params)
-        # the logits processors keep their own device state outside the captured step: those calls run eagerly
-        use_cuda_graph = (model.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph)
-        self.graph = decode_graph(model, B, capacity) if use_cuda_graph and self.processor is None else None
-        # the prompt's context phase is launched before the parameters are loaded into the graph's inputs, and the
-        # first token sampled behind it (DecodeGraph; FTLAB_PREFILL_FIRST=0, read per call: the other order)
-        self.prefill_launched = self.graph is not None and os.environ.get("FTLAB_PREFILL_FIRST", "1") != "0"
-        if self.prefill_launched:
-            self.graph.launch_prefill(self.prompts)
+        if launched is not None:  # _open launched the prompt's context phase on this graph before checking params
+            assert self.processor is None, "a call with logits processors was launched on a decode graph"
+            self.prompts, self.graph, self.prefill_launched = launched.prompts, launched.graph, True
+        else:
+            self.prompts = pack_prompts_host(prompts)
+            # the logits processors keep their own device state outside the captured step: those calls run eagerly
+            self.graph = _graph_for(model, self.prompts, max_new_tokens, use_cuda_graph, self.processor is None)
+            # the prompt's context phase is launched before the parameters are loaded into the graph's inputs, and
+            # the first token sampled behind it (DecodeGraph; FTLAB_PREFILL_FIRST=0, read per call: the other order)
+            self.prefill_launched = self.graph is not None and _prefill_first()
+            if self.prefill_launched:
+                self.graph.launch_prefill(self.prompts)
+        lengths = self.prompts.lengths
         if self.graph is not None:
             state = self.graph.load_request(params, lengths)  # the graph's own inputs: nothing to copy later
             self.cache = self.graph.cache
         else:
             state = host_to_device(dev, **params.columns(), positions=(lengths, torch.int32),
                                    steps=(np.zeros(B), torch.int32))
-            self.cache = model.new_kv_cache(B, capacity)
+            self.cache = model.new_kv_cache(B, cache_capacity(lengths, max_new_tokens, model.config.max_pos_seq_len))
         params.use_tensors(state)
         self.positions = state["positions"]  # (B,) int32, the next slot of each sequence
         self.steps = state["steps"]  # (B,) int32, the RNG step of each request's next token
@@ -569,6 +642,7 @@ def _open(model, prompts: list[np.ndarray], max_new_tokens: int, use_cuda_graph,
     cfg = model.config
     if params.get("end_id") is None:
         params = dict(params, end_id=cfg.end_id)
+    launched = _launch_early(model, prompts, max_new_tokens, use_cuda_graph, params)
     try:
         request = RequestParams.build(len(prompts), cfg.vocab_size, model.device, **params)
     except TypeError as exc:  # an unknown keyword
@@ -576,7 +650,8 @@ def _open(model, prompts: list[np.ndarray], max_new_tokens: int, use_cuda_graph,
     if hasattr(model, "open_session"):
         session = model.open_session(prompts, max_new_tokens, request, use_cuda_graph=use_cuda_graph)
     else:
-        session = LocalSession(model, prompts, max_new_tokens, request, use_cuda_graph=use_cuda_graph)
+        session = LocalSession(model, prompts, max_new_tokens, request, use_cuda_graph=use_cuda_graph,
+                               launched=launched)
     return session, request
 
 

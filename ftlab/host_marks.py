@@ -30,7 +30,8 @@ import torch
 from . import generate as gen
 from . import model as mdl
 
-PHASES = [(gen, "_checked_prompts"), (gen, "_open"), (gen.RequestParams, "build"), (gen, "pack_prompts_host"),
+PHASES = [(gen, "_checked_prompts"), (gen, "_open"), (gen, "_launch_early"), (gen.RequestParams, "build"),
+          (gen, "pack_prompts_host"),
           (gen.LogitsProcessor, "build"), (gen.LocalSession, "__init__"), (gen, "decode_graph"),
           (gen.DecodeGraph, "load_request"), (gen.DecodeGraph, "first"), (gen.DecodeGraph, "launch_prefill"),
           (gen.DecodeGraph, "first_token"), (gen.PrefillGraph, "run"),

@@ -188,19 +188,28 @@ def _eager_capture(step, device):
     return replayed, replayed.out
 
 
-@pytest.mark.parametrize("prefill_first,token_graph", [("0", "1"), ("1", "1"), ("1", "0")])
-def test_decode_graph_logic_runs_eagerly_like_the_session(prefill_first, token_graph, model, monkeypatch):
-    # DecodeGraph's own logic (its step starts from the x that the prefill or the previous step wrote, the greedy
-    # variant's one fused launch, lazily captured variants with the call's state put back, replayed prefills) on
-    # any device: capture_cuda_graph swapped for eager replays. Calls alternate between the variants on one shape.
-    # FTLAB_PREFILL_FIRST=1: the context phase launched before the parameters are loaded, the first token after
+def _graphs_run_eagerly(monkeypatch):
+    """capture_cuda_graph swapped for eager replays, decode graphs kept under their own keys: DecodeGraph's logic on
+    any device."""
     import ftlab.generate as gen
 
-    monkeypatch.setenv("FTLAB_PREFILL_FIRST", prefill_first)
-    monkeypatch.setenv("FTLAB_FIRST_TOKEN_GRAPH", token_graph)  # =0: the first token sampled eagerly
     monkeypatch.setattr(gen, "capture_cuda_graph", _eager_capture)
     monkeypatch.setattr(gen, "decode_graph", lambda m, b, c: gen.lru_get(
         m.graph_cache, ("eager", b, c), lambda: gen.DecodeGraph(m, b, c), gen.MAX_GRAPHS_PER_MODEL))
+
+
+@pytest.mark.parametrize("prefill_first,token_graph,early", [("0", "1", "1"), ("1", "1", "1"), ("1", "1", "0"),
+                                                             ("1", "0", "1")])
+def test_decode_graph_logic_runs_eagerly_like_the_session(prefill_first, token_graph, early, model, monkeypatch):
+    # DecodeGraph's own logic (its step starts from the x that the prefill or the previous step wrote, the greedy
+    # variant's one fused launch, lazily captured variants with the call's state put back, replayed prefills) on
+    # any device: capture_cuda_graph swapped for eager replays. Calls alternate between the variants on one shape.
+    # FTLAB_PREFILL_FIRST=1: the context phase launched before the parameters are loaded, the first token after;
+    # FTLAB_EARLY_PREFILL=1 (with it): launched even before the parameters are checked (_open), else by LocalSession
+    monkeypatch.setenv("FTLAB_PREFILL_FIRST", prefill_first)
+    monkeypatch.setenv("FTLAB_FIRST_TOKEN_GRAPH", token_graph)  # =0: the first token sampled eagerly
+    monkeypatch.setenv("FTLAB_EARLY_PREFILL", early)
+    _graphs_run_eagerly(monkeypatch)
     prompts = [[1, 2, 3], [7], [4, 4, 4, 4]]
     end = generate(model, prompts, max_new_tokens=8, use_cuda_graph=False).generated_ids(1)[2]
     greedy = dict(max_new_tokens=8, return_log_probs=True, end_id=[60, end, 60])  # request 1 ends early
@@ -229,6 +238,51 @@ def test_decode_graph_logic_runs_eagerly_like_the_session(prefill_first, token_g
         assert (generate(model, full, max_new_tokens=n, use_cuda_graph=True).output_ids
                 == generate(model, full, max_new_tokens=n, use_cuda_graph=False).output_ids)
     model.graph_cache.clear()
+
+
+def test_bad_parameters_after_an_early_prefill_fail_alone(model, monkeypatch):
+    # a graph call's context phase is launched before its parameters are checked (ftlab.generate._launch_early): a
+    # call whose parameters then fail has filled the graph's cache for nothing, and the next calls on that graph
+    # still give what the eager path gives
+    import ftlab.generate as gen
+
+    monkeypatch.setenv("FTLAB_PREFILL_FIRST", "1")
+    monkeypatch.setenv("FTLAB_EARLY_PREFILL", "1")
+    _graphs_run_eagerly(monkeypatch)
+    launches = []
+    launch_prefill = gen.DecodeGraph.launch_prefill
+    monkeypatch.setattr(gen.DecodeGraph, "launch_prefill",
+                        lambda self, packed: launches.append(packed) or launch_prefill(self, packed))
+    prompts, others = [[1, 2, 3], [7], [4, 4, 4, 4]], [[9, 8, 7], [5], [6, 6, 1, 2]]
+    kwargs = dict(max_new_tokens=6, top_k=[1, 0, 5], random_seed=5, return_log_probs=True)
+    generate(model, prompts, use_cuda_graph=True, **kwargs)
+    with pytest.raises(GenerationError, match=r"top_p\[1\] = 1.5"):
+        generate(model, others, use_cuda_graph=True, **dict(kwargs, top_p=[1.0, 1.5, 1.0]))
+    assert len(launches) == 2  # the failing call's prefill was launched before its parameters were checked
+    for batch in (prompts, others):
+        on = generate(model, batch, use_cuda_graph=True, **kwargs)
+        off = generate(model, batch, use_cuda_graph=False, **kwargs)
+        assert on.output_ids == off.output_ids
+        for a, b in zip(on.output_log_probs, off.output_log_probs):
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    assert len(launches) == 4
+    # logits processors keep the call off the graph: nothing is launched early for it
+    generate(model, prompts, use_cuda_graph=True, max_new_tokens=3, repetition_penalty=1.2)
+    assert len(launches) == 4
+    model.graph_cache.clear()
+
+
+@pytest.mark.parametrize("params, surely", [
+    ({}, True), (dict(top_k=5, top_p=0.9, end_id=3), True), (dict(repetition_penalty=1.0, presence_penalty=0,
+                                                                    min_length=0, stop_words=None), True),
+    (dict(repetition_penalty=1.2), False), (dict(presence_penalty=0.5), False), (dict(min_length=2), False),
+    (dict(min_length=[0, 0]), False), (dict(stop_words=[[[3]]]), False), (dict(bad_words=[]), False),
+    (dict(repetition_penalty=True), False), (dict(repetition_penalty=torch.tensor(1.0)), False),
+])
+def test_only_default_processor_parameters_launch_early(params, surely):
+    from ftlab.generate import _surely_unprocessed
+
+    assert _surely_unprocessed(params) is surely
 
 
 @pytest.mark.gpu

@@ -15,9 +15,12 @@ def test_marks_follow_a_call_and_leave_every_phase_as_it_was(device):
     model = GPT.from_ft_tensors(cfg, random_ft_tensors(cfg, seed=3, device=torch.device(device)), dtype="fp32", device=torch.device(device))
     prompts = np.random.default_rng(5).integers(0, cfg.vocab_size, size=(3, 7))
     m = call_marks(model, prompts, n_out=4, repeats=2, warmup=1, top_k=5, random_seed=11)
-    order = ["_checked_prompts start", "RequestParams.build start", "pack_prompts_host start",
-             "prefill launch", "last read end", "return"]
+    order = ["_checked_prompts start", "pack_prompts_host start", "prefill launch", "last read end", "return"]
     assert [m[k] for k in order] == sorted(m[k] for k in order)
+    # a graph call (the default on a GPU) launches its prefill before its parameters are built (generate's
+    # _launch_early), an eager call after
+    assert m["RequestParams.build start"] < m["last read end"]
+    assert (m["prefill launch"] < m["RequestParams.build start"]) == (device == "cuda")
     assert m["DeviceColumns.load total"] > 0  # eager: the prompts' copy; on a GPU also the graph's request columns
     assert m["_HostRows.wait total"] >= m["_HostRows.wait first dur"] > 0
     assert [(owner, attr, owner.__dict__.get(attr)) for owner, attr in PHASES] == before
