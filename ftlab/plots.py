@@ -201,22 +201,23 @@ def _csv_rows(csv_path: str | Path, required, kind: str) -> list[dict]:
         return list(reader)
 
 
-def grid_rows(csv_path: str | Path, *, config: str = "gpt-345m") -> list[dict]:
-    """The single-GPU greedy end-to-end rows of one config (T = L = 1), sorted by batch and lengths: per (gpu, dtype,
-    bs, n_in, n_out) the newest ftlab and floor values, and for each baseline (peer, HF) its newest measured value,
-    since `ftlab bench --no-peer --no-hf` runs re-measure ftlab alone; `date` is the ftlab row's and
+def grid_rows(csv_path: str | Path, *, config: str = "gpt-345m", dtype: str = "fp16") -> list[dict]:
+    """The single-GPU greedy end-to-end rows of one config and dtype (T = L = 1), sorted by batch and lengths: per
+    (gpu, dtype, bs, n_in, n_out) the newest ftlab and floor values, and for each baseline (peer, HF) its newest
+    measured value, since `ftlab bench --no-peer --no-hf` runs re-measure ftlab alone; `date` is the ftlab row's and
     `baseline_date` the newest baseline row's. Values as floats (None where a baseline was never measured)."""
     latest, baselines = {}, {}
     for row in _csv_rows(csv_path, REQUIRED_COLUMNS + tuple(k for k, _ in GRID_SERIES), "bench"):
         greedy = row.get("sampling") in (None, "", "greedy")  # rows written before the column were greedy
-        if row["cell"] == "e2e" and row["tp"] == "1" and row["pp"] == "1" and row["config"] == config and greedy:
+        if (row["cell"] == "e2e" and row["tp"] == "1" and row["pp"] == "1" and row["config"] == config and greedy
+                and row["dtype"] == dtype):
             key = (row["gpu"], row["dtype"], int(row["bs"]), int(row["n_in"]), int(row["n_out"]))
             latest[key] = row
             for k in ("peer_ms", "hf_ms"):
                 if row[k] not in ("", None):
                     baselines.setdefault(key, {})[k] = (float(row[k]), row["date"])
     if not latest:
-        raise ValueError(f"{csv_path}: no single-GPU e2e rows of config {config!r}")
+        raise ValueError(f"{csv_path}: no single-GPU e2e rows of config {config!r} in {dtype}")
     out = []
     for key, row in sorted(latest.items(), key=lambda kv: kv[0][2:]):
         gpu, dtype, bs, n_in, n_out = key
@@ -228,7 +229,7 @@ def grid_rows(csv_path: str | Path, *, config: str = "gpt-345m") -> list[dict]:
     return out
 
 
-def plot_grid(csv_path: str | Path, png_path: str | Path, *, config: str = "gpt-345m") -> Path:
+def plot_grid(csv_path: str | Path, png_path: str | Path, *, config: str = "gpt-345m", dtype: str = "fp16") -> Path:
     """FasterTransformer's single-GPU grid as grouped bars: for each (bs, n_in->n_out) cell, ftlab, the
     torch.compile peer, HF eager generate and the physical floor (ms, log scale), from grid_rows."""
     import matplotlib
@@ -236,7 +237,7 @@ def plot_grid(csv_path: str | Path, png_path: str | Path, *, config: str = "gpt-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = grid_rows(csv_path, config=config)
+    rows = grid_rows(csv_path, config=config, dtype=dtype)
     fig, ax = plt.subplots(figsize=(10, 4.6), dpi=120)
     width = 0.2
     for i, (key, label) in enumerate(GRID_SERIES):
@@ -316,14 +317,17 @@ def timeline_name(label: str) -> str:
 
 
 def timeline_rows(csv_path: str | Path, *, bs: int = 1, sampling: str = "greedy") -> dict[str, dict[str, float]]:
-    """{variant ("default" for none): {readable kernel name: us it adds per step}} from `ftlab bench
-    --timeline-decode` rows (data/bench/decode_timeline.csv) of one batch size and sampling; the newest run of a
-    variant wins."""
+    """{variant ("default" for none; other dtypes than fp16 named after it): {readable kernel name: us it adds per
+    step}} from `ftlab bench --timeline-decode` rows (data/bench/decode_timeline.csv) of one batch size and
+    sampling; the newest run of a variant wins."""
     runs: dict = {}
     required = ("variant", "sampling", "bs", "label", "added_us", "date", "event_us")
     for row in _csv_rows(csv_path, required, "decode timeline"):
         if int(row["bs"]) == bs and row["sampling"] == sampling:
-            key = (row["variant"] or "default", row["date"], row["event_us"])  # one run of one variant
+            variant = row["variant"] or "default"
+            if row.get("dtype", "fp16") not in ("", "fp16"):
+                variant += f" ({row['dtype']})"
+            key = (variant, row["date"], row["event_us"])  # one run of one variant
             runs.setdefault(key, {})[timeline_name(row["label"])] = float(row["added_us"])
     if not runs:
         raise ValueError(f"{csv_path}: no timeline rows for batch {bs}, sampling {sampling!r}")
@@ -370,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     grid.add_argument("csv", type=Path, help="bench CSV (e.g. data/bench/bench.csv)")
     grid.add_argument("png", type=Path, help="PNG to write")
     grid.add_argument("--config", default="gpt-345m", help="the bench's config label")
+    grid.add_argument("--dtype", default="fp16", help="the rows' dtype (fp16, bf16, fp32)")
     sampling = sub.add_parser("sampling", help="pass vs candidate sampler per batch and mode")
     sampling.add_argument("csv", type=Path, help="sampling benchmark CSV (e.g. data/bench/sampling_bench.csv)")
     sampling.add_argument("png", type=Path, help="PNG to write")
@@ -382,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.plot == "timeline":
             out = plot_timeline(args.csv, args.png, bs=args.bs)
         elif args.plot == "grid":
-            out = plot_grid(args.csv, args.png, config=args.config)
+            out = plot_grid(args.csv, args.png, config=args.config, dtype=args.dtype)
         elif args.plot == "sampling":
             out = plot_sampling(args.csv, args.png)
         else:

@@ -33,6 +33,15 @@ def test_grid_rows_keep_the_newest_single_gpu_row_per_cell(tmp_path):
     assert rows[0]["hf_ms"] is None and rows[0]["peer_ms"] == 9.0
 
 
+def test_grid_rows_are_one_dtypes_rows(tmp_path):
+    # `ftlab bench --dtype bf16` rows make a grid of their own: the default fp16 grid keeps its cells
+    path = _write(tmp_path / "b.csv", [_row(ftlab_ms=5.0), _row(ftlab_ms=6.5, dtype="bf16"), _row(bs=8, dtype="bf16")])
+    assert [(r["bs"], r["ftlab_ms"], r["dtype"]) for r in grid_rows(path)] == [(1, 5.0, "fp16")]
+    assert [(r["bs"], r["ftlab_ms"]) for r in grid_rows(path, dtype="bf16")] == [(1, 6.5), (8, 5.0)]
+    with pytest.raises(ValueError, match="in fp32"):
+        grid_rows(path, dtype="fp32")
+
+
 def test_grid_rows_are_greedy_rows(tmp_path):
     # `ftlab bench --top-k/--top-p` rows (the sampling column) do not replace the greedy grid's cells
     path = _write(tmp_path / "b.csv", [_row(ftlab_ms=5.0), _row(ftlab_ms=5.1, sampling="greedy"),
