@@ -20,7 +20,8 @@ GEMM before it, FasterTransformer's layout:
     h, x = layernorm(cublas(g, W_fc2), ln_1', x_bias=b_fc2, residual=x) # ln_1' of the next block
 
 In one process at prefill sizes the products go into the residual stream in place instead (x += a W^T inside the
-GEMM) and the stream is kept without the biases, which the LayerNorms add (`_blocks_cublas`).
+GEMM) and the stream is kept without the biases, which the LayerNorms add (`_blocks_cublas`). On the skinny GEMM FC2
+(K = 4H, split in four) hands its split-K products to that LayerNorm unsummed (`_fc2_partials`).
 
 Except at 5-40 rows on a GPU (decode batches 8-40), where the five-launch layout above runs on the skinny GEMM
 with the LayerNorms folded in (`_skinny_ln_mode`): at 5-16 rows each GEMM program takes its rows' statistics
@@ -58,7 +59,7 @@ from .kernels.embedding import embedding
 from .kernels.layernorm import layernorm
 from .kernels.linear import GEMV_MAX_M, fold_layernorm, linear
 from .kernels.skinny_gemm import (LN_MAX_K as SKINNY_LN_MAX_K, MAX_M as SKINNY_MAX_M, skinny_enabled, skinny_gemm,
-                                  skinny_gemm_on)
+                                  skinny_gemm_on, skinny_splits)
 
 SMALL_M_MAX = 64  # up to this many rows (decode batches, short prompts) see GPT._small_m_gemm
 SKINNY_LN_AUTO_MAX_M = 16  # up to this many rows take GPT._skinny_blocks by default on a GPU (in-GEMM statistics)
@@ -422,6 +423,11 @@ class GPT:
                 else:  # the stage hands on the residual stream with every bias in it
                     x = (x.float() + bias_sums[2 * i + 1]).to(x.dtype)
                 continue
+            if nxt is not None and self._fc2_partials(g, block.fc2_weight):
+                # split-K products summed by the next block's LN_1 with the residual add (see _fc2_partials)
+                parts = skinny_gemm(g, block.fc2_weight, partials=True)  # (S, T, H) fp32
+                h, x = layernorm(parts, nxt.ln1_weight, nxt.ln1_bias, eps, residual=x, x_bias=block.fc2_bias)
+                continue
             if nxt is None and self.all_reduce is None and skinny_gemm_on(g, block.fc2_weight):
                 # the stage hands on the residual stream (5..64 rows): bias and residual in the GEMM's epilogue,
                 # one launch instead of a GEMM and two adds that have no PDL
@@ -433,6 +439,14 @@ class GPT:
             else:  # the stage hands on the residual stream (the LM head or the next stage normalises it)
                 x = x + (y + block.fc2_bias)
         return x
+
+    def _fc2_partials(self, g: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether FC2 on kernels/skinny_gemm.py hands its split-K products to the next LayerNorm unsummed (one
+        process; FC2's K = 4 x H makes it split): the GEMM then has no last program summing the splits after its
+        counter, and the LayerNorm reads fp32 slices instead of one row. FTLAB_SKINNY_PARTIALS=0 keeps the sum in
+        the GEMM (read per call)."""
+        return (self.all_reduce is None and os.environ.get("FTLAB_SKINNY_PARTIALS", "1") != "0"
+                and skinny_gemm_on(g, weight) and skinny_splits(g.shape[0], weight.shape[0], g.shape[1]) > 1)
 
     def _residual_bias_sums(self) -> torch.Tensor:
         """(2 * blocks, H) fp32: row 2i the sum of this stage's out-projection and FC2 biases up to block i's

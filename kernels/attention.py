@@ -153,6 +153,10 @@ def pick_context_blocks(batch: int, num_heads: int, max_seqlen: int, head_dim: i
     data/bench/context_attention_fma_ab.csv): the softmax scale applied inside exp2's argument as one FMA (and to
     the row max) instead of to every score first, us per call: one prompt of 128 4.24-4.33 -> 4.32-4.37, one of 512
     8.94-9.00 -> 9.02-9.07, 8 x 512 31.6-31.9 -> 30.9-31.4, 64 x 512 193-214 -> 192-213 (noise of that size).
+    Nor (2026-12-03, scratch kernel, the same chain, three rounds; data/bench/context_attention_tma_ab.csv) q, k and
+    v loaded through TMA descriptors (host TensorDescriptor over qkv as (T, 3 nh d), the key loop left to the
+    compiler's pipeliner), eight tiles: at best 64 x 512 187.1-188.9 us against 188.3-192.5 here, one prompt of 512
+    10.7 against 9.1-9.2, of 128 5.6 against 4.4-4.5, 8 x 512 32.0-32.2 against 31.5-31.7.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     if dtype == torch.float32:

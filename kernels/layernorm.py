@@ -6,6 +6,9 @@
                                              that made x, so a cuBLAS GEMM without epilogue can precede it)
     layernorm(x, w, b, eps, x_bias=c)     -> LN(x + c), x + c not stored (c: biases a residual stream kept
                                              without them has yet to add, see ftlab/model.py's prefill blocks)
+    layernorm(p, w, b, eps, residual=r, x_bias=c) with p (S, M, N) fp32: x = p[0] + ... + p[S-1], the split-K
+                                             products of kernels/skinny_gemm.py's partials=True summed here in
+                                             order (that GEMM then needs no last-program sum); y, s in r's dtype
     layernorm_stats(x, eps)               -> (mean, rstd) per row in fp32, for a GEMM that normalises in its
                                              epilogue (kernels/skinny_gemm.py ln_stats=)
 
@@ -38,16 +41,20 @@ _MAX_ROWS_PER_PROGRAM = 16
 
 @triton.jit
 def _load_row_block(x_ptr, res_ptr, xb_ptr, s_ptr, offs, cols, mask, n_mask,
-                    HAS_RES: tl.constexpr, HAS_XB: tl.constexpr, STORE_SUM: tl.constexpr):
-    # returns the LN input in fp32; with a residual that is x (+ x_bias) + r rounded to x's dtype (optionally
-    # stored to s). offs (BLOCK_M, BLOCK_N) element offsets, cols (BLOCK_N,) their columns
+                    HAS_RES: tl.constexpr, HAS_XB: tl.constexpr, STORE_SUM: tl.constexpr,
+                    NUM_PARTS: tl.constexpr, part_stride):
+    # returns the LN input in fp32; with a residual that is x (+ x_bias) + r rounded to s's dtype (optionally
+    # stored to s). offs (BLOCK_M, BLOCK_N) element offsets, cols (BLOCK_N,) their columns. NUM_PARTS > 0: x is
+    # that many fp32 (M, N) slices part_stride apart, summed in order
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    for part in tl.static_range(1, NUM_PARTS):
+        x += tl.load(x_ptr + part * part_stride + offs, mask=mask, other=0.0)
     if HAS_RES:
         r = tl.load(res_ptr + offs, mask=mask, other=0.0)
         v = x.to(tl.float32) + r.to(tl.float32)
         if HAS_XB:
             v += tl.load(xb_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        s = v.to(x.dtype)
+        s = v.to(s_ptr.dtype.element_ty)
         if STORE_SUM:
             tl.store(s_ptr + offs, s, mask=mask)
         return s.to(tl.float32)
@@ -63,6 +70,7 @@ def _layernorm_kernel(
     M, N, eps,
     HAS_RES: tl.constexpr, HAS_XB: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_PARTS: tl.constexpr = 0, part_stride=0,  # x as split-K slices (see _load_row_block)
 ):
     # with PDL (kernels/_pdl.py) the next kernel may start loading its weights while this one runs; x and the
     # residual come from the previous kernel, so nothing is read before the wait
@@ -79,7 +87,7 @@ def _layernorm_kernel(
         mask = m_mask[:, None] & n_mask[None, :]
         offs = row_offs + cols[None, :]
         v = _load_row_block(x_ptr, res_ptr, xb_ptr, s_ptr, offs, cols, mask, n_mask, HAS_RES, HAS_XB,
-                            True)  # (BLOCK_M, BLOCK_N)
+                            True, NUM_PARTS, part_stride)  # (BLOCK_M, BLOCK_N)
         mean = tl.sum(v, axis=1) / N
         dev = tl.where(mask, v - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=1) / N + eps)
@@ -95,7 +103,7 @@ def _layernorm_kernel(
             n_mask = (n0 + cols) < N
             mask = m_mask[:, None] & n_mask[None, :]
             v = _load_row_block(x_ptr, res_ptr, xb_ptr, s_ptr, row_offs + n0 + cols[None, :], n0 + cols, mask,
-                                n_mask, HAS_RES, HAS_XB, True)
+                                n_mask, HAS_RES, HAS_XB, True, NUM_PARTS, part_stride)
             mean, m2 = chan_merge(mean, m2, v, n_mask, n0)  # rows past M: never stored
         rstd = 1.0 / tl.sqrt(m2 / N + eps)
         # pass 2: normalise; the sum is recomputed from x and r (not read back from s) so nothing depends on
@@ -105,7 +113,7 @@ def _layernorm_kernel(
             mask = m_mask[:, None] & n_mask[None, :]
             offs = row_offs + n0 + cols[None, :]
             v = _load_row_block(x_ptr, res_ptr, xb_ptr, s_ptr, offs, n0 + cols, mask, n_mask, HAS_RES, HAS_XB,
-                                False)
+                                False, NUM_PARTS, part_stride)
             w = tl.load(w_ptr + n0 + cols, mask=n_mask, other=0.0).to(tl.float32)
             b = tl.load(b_ptr + n0 + cols, mask=n_mask, other=0.0).to(tl.float32)
             y = (v - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
@@ -188,9 +196,10 @@ def _rows_from_env(block_m: int, num_warps: int, single: bool) -> Tuple[int, int
 
 
 def _layernorm_launch(x, weight, bias, eps, residual, max_block_n, x_bias=None):
-    M, N = x.shape
-    y = torch.empty_like(x)
-    s = torch.empty_like(x) if residual is not None else None
+    num_parts = x.shape[0] if x.dim() == 3 else 0  # split-K slices (residual given)
+    M, N = x.shape[-2:]
+    y = torch.empty((M, N), dtype=residual.dtype if num_parts else x.dtype, device=x.device)
+    s = torch.empty_like(y) if residual is not None else None
     if M > 0 and N > 0:
         block_m, block_n, num_warps, single = _pick_blocks(N, max_block_n)
         block_m, num_warps = _rows_from_env(block_m, num_warps, single)
@@ -200,7 +209,7 @@ def _layernorm_launch(x, weight, bias, eps, residual, max_block_n, x_bias=None):
             x, residual if residual is not None else x, x_bias if x_bias is not None else weight, weight, bias, y,
             s if s is not None else y, M, N, float(eps),
             HAS_RES=residual is not None, HAS_XB=x_bias is not None, SINGLE_BLOCK=single,
-            BLOCK_M=block_m, BLOCK_N=block_n, USE_PDL=use_pdl,
+            BLOCK_M=block_m, BLOCK_N=block_n, USE_PDL=use_pdl, NUM_PARTS=num_parts, part_stride=M * N,
             num_warps=num_warps, **launch_options(use_pdl),
         )
     return y if residual is None else (y, s)
@@ -210,20 +219,32 @@ def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: fl
               residual: Optional[torch.Tensor] = None, x_bias: Optional[torch.Tensor] = None
               ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """x (M, N) -> LN(x) (M, N); with residual (M, N): (LN(s), s) for s = x + residual, or x + x_bias + residual
-    with x_bias (N,); with x_bias alone LN(x + x_bias)."""
-    _check_2d("x", x)
-    _check_affine("weight", weight, x)
-    _check_affine("bias", bias, x)
+    with x_bias (N,); with x_bias alone LN(x + x_bias). x may also be (S, M, N) fp32 split-K products (module
+    docstring): then residual is required, and y and s take its dtype."""
+    parts = isinstance(x, torch.Tensor) and x.dim() == 3
+    if parts:
+        if x.dtype != torch.float32 or not x.is_contiguous() or x.shape[0] < 1:
+            raise ValueError(f"x as split-K products must be contiguous fp32 (S >= 1, M, N), got {x.dtype} "
+                             f"{tuple(x.shape)} (contiguous: {x.is_contiguous()})")
+        if residual is None:
+            raise ValueError("x as split-K products (S, M, N) needs the residual their sum is added to")
+        _check_2d("residual", residual)
+    else:
+        _check_2d("x", x)
+    rows = residual if parts else x  # (M, N) in the output dtype: what the checks below compare with
+    _check_affine("weight", weight, rows)
+    _check_affine("bias", bias, rows)
     if residual is not None:
         _check_2d("residual", residual)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
-        if residual.dtype != x.dtype:
+        if residual.shape != x.shape[-2:]:
+            raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}"
+                             + (" without its leading split dim" if parts else ""))
+        if residual.dtype != x.dtype and not parts:
             raise ValueError(f"residual dtype {residual.dtype} != x dtype {x.dtype}")
         if residual.device != x.device:
             raise ValueError(f"residual is on {residual.device}, x on {x.device}")
     if x_bias is not None:
-        _check_affine("x_bias", x_bias, x)
+        _check_affine("x_bias", x_bias, rows)
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     return _layernorm_launch(x, weight, bias, eps, residual, _MAX_BLOCK_N, x_bias)
@@ -265,13 +286,20 @@ def layernorm_stats_reference(x: torch.Tensor, eps: float = 1e-5) -> Tuple[torch
 
 def layernorm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
                         residual: Optional[torch.Tensor] = None, x_bias: Optional[torch.Tensor] = None):
-    """Plain torch: statistics in fp32 (fp64 when x is fp64), output in x.dtype."""
+    """Plain torch: statistics in fp32 (fp64 when x is fp64), output in x.dtype; x (S, M, N) of split-K products
+    (with a residual): their sum in order, output in the residual's dtype."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     if residual is not None:
-        s = x.to(compute) + residual.to(compute)
+        if x.dim() == 3:  # split-K products, added one after the other as the kernel does
+            s, out_dtype = x[0].to(compute), residual.dtype
+            for part in x[1:]:
+                s = s + part.to(compute)
+        else:
+            s, out_dtype = x.to(compute), x.dtype
+        s = s + residual.to(compute)
         if x_bias is not None:
             s = s + x_bias.to(compute)
-        s = s.to(x.dtype)
+        s = s.to(out_dtype)
         return layernorm_reference(s, weight, bias, eps), s
     xc = x.to(compute) if x_bias is None else x.to(compute) + x_bias.to(compute)
     mean = xc.mean(dim=-1, keepdim=True)

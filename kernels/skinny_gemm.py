@@ -6,8 +6,10 @@ kernels for M = 8..64 use few programs and cannot start before the previous kern
 BLOCK_N x K_SPLIT slice of the weight and loads it before its PDL wait (kernels/_pdl.py: while the previous kernel
 finishes), then multiplies all rows of x by it with one tl.dot. Split-K programs store fp32 partials; the last of
 an output tile's programs to finish (an acquire-release counter, as in kernels/decode_attention.py) adds them in a
-fixed order and applies the epilogue: no reduce launch, and results that do not depend on arrival order. Its
-torch reference is kernels/linear.py's linear_reference (the same function, LayerNorm included).
+fixed order and applies the epilogue: no reduce launch, and results that do not depend on arrival order. With
+partials=True the programs store their fp32 products and stop: a consumer that reads them anyway sums them in the
+same order (kernels/layernorm.py with the residual add; the model's FC2 at 41-64 rows), and no program waits on a
+counter. Its torch reference is kernels/linear.py's linear_reference (the same function, LayerNorm included).
 
 H200, fp16, a block's four GEMMs chained over 24 layers of distinct weights in one CUDA graph (`python -m
 ftlab.kernels.skinny_gemm`, data/bench/skinny_gemm_chain.csv), us per layer against cuBLAS (+ two adds):
@@ -60,6 +62,7 @@ def _skinny_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
     STAT_K: tl.constexpr,  # columns of x per step of the LayerNorm statistics pass
     W_EVICT: tl.constexpr,  # L2 eviction policy of the weight's loads
+    PARTIALS_ONLY: tl.constexpr = False,  # store each split's fp32 product to part_ptr and stop (no epilogue)
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -105,6 +108,9 @@ def _skinny_gemm_kernel(
         acc = rstd[:, None] * (acc - (x0 + shift)[:, None] * row_sums[None, :])
     out_mask = m_ok[:, None] & (offs_n < N)[None, :]
     tile = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    if PARTIALS_ONLY:  # the consumer sums the splits (kernels/layernorm.py): no counter, no last program
+        tl.store(part_ptr + split.to(tl.int64) * M * N + tile, acc, mask=out_mask)
+        return
     if SPLIT_K > 1:
         tl.store(part_ptr + split.to(tl.int64) * M * N + tile, acc, mask=out_mask)
         tl.debug_barrier()  # every thread's partial stores are issued before the (single-thread) release below
@@ -210,7 +216,8 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 activation: Optional[str] = None, residual: Optional[torch.Tensor] = None,
                 config: Optional[SkinnyConfig] = None, counter: Optional[torch.Tensor] = None,
                 ln_row_sums: Optional[torch.Tensor] = None, ln_eps: float = 1e-5,
-                ln_stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                ln_stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None, partials: bool = False
+                ) -> torch.Tensor:
     """x (M, K) with 1 <= M <= MAX_M, weight (N, K), bias (N,), residual (M, N) -> (M, N) in x.dtype; activation
     None or "gelu" (tanh). fp32 inputs multiply exactly (no TF32). counter: int32, at least cdiv(N, block_n) long,
     zero before the call and left zero after it (default: one shared by the calls on this device).
@@ -218,8 +225,15 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     (kernels/linear.py fold_layernorm); each program then takes whole rows of K (at most LN_MAX_K) and computes
     their statistics itself, so no LayerNorm launch precedes it. ln_stats (mean, rstd), each (M,) fp32 (kernels/
     layernorm.py layernorm_stats, launched just before): with ln_row_sums, the epilogue takes these statistics
-    instead, after any split-K sum, so the config's K split stands and K is not limited."""
+    instead, after any split-K sum, so the config's K split stands and K is not limited.
+    partials: return the split-K products unsummed, (SPLIT_K, M, N) fp32 with SPLIT_K = skinny_splits(...), for a
+    consumer that sums them in order (kernels/layernorm.py takes them with the residual add): the last-program sum
+    and its counter are left out; no bias, activation, residual or LayerNorm then."""
     _check_args(x, weight, bias, activation, residual)
+    if partials and (bias is not None or activation is not None or residual is not None or ln_row_sums is not None
+                     or ln_stats is not None):
+        raise ValueError("skinny_gemm(partials=True) returns the bare split-K products: no bias, activation, "
+                         "residual, ln_row_sums or ln_stats")
     M, K = x.shape
     N = weight.shape[0]
     whole_rows = ln_row_sums is not None and ln_stats is None  # the kernel takes the LayerNorm's statistics itself
@@ -245,15 +259,15 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     split_k = triton.cdiv(K, cfg.k_split)
     tiles_n = triton.cdiv(N, cfg.block_n)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    part = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device) if split_k > 1 or partials else out
     if N == 0:
-        return out
-    part = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device) if split_k > 1 else out
+        return part if partials else out
     if counter is not None:
         if counter.dtype != torch.int32 or counter.numel() < tiles_n or counter.device != x.device:
             raise ValueError(f"counter must be int32 on {x.device} with >= {tiles_n} elements, got {counter.dtype} "
                              f"({counter.numel()},) on {counter.device}")
-    else:  # only split-K programs count (the kernel never touches it with one split)
-        counter = _counter(x.device, tiles_n) if split_k > 1 else out
+    else:  # only split-K programs that sum count (the kernel never touches it otherwise)
+        counter = _counter(x.device, tiles_n) if split_k > 1 and not partials else out
     use_pdl = pdl_for(x.device)
     _skinny_gemm_kernel[(tiles_n, split_k)](
         x, weight, bias if bias is not None else out, residual if residual is not None else out, out, part, counter,
@@ -263,9 +277,16 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         IEEE=x.dtype == torch.float32, LN_PREFOLDED=ln_row_sums is not None, STATS_GIVEN=ln_stats is not None,
         BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=cfg.block_n, K_SPLIT=cfg.k_split, SPLIT_K=split_k,
         STAT_K=min(cfg.k_split, 128), W_EVICT=eviction_policy_from_env("FTLAB_SKINNY_W_EVICT", "evict_first"),
-        num_warps=cfg.num_warps, **launch_options(use_pdl),
+        PARTIALS_ONLY=partials, num_warps=cfg.num_warps, **launch_options(use_pdl),
     )
-    return out
+    return part if partials else out
+
+
+def skinny_splits(M: int, N: int, K: int) -> int:
+    """How many K splits skinny_gemm makes of an (M, K) x (N, K)^T product without config= (FTLAB_SKINNY_TILE
+    included): the leading dim of what partials=True returns."""
+    cfg = _config_from_env() or pick_skinny_config(M, N, K)
+    return triton.cdiv(K, cfg.k_split)
 
 
 def _check_args(x, weight, bias, activation, residual) -> None:

@@ -241,6 +241,38 @@ def test_skinny_gemm_path_matches_hf(dtype, tol, ln_folded, device, monkeypatch)
     assert generate(model, prompts, max_new_tokens=6, use_cuda_graph=False).output_ids == graphed.output_ids
 
 
+@pytest.mark.parametrize("partials", ["1", "0"])
+@pytest.mark.parametrize("dtype, tol", _small_m_cases())
+def test_fc2_split_k_products_summed_by_the_layernorm(dtype, tol, partials, device, monkeypatch):
+    # the LayerNorm-launch block on the skinny GEMM (decode batches of 41..64 on a GPU): FC2 hands its split-K
+    # products to the next block's LN_1, which sums them with the residual add (FTLAB_SKINNY_PARTIALS=0: the GEMM's
+    # last program sums them). Where the model would not take the skinny GEMM (off a GPU, fp32) skinny_gemm_on is
+    # forced (fp32 multiplies exactly there); the tiles split FC2's K = 200 in four. Logits and greedy decode (no
+    # graphs) against HF
+    import ftlab.model as model_module
+
+    monkeypatch.setenv("FTLAB_SKINNY_LN", "0")
+    monkeypatch.setenv("FTLAB_SKINNY_TILE", "16,64,4")
+    monkeypatch.setenv("FTLAB_SKINNY_PARTIALS", partials)
+    cfg = dict(n_embd=64, n_head=4, n_layer=2, vocab_size=97, n_inner=200)
+    hf = random_hf_model(**cfg)
+    model = ftlab_model(hf, dtype, device)
+    if not model_module.skinny_enabled(model.device, model.dtype):
+        monkeypatch.setattr(model_module, "skinny_gemm_on", lambda x, w: 1 <= x.shape[0] <= 64)
+    asked, real = [], model_module.skinny_gemm
+    monkeypatch.setattr(model_module, "skinny_gemm",
+                        lambda *args, **kw: asked.append(kw.get("partials", False)) or real(*args, **kw))
+    prompts = random_prompts(cfg["vocab_size"], [2, 7, 1, 5, 3, 2])  # 20 tokens packed, then 6 rows a step
+    assert model._uses_cublas(20) and model._uses_cublas(6)  # the LayerNorm-launch block (on the skinny GEMM)
+    for prompt, got in zip(prompts, model.logits(prompts)):
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0]
+        assert_rel_close(got.float().cpu(), ref, tol=tol, what=f"{dtype} logits, prompt of {len(prompt)}")
+    assert asked.count(True) == (cfg["n_layer"] - 1) * (partials == "1")  # one packed prefill: all but the last block
+    result = generate(model, prompts, max_new_tokens=4, return_log_probs=True, use_cuda_graph=False)
+    assert_decode_follows_hf(hf, result, tol, what=f"{dtype}, FTLAB_SKINNY_PARTIALS={partials}")
+
+
 @pytest.mark.parametrize("dtype", ["fp32", pytest.param("fp16", marks=pytest.mark.gpu)])
 def test_skinny_ln_blocks_default(dtype, device, monkeypatch):
     # which rows take the LayerNorm-folded skinny block unless FTLAB_SKINNY_LN says: on a GPU in fp16 / bf16 5..16

@@ -103,6 +103,45 @@ def test_x_bias_shape_is_checked(device):
             layernorm(x, weight, bias, 1e-5, residual=residual, x_bias=torch.randn(7, device=device))
 
 
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("M,N,parts,max_block_n", [(1, 1, 1, 16384), (7, 13, 4, 16384), (13, 1023, 3, 16384),
+                                                   (64, 1024, 4, 16384), (5, 70, 2, 16)])
+def test_layernorm_of_split_k_products(M, N, parts, max_block_n, dtype_name, device):
+    # x as (S, M, N) fp32 split-K products of the GEMM before (kernels/skinny_gemm.py partials=True): summed in
+    # order, then + x_bias + residual rounded to the residual's dtype; max_block_n 16 takes the chunked path
+    dtype = DTYPES[dtype_name]
+    _, weight, bias = _inputs(M, N, dtype, device, fp32_params=dtype == torch.float16)
+    products = (torch.randn(parts, M, N) * 3 + 0.5).to(device)
+    residual = torch.randn(M, N).to(dtype=dtype, device=device)
+    x_bias = torch.randn(N).to(dtype=dtype, device=device)
+    y, s = layernorm_module._layernorm_launch(products, weight, bias, 1e-5, residual, max_block_n, x_bias)
+    y_ref, s_ref = layernorm_reference(products, weight, bias, 1e-5, residual=residual, x_bias=x_bias)
+    assert y.dtype == s.dtype == dtype and y.shape == s.shape == (M, N)
+    _assert_sum_equal(s, s_ref, device)
+    assert_rel_close(y, layernorm_reference(s.double(), weight.double(), bias.double(), 1e-5), dtype)
+    assert_rel_close(y_ref, layernorm_reference(s.double(), weight.double(), bias.double(), 1e-5), dtype)
+    # the products' sum counted, not just the first one
+    if parts > 1:
+        assert not torch.equal(s, layernorm(products[0], weight.float(), bias.float(), 1e-5,
+                                            residual=residual.float(), x_bias=x_bias.float())[1].to(dtype))
+
+
+def test_split_k_products_are_checked(device):
+    _, weight, bias = _inputs(4, 8, torch.float16, device)
+    residual = torch.randn(4, 8).to(dtype=torch.float16, device=device)
+    products = torch.randn(3, 4, 8, device=device)
+    with pytest.raises(ValueError, match="needs the residual"):
+        layernorm(products, weight, bias, 1e-5)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        layernorm(products.half(), weight, bias, 1e-5, residual=residual)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        layernorm(products.transpose(1, 2), weight, bias, 1e-5, residual=residual)
+    with pytest.raises(ValueError, match="without its leading split dim"):
+        layernorm(torch.randn(3, 4, 9, device=device), weight, bias, 1e-5, residual=residual)
+    with pytest.raises(ValueError, match="weight"):
+        layernorm(products, weight[:7], bias, 1e-5, residual=residual)
+
+
 @pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("M,N", [(5, 70), (2, 33)])

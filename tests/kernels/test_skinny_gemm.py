@@ -2,7 +2,7 @@ import pytest
 import torch
 import triton
 
-from ftlab.kernels.skinny_gemm import SkinnyConfig, pick_skinny_config, skinny_gemm, skinny_gemm_on
+from ftlab.kernels.skinny_gemm import SkinnyConfig, pick_skinny_config, skinny_gemm, skinny_gemm_on, skinny_splits
 from ftlab.kernels.linear import fold_layernorm, linear_reference
 from tests.util import DTYPES, REL_TOL, assert_rel_close, skip_if_interpreter_bf16
 
@@ -39,6 +39,36 @@ def test_skinny_gemm_matches_reference(features, case, dtype_name, device):
     assert out.dtype == dtype
     assert_rel_close(out, ref, dtype, what=f"{features} M={M} N={N} K={K} cfg={block_n},{k_split},{warps}")
     assert int(counter.abs().sum()) == 0, "the split-K counters must be left zero for the next launch"
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_skinny_gemm_split_k_products(case, dtype_name, device):
+    # partials=True: each split's fp32 product, unsummed, in split order (kernels/layernorm.py sums them); their
+    # sum is the product, and the default counter is never touched
+    dtype = DTYPES[dtype_name]
+    skip_if_interpreter_bf16(dtype, device)
+    M, N, K, block_n, k_split, warps = CASES[case]
+    x, weight, _, _ = _inputs(M, N, K, dtype, device)
+    counter = torch.zeros(64, dtype=torch.int32, device=device)
+    parts = skinny_gemm(x, weight, config=SkinnyConfig(block_n, k_split, warps), counter=counter, partials=True)
+    splits = triton.cdiv(K, k_split)
+    assert parts.dtype == torch.float32 and parts.shape == (splits, M, N)
+    for split in range(splits):  # each slice is the product over its own K range
+        cols = slice(split * k_split, (split + 1) * k_split)
+        ref = linear_reference(x[:, cols].double(), weight[:, cols].double())
+        assert_rel_close(parts[split], ref, dtype, what=f"split {split} of M={M} N={N} K={K}")
+    assert_rel_close(parts.sum(0), linear_reference(x.double(), weight.double()), dtype)
+    assert int(counter.abs().sum()) == 0
+
+
+def test_skinny_gemm_split_k_products_take_no_epilogue(device):
+    x, weight = torch.randn(3, 64, device=device), torch.randn(5, 64, device=device)
+    assert skinny_splits(3, 5, 64) == 1 and skinny_gemm(x, weight, partials=True).shape == (1, 3, 5)
+    for bad in (dict(bias=torch.randn(5, device=device)), dict(activation="gelu"),
+                dict(residual=torch.randn(3, 5, device=device))):
+        with pytest.raises(ValueError, match="partials=True"):
+            skinny_gemm(x, weight, partials=True, **bad)
 
 
 def _folded_layernorm_case(case, dtype, device, offset):
@@ -202,6 +232,7 @@ def test_skinny_tile_from_env(monkeypatch, device):
     monkeypatch.setenv("FTLAB_SKINNY_TILE", "16,16,4")  # three splits of K, two output tiles
     out = skinny_gemm(x, weight, bias)
     assert_rel_close(out, linear_reference(x.double(), weight.double(), bias=bias.double()), torch.float32)
+    assert skinny_splits(4, 24, 40) == 3 and skinny_gemm(x, weight, partials=True).shape == (3, 4, 24)
     monkeypatch.setenv("FTLAB_SKINNY_TILE", "16,16")
     with pytest.raises(ValueError, match="FTLAB_SKINNY_TILE"):
         skinny_gemm(x, weight, bias)
