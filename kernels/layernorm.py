@@ -228,12 +228,8 @@ def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: fl
                              f"{tuple(x.shape)} (contiguous: {x.is_contiguous()})")
         if residual is None:
             raise ValueError("x as split-K products (S, M, N) needs the residual their sum is added to")
-        _check_2d("residual", residual)
     else:
         _check_2d("x", x)
-    rows = residual if parts else x  # (M, N) in the output dtype: what the checks below compare with
-    _check_affine("weight", weight, rows)
-    _check_affine("bias", bias, rows)
     if residual is not None:
         _check_2d("residual", residual)
         if residual.shape != x.shape[-2:]:
@@ -243,6 +239,9 @@ def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: fl
             raise ValueError(f"residual dtype {residual.dtype} != x dtype {x.dtype}")
         if residual.device != x.device:
             raise ValueError(f"residual is on {residual.device}, x on {x.device}")
+    rows = residual if parts else x  # (M, N) in the output dtype: what the affine checks compare with
+    _check_affine("weight", weight, rows)
+    _check_affine("bias", bias, rows)
     if x_bias is not None:
         _check_affine("x_bias", x_bias, rows)
     if not eps >= 0:

@@ -258,10 +258,11 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         raise ValueError(f"skinny_gemm config {cfg}: block_n and k_split must be powers of two >= 16")
     split_k = triton.cdiv(K, cfg.k_split)
     tiles_n = triton.cdiv(N, cfg.block_n)
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    part = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device) if split_k > 1 or partials else out
+    part = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device) if split_k > 1 or partials else None
+    out = part if partials else torch.empty((M, N), dtype=x.dtype, device=x.device)  # partials: never stored to
+    part = out if part is None else part
     if N == 0:
-        return part if partials else out
+        return out
     if counter is not None:
         if counter.dtype != torch.int32 or counter.numel() < tiles_n or counter.device != x.device:
             raise ValueError(f"counter must be int32 on {x.device} with >= {tiles_n} elements, got {counter.dtype} "
@@ -279,7 +280,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         STAT_K=min(cfg.k_split, 128), W_EVICT=eviction_policy_from_env("FTLAB_SKINNY_W_EVICT", "evict_first"),
         PARTIALS_ONLY=partials, num_warps=cfg.num_warps, **launch_options(use_pdl),
     )
-    return part if partials else out
+    return out
 
 
 def skinny_splits(M: int, N: int, K: int) -> int:
