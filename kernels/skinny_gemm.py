@@ -108,11 +108,10 @@ def _skinny_gemm_kernel(
         acc = rstd[:, None] * (acc - (x0 + shift)[:, None] * row_sums[None, :])
     out_mask = m_ok[:, None] & (offs_n < N)[None, :]
     tile = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    if PARTIALS_ONLY:  # the consumer sums the splits (kernels/layernorm.py): no counter, no last program
+    if SPLIT_K > 1 or PARTIALS_ONLY:
         tl.store(part_ptr + split.to(tl.int64) * M * N + tile, acc, mask=out_mask)
-        return
-    if SPLIT_K > 1:
-        tl.store(part_ptr + split.to(tl.int64) * M * N + tile, acc, mask=out_mask)
+        if PARTIALS_ONLY:  # the consumer sums the splits (kernels/layernorm.py): no counter, no last program
+            return
         tl.debug_barrier()  # every thread's partial stores are issued before the (single-thread) release below
         arrived_before = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         if arrived_before != SPLIT_K - 1:
