@@ -642,8 +642,35 @@ def linear_gelu_cublas(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """gelu_tanh(x @ weight.T + bias) on a CUDA device, the GELU in cuBLASLt's epilogue (the tanh approximation,
     GPT-2's: tests/kernels/test_linear.py tells it from the erf GELU in fp32 on the GPU): one pass over the (M, N)
     output fewer than F.linear + F.gelu. On the H200, K 1024, N 4096, fp16, M = 512 / 32768: 11.9 -> 10.0 us /
-    612 -> 520 us. Not on a CPU, where torch's version of this op applies the exact (erf) GELU."""
-    return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+    612 -> 520 us. Not on a CPU, where torch's version of this op applies the exact (erf) GELU.
+
+    Rows beyond gelu_rows_per_call() go in several calls, each writing its rows of one output: a 64 x 512 prompt's
+    FC1 (32768 rows) as two of 16384. H200, GPT-345M fp16, `ftlab bench` in fresh processes alternating, 4 rounds
+    (data/bench/gelu_row_chunks_ab.csv): bs64 512 -> 1 39.06-39.31 -> 38.37-38.67 ms, 512 -> 32 86.07-86.46 ->
+    85.27-85.92, every pair faster; the GEMM alone, 6 rounds: 531 -> 504 us (median), 520 in four calls. The other
+    prefill GEMMs (QKV, out-projection, FC2: no GELU epilogue) gained nothing from such calls
+    (data/bench/gemm_row_chunks.txt). In that FC1 the output was bit for bit the one call's; in general a library
+    may pick another kernel for fewer rows, which can change the last bit."""
+    rows, step = x.shape[0], gelu_rows_per_call()
+    if not step or rows <= step:
+        return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+    out = torch.empty(rows, weight.shape[0], dtype=x.dtype, device=x.device)
+    for lo in range(0, rows, step):
+        torch._addmm_activation(bias, x[lo:lo + step], weight.t(), use_gelu=True, out=out[lo:lo + step])
+    return out
+
+
+def gelu_rows_per_call() -> int:
+    """The most rows linear_gelu_cublas hands cuBLAS in one call: FTLAB_GELU_ROWS_PER_CALL (read per call; 0 = all
+    rows in one call), by default 16384."""
+    text = os.environ.get("FTLAB_GELU_ROWS_PER_CALL", "16384")
+    try:
+        step = int(text)
+    except ValueError:
+        step = -1
+    if step < 0:
+        raise ValueError(f"FTLAB_GELU_ROWS_PER_CALL={text!r}: expected a row count >= 0 (0: one call)")
+    return step
 
 
 def _check_tensor(name, t, shape, dtypes, device):

@@ -249,6 +249,38 @@ def test_cublas_gelu_epilogue_is_the_tanh_gelu(dtype, M, N, K):
     torch.testing.assert_close(linear(x, w, b, activation="gelu", impl="torch"), got, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("step", ["1", "7", "13", "1023"])
+def test_cublas_gelu_in_row_chunks_equals_one_call(step, device, monkeypatch):
+    from ftlab.kernels.linear import linear_gelu_cublas
+
+    # the same op either way (erf GELU on a CPU, cuBLASLt's tanh epilogue on a GPU); chunks may end ragged. A
+    # library may pick another kernel for fewer rows, so the rows agree to rounding, not always bit for bit
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    x = torch.randn(1023, 64, device=device, dtype=dtype)
+    w = (torch.randn(96, 64, device=device) / 8).to(dtype)
+    b = torch.randn(96, device=device, dtype=dtype)
+    monkeypatch.setenv("FTLAB_GELU_ROWS_PER_CALL", "0")
+    whole = linear_gelu_cublas(x, w, b)
+    monkeypatch.setenv("FTLAB_GELU_ROWS_PER_CALL", step)
+    got = linear_gelu_cublas(x, w, b)
+    assert got.shape == (1023, 96) and got.is_contiguous()
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got, whole, rtol=tol, atol=tol)
+
+
+def test_gelu_rows_per_call_from_env(monkeypatch):
+    from ftlab.kernels.linear import gelu_rows_per_call
+
+    monkeypatch.delenv("FTLAB_GELU_ROWS_PER_CALL", raising=False)
+    assert gelu_rows_per_call() == 16384
+    monkeypatch.setenv("FTLAB_GELU_ROWS_PER_CALL", "0")
+    assert gelu_rows_per_call() == 0
+    for bad in ("-1", "many"):
+        monkeypatch.setenv("FTLAB_GELU_ROWS_PER_CALL", bad)
+        with pytest.raises(ValueError, match="FTLAB_GELU_ROWS_PER_CALL"):
+            gelu_rows_per_call()
+
+
 @pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("impl", ["gemv", "gemm", "torch"])
 @pytest.mark.parametrize("M,N,K,offset", [(1, 13, 1023, 0.5), (3, 7, 64, 0.5), (2, 33, 100, 300.0), (7, 1, 13, 0.5)])
