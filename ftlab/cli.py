@@ -5,7 +5,7 @@
     ftlab convert hf -i HF_DIR -o OUT_DIR -i_g N [--weight-data-type fp32|fp16] [--force]
     ftlab convert megatron -i CKPT_DIR -o OUT_DIR [-t_g T] -i_g N [--head-num H] [--weight-data-type ..] [--force]
     ftlab bench [--shape 345m | -m MODEL_DIR] [--batch-sizes 1,8] [--cells 128x8,512x32]
-                [--profile-decode | --timeline-decode | --breakdown-decode]
+                [--profile-decode | --timeline-decode | --timeline-prefill | --breakdown-decode]
     ftlab serve [-m MODEL_DIR] [--host H] [--port 8000] [--grpc-port 8001] [--max-batch-size N]
                 [--max-queue-delay-us US]
     ftlab sweep [-m MODEL_DIR] [--prompt TEXT ...] [--top-k 1,8,40,0] [--top-p 0.5,0.9,1] [--seeds N] [--csv F]
@@ -115,6 +115,9 @@ def _add_bench(sub) -> None:
                    help="only print what each kernel adds to the captured decode step at context 512 as the graph "
                         "runs it (overlaps and gaps included), for each of --batch-sizes (ftlab/timeline.py; rows "
                         "appended to --csv, default data/bench/decode_timeline.csv)")
+    p.add_argument("--timeline-prefill", action="store_true",
+                   help="the same for the captured context phase of prompts of 512 tokens, for each of "
+                        "--batch-sizes (rows appended to --csv, default data/bench/prefill_timeline.csv)")
     p.add_argument("--breakdown-decode", action="store_true",
                    help="only split the captured decode step at context 512 into blocks (HBM weights, L2-resident "
                         "weights) and the rest, for each of --batch-sizes (rows appended to --csv, default "
@@ -353,6 +356,17 @@ def cmd_bench(args) -> int:
             result = timeline.decode_timeline(model, batch=batch, **sampling)
             print(f"{config.model_name}, {args.dtype}, {common['sampling']}:\n{result.text()}", flush=True)
             bench.append_csv(result.csv_rows(**common), args.csv or timeline.DEFAULT_CSV, timeline.CSV_COLUMNS)
+        return 0
+    if args.timeline_prefill:
+        from . import timeline
+
+        model = bench.random_model(config, args.dtype)
+        common = dict(bench.run_info(), config=config.model_name, dtype=args.dtype, variant=_ftlab_env(),
+                      sampling="prefill")
+        for batch in batches:
+            result = timeline.prefill_timeline(model, batch=batch)
+            print(f"{config.model_name}, {args.dtype}, prefill:\n{result.text()}", flush=True)
+            bench.append_csv(result.csv_rows(**common), args.csv or timeline.PREFILL_CSV, timeline.CSV_COLUMNS)
         return 0
     if args.breakdown_decode:
         variant = _ftlab_env()

@@ -10,6 +10,11 @@ numbers per step: the time between the step's events as `bench.decode_step_ms` m
 included), and the time per step of replays issued back to back without a host synchronisation.
 `ftlab bench --timeline-decode` prints the table and appends its rows to data/bench/decode_timeline.csv
 (CSV_COLUMNS); `python -m ftlab.plots timeline` draws them.
+
+`ftlab bench --timeline-prefill` does the same for the captured context phase of prompts of 512 tokens
+(prefill_timeline; rows in data/bench/prefill_timeline.csv, `context` = the prompt's length): there the blocks'
+GEMMs are cuBLAS's, so the table shows which cuBLAS kernel each one got and what ran between them (a profile of
+that phase led to FC1's rows going to cuBLAS in two calls, kernels/linear.py linear_gelu_cublas).
 """
 from __future__ import annotations
 
@@ -22,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from .bench import open_decode_session, timed_steps
-from .model import GPT
+from .bench import open_decode_session, random_prompts, timed_steps
+from .model import GPT, pack_prompts_host
 from .tokenizer import DATA_DIR
 
 DEFAULT_CSV = DATA_DIR / "bench" / "decode_timeline.csv"
+PREFILL_CSV = DATA_DIR / "bench" / "prefill_timeline.csv"
 
 _KINDS = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -99,9 +105,10 @@ def step_table(steps: list[list[tuple[float, float, str]]], period: int | None) 
     return rows, statistics.mean(spans)
 
 
-def _period(names: list[str]) -> int | None:
-    """Kernels per block: the distance between consecutive decode-attention kernels (None without them)."""
-    where = [i for i, n in enumerate(names) if "decode_attention" in n or "decode_partition" in n]
+def _period(names: list[str], markers: tuple[str, ...] = ("decode_attention", "decode_partition")) -> int | None:
+    """Kernels per block: the distance between the first two kernels named with one of `markers` (the block's
+    attention; None without two of them)."""
+    where = [i for i, n in enumerate(names) if any(m in n for m in markers)]
     return where[1] - where[0] if len(where) > 1 else None
 
 
@@ -115,18 +122,20 @@ class Timeline:
     span_us: float  # GPU span of a step under the profiler
     event_us: float  # between the step's events without the profiler, one host synchronisation per step
     back_to_back_us: float  # per step, replays issued back to back
+    phase: str = "step"  # what one replay is: "step" (decode_timeline) or "prefill" (prefill_timeline)
 
     def text(self) -> str:
-        lines = [f"batch {self.batch}, context {self.context}, {self.events_per_step} GPU events per step; GPU span "
-                 f"{self.span_us:.1f} us under the profiler; without it {self.event_us:.1f} us between the step's "
-                 f"events (synchronised per step), {self.back_to_back_us:.1f} us per step back to back",
+        p = self.phase
+        lines = [f"batch {self.batch}, context {self.context}, {self.events_per_step} GPU events per {p}; GPU span "
+                 f"{self.span_us:.1f} us under the profiler; without it {self.event_us:.1f} us between the {p}'s "
+                 f"events (synchronised per {p}), {self.back_to_back_us:.1f} us per {p} back to back",
                  f"{'kernel (block slot/kernels per block)':<58} {'calls':>5} {'mean us':>8} {'gap us':>7} "
                  f"{'adds us':>8} {'share':>6}"]
         busy = self.span_us - sum(r["gap_us"] for r in self.rows)
         for r in self.rows:
             lines.append(f"{r['label'][:58]:<58} {r['calls']:>5.0f} {r['mean_us']:>8.2f} {r['gap_us']:>7.1f} "
                          f"{r['added_us']:>8.1f} {r['added_us'] / busy:>6.1%}")
-        lines.append(f"(share: of the {busy:.1f} us the GPU was busy with the step; the gaps are mostly the "
+        lines.append(f"(share: of the {busy:.1f} us the GPU was busy with the {p}; the gaps are mostly the "
                      f"profiler's own launch latency)")
         return "\n".join(lines)
 
@@ -146,29 +155,71 @@ CSV_COLUMNS = ["gpu", "date", "torch", "triton", "config", "dtype", "variant", "
 def decode_timeline(model: GPT, *, batch: int = 1, context: int = 512, steps: int = 10, **sampling) -> Timeline:
     """Profile `steps` replays of the captured decode step (each followed by a host synchronisation, as
     bench.decode_step_ms times them) and account for them as the module docstring says."""
-    from torch.profiler import ProfilerActivity, profile
-
     session, tokens = open_decode_session(model, batch=batch, context=context, max_steps=3 * steps + 16,
                                           **sampling)
     event_ms, tokens = timed_steps(session, tokens, steps)
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        tokens = session.next(tokens)[0]
-    stop.record()
-    stop.synchronize()
-    back_to_back_ms = start.elapsed_time(stop) / steps
+    last = [tokens]  # each replay feeds the tokens of the one before
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            tokens = session.next(tokens)[0]
-            torch.cuda.synchronize()
-    events = _gpu_events(prof)
-    if not events or len(events) % steps:
-        raise RuntimeError(f"the profiler saw {len(events)} GPU events in {steps} replays (not a whole number per "
-                           f"step: CUPTI may not report kernels inside CUDA graphs here)")
-    per = len(events) // steps
-    step_events = [events[i * per:(i + 1) * per] for i in range(steps)]
-    rows, span = step_table(step_events, _period([n for _, _, n in step_events[0]]))
+    def replay():
+        last[0] = session.next(last[0])[0]
+
+    back_to_back_ms = _back_to_back_ms(replay, steps)
+    per, rows, span = _profiled_replays(replay, steps, ("decode_attention", "decode_partition"))
     return Timeline(batch=batch, context=context, events_per_step=per, rows=rows, span_us=span,
                     event_us=1e3 * statistics.median(event_ms), back_to_back_us=1e3 * back_to_back_ms)
+
+
+def _back_to_back_ms(replay, n: int) -> float:
+    """ms per call of `replay` over `n` calls issued back to back (CUDA events, one synchronisation at the end)."""
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        replay()
+    stop.record()
+    stop.synchronize()
+    return start.elapsed_time(stop) / n
+
+
+def _profiled_replays(replay, n: int, markers: tuple[str, ...]) -> tuple[int, list[dict], float]:
+    """Profile `n` calls of `replay` (one CUDA-graph replay each), a host synchronisation after each: (GPU events
+    per replay, step_table's rows and mean span). Every replay must show the profiler the same number of events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            replay()
+            torch.cuda.synchronize()
+    events = _gpu_events(prof)
+    if not events or len(events) % n:
+        raise RuntimeError(f"the profiler saw {len(events)} GPU events in {n} replays (not a whole number per "
+                           f"replay: CUPTI may not report kernels inside CUDA graphs here)")
+    per = len(events) // n
+    replays = [events[i * per:(i + 1) * per] for i in range(n)]
+    rows, span = step_table(replays, _period([name for _, _, name in replays[0]], markers))
+    return per, rows, span
+
+
+@torch.no_grad()
+def prefill_timeline(model: GPT, *, batch: int = 1, context: int = 512, replays: int = 10) -> Timeline:
+    """The captured context phase of `batch` random prompts of `context` tokens (DecodeGraph.launch_prefill: the
+    prompts' copy to the device, the blocks, the last tokens' logits), profiled like decode_timeline: `replays`
+    replays, each followed by a host synchronisation, timed without the profiler too."""
+    from .generate import _graph_for, generate
+
+    if model.device.type != "cuda":
+        raise RuntimeError(f"prefill_timeline profiles CUDA graphs: the model is on {model.device}, not a GPU")
+    prompts = random_prompts(batch, context, model.config.vocab_size, seed=1)
+    for _ in range(3):  # a packed shape's second call captures its prefill graph; the third replays it
+        generate(model, prompts, max_new_tokens=2)
+    host = pack_prompts_host(list(prompts))
+    graph = _graph_for(model, host, 2, None, True)  # the decode graph (and its prefill) those calls ran on
+
+    def replay():
+        graph.launch_prefill(host)
+
+    event_ms = [_back_to_back_ms(replay, 1) for _ in range(replays)]  # one replay at a time, synchronised
+    back_to_back_ms = _back_to_back_ms(replay, replays)
+    per, rows, span = _profiled_replays(replay, replays, ("context_attention",))
+    return Timeline(batch=batch, context=context, events_per_step=per, rows=rows, span_us=span,
+                    event_us=1e3 * statistics.median(event_ms), back_to_back_us=1e3 * back_to_back_ms,
+                    phase="prefill")

@@ -1,7 +1,14 @@
-"""ftlab.timeline's accounting of a profiled step (pure functions: no GPU needed)."""
+"""ftlab.timeline's accounting of a profiled step or prefill (pure functions: no GPU needed; the profiling itself on
+the GPU only)."""
 import random
 
-from ftlab.timeline import CSV_COLUMNS, Timeline, label_step, short_name, step_table
+import pytest
+import torch
+
+from ftlab.checkpoint import random_ft_tensors
+from ftlab.config import GPTConfig
+from ftlab.model import GPT
+from ftlab.timeline import CSV_COLUMNS, Timeline, _period, label_step, prefill_timeline, short_name, step_table
 
 
 def _step(names, durations, gaps):
@@ -71,3 +78,45 @@ def test_timeline_text_and_csv_rows():
     assert [list(r) for r in csv_rows] == [CSV_COLUMNS] * 2
     assert {r["label"]: (r["gap_us"], r["added_us"]) for r in csv_rows} == {"embedding": (0.0, 10.0),
                                                                            "gemv": (2.0, 8.0)}
+
+
+def test_period_from_the_prefills_context_attention():
+    block = ["_layernorm_kernel", "nvjet_bias", "_context_attention_kernel", "nvjet_badd", "_layernorm_kernel",
+             "nvjet_gelubias", "nvjet_badd"]
+    names = ["Memcpy HtoD", "_embedding_kernel"] + block * 3 + ["_gemv_rows_kernel"]
+    assert _period(names, ("context_attention",)) == 7
+    assert _period(names) is None  # the default markers are decode attention's
+    labels = label_step(names, 7)
+    assert labels[4] == "block 2/7: _context_attention_kernel" and labels[-1] == "_gemv_rows_kernel"
+
+
+def test_prefill_timeline_text_names_the_phase():
+    rows, span = step_table([[(0.0, 30.0, "nvjet_bias"), (31.0, 40.0, "_context_attention_kernel")]], None)
+    result = Timeline(batch=64, context=512, events_per_step=2, rows=rows, span_us=span, event_us=41.0,
+                      back_to_back_us=40.5, phase="prefill")
+    text = result.text()
+    assert "2 GPU events per prefill" in text and "busy with the prefill" in text and "step" not in text
+
+
+def test_prefill_timeline_needs_a_gpu_model():
+    # a model on the CPU (where every machine has one): refused before anything runs
+    cfg = GPTConfig(head_num=2, size_per_head=8, num_layer=2, vocab_size=50, max_pos_seq_len=64, start_id=0,
+                    end_id=49)
+    model = GPT.from_ft_tensors(cfg, random_ft_tensors(cfg), dtype="fp32", device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="model is on cpu"):
+        prefill_timeline(model, batch=1, context=8)
+
+
+@pytest.mark.gpu
+def test_prefill_timeline_on_a_small_model():
+    cfg = GPTConfig(head_num=4, size_per_head=32, num_layer=3, vocab_size=97, max_pos_seq_len=128, start_id=0,
+                    end_id=96)
+    device = torch.device("cuda")
+    model = GPT.from_ft_tensors(cfg, random_ft_tensors(cfg, dtype=torch.float16, device=device), dtype="fp16",
+                                device=device)
+    result = prefill_timeline(model, batch=3, context=40, replays=4)
+    labels = [r["label"] for r in result.rows]
+    assert result.phase == "prefill" and result.events_per_step >= 3 * 5
+    assert any("_context_attention" in label for label in labels)
+    assert abs(sum(r["added_us"] + r["gap_us"] for r in result.rows) - result.span_us) < 1e-6 * result.span_us + 1e-6
+    assert result.event_us > 0 and result.back_to_back_us > 0
