@@ -663,14 +663,12 @@ def linear_gelu_cublas(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 def gelu_rows_per_call() -> int:
     """The most rows linear_gelu_cublas hands cuBLAS in one call: FTLAB_GELU_ROWS_PER_CALL (read per call; 0 = all
     rows in one call), by default 16384."""
-    text = os.environ.get("FTLAB_GELU_ROWS_PER_CALL", "16384")
-    try:
-        step = int(text)
-    except ValueError:
-        step = -1
-    if step < 0:
-        raise ValueError(f"FTLAB_GELU_ROWS_PER_CALL={text!r}: expected a row count >= 0 (0: one call)")
-    return step
+    value = ints_from_env("FTLAB_GELU_ROWS_PER_CALL", "rows")
+    if value is None:
+        return 16384
+    if value[0] < 0:
+        raise ValueError(f"FTLAB_GELU_ROWS_PER_CALL={value[0]}: expected a row count >= 0 (0: one call)")
+    return value[0]
 
 
 def _check_tensor(name, t, shape, dtypes, device):
