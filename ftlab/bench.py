@@ -9,7 +9,9 @@ For each cell (batch, input length -> output length) it times, on the same rando
   floor      the physical limit from this run's measured copy bandwidth and matmul rate: every decode step reads all
              weights and the live KV cache once; the prefill does 2*params*tokens (+ attention) FLOPs or reads the
              weights, whichever takes longer.
-Rows are appended to a tidy CSV (data/bench/bench.csv by default) with the GPU, date and versions.
+Rows are appended to a tidy CSV (data/bench/bench.csv by default) with the GPU, date and versions, and with the
+SM clock and power nvidia-smi reported while ftlab's calls of the cell ran (ftlab/gpu_clocks.py: the bs64 prefill
+runs into the H200's power cap, so a row says how hard the cap held when it was measured).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import torch
 from .checkpoint import random_ft_tensors
 from .config import GPTConfig, compute_dtype
 from .generate import LocalSession, RequestParams, generate
+from .gpu_clocks import ClockSummary, sampled
 from .model import GPT
 from .tokenizer import DATA_DIR
 
@@ -275,9 +278,10 @@ def breakdown_row(config: GPTConfig, parts: dict, *, batch: int, context: int = 
 
 def run(config: GPTConfig | None = None, model_dir=None, *, dtype="fp16", batches=GRID_BATCHES, cells=GRID_CELLS,
         repeats: int = 10, with_peer: bool = True, with_hf: bool = True, csv_path: Path | None = DEFAULT_CSV,
-        label: str | None = None, sampling: dict | None = None) -> list[dict]:
+        label: str | None = None, sampling: dict | None = None, with_clocks: bool = True) -> list[dict]:
     """FT's grid (see the module docstring). `sampling` (top_k, top_p, temperature) applies to ftlab's decode
-    step and generate(); the peer and HF always decode greedily (their sampling is not what is compared)."""
+    step and generate(); the peer and HF always decode greedily (their sampling is not what is compared).
+    with_clocks: sample the SM clock and power while ftlab's calls run (ftlab/gpu_clocks.py)."""
     sampling = dict(sampling or {})
 
     device = torch.device("cuda")
@@ -312,12 +316,12 @@ def run(config: GPTConfig | None = None, model_dir=None, *, dtype="fp16", batche
         if csv_path is not None:
             append_csv([row], csv_path)
 
-    step = decode_step_ms(model, **sampling)
+    step, clocks = sampled(lambda: decode_step_ms(model, **sampling), device, enabled=with_clocks)
     weight_bytes = param_count(config) * torch.finfo(torch_dtype).bits // 8
     kv_bytes = 2 * config.num_layer * 512 * config.hidden * torch.finfo(torch_dtype).bits // 8
     done(dict(common, cell="decode_step", bs=1, n_in=512, n_out=1, ftlab_ms=statistics.median(step),
               ftlab_spread=_spread(step), floor_ms=(weight_bytes + kv_bytes) / ceil.bandwidth * 1e3,
-              peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9))
+              peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9, **_clock_columns(clocks)))
     for batch in batches:
         for n_in, n_out in cells:
             prompts = random_prompts(batch, n_in, config.vocab_size)
@@ -326,13 +330,14 @@ def run(config: GPTConfig | None = None, model_dir=None, *, dtype="fp16", batche
             # (Until session 30 each call's output was kept in a variable here and freed by the next call, inside
             # its timing: ~0.3-0.5 ms more at bs64, see _time_ms.)
             last: list = []
-            t_ours = _time_ms(lambda: generate(model, prompts, max_new_tokens=n_out, **sampling), repeats, warmup=2,
-                              last=last)
+            t_ours, clocks = sampled(lambda: _time_ms(lambda: generate(model, prompts, max_new_tokens=n_out,
+                                                                       **sampling), repeats, warmup=2, last=last),
+                                     device, enabled=with_clocks)
             result = last[0]
             row = dict(common, cell="e2e", bs=batch, n_in=n_in, n_out=n_out, ftlab_ms=statistics.median(t_ours),
                        ftlab_spread=_spread(t_ours), floor_ms=floor_ms(config, batch, n_in, n_out, ceil),
                        peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9,
-                       full_length=all(n == n_in + n_out for n in result.sequence_length))
+                       full_length=all(n == n_in + n_out for n in result.sequence_length), **_clock_columns(clocks))
             if peer is not None:
                 t_peer = _time_ms(lambda: peer.run(prompts, n_out), repeats, warmup=2)
                 row.update(peer_ms=statistics.median(t_peer), peer_spread=_spread(t_peer))
@@ -428,7 +433,13 @@ def _triton_version() -> str:
 COLUMNS = ["gpu", "date", "torch", "triton", "config", "layers", "heads", "size_per_head", "vocab", "dtype", "tp",
            "pp", "cell", "bs", "n_in", "n_out", "sampling", "ftlab_ms", "ftlab_spread", "peer_ms", "peer_spread",
            "hf_ms", "floor_ms", "ftlab_vs_peer", "ftlab_vs_hf", "ftlab_vs_floor", "peak_mem_gb", "full_length",
-           "bandwidth_tbps", "matmul_tflops"]
+           "bandwidth_tbps", "matmul_tflops", "sm_clock_mhz", "sm_clock_min_mhz", "power_w", "power_capped"]
+
+
+def _clock_columns(clocks: ClockSummary | None) -> dict:
+    """The clock columns of a row (ftlab/gpu_clocks.py: sampled while ftlab's calls of the cell ran; none without
+    nvidia-smi)."""
+    return clocks.row() if clocks is not None else {}
 
 
 def append_csv(rows: list[dict], path: Path, columns: list[str] = COLUMNS) -> None:
@@ -467,11 +478,12 @@ def print_header(r: dict) -> None:
     print(f"{r['gpu']}  {r['config']}  {r['dtype']}  tp={r['tp']} pp={r['pp']}  {r.get('sampling') or 'greedy'}  "
           f"copy {r['bandwidth_tbps']:.2f} TB/s  matmul {r['matmul_tflops']:.0f} TFLOP/s")
     print(f"{'cell':>12} {'bs':>3} {'in->out':>8} {'ftlab ms':>10} {'+-':>5} {'peer ms':>9} {'hf ms':>9} "
-          f"{'floor ms':>9} {'x peer':>7} {'x floor':>7}", flush=True)
+          f"{'floor ms':>9} {'x peer':>7} {'x floor':>7} {'MHz':>5} {'W':>4} {'capped':>6}", flush=True)
 
 
 def print_row(r: dict) -> None:
     print(f"{r['cell']:>12} {r['bs']:>3} {str(r['n_in']) + '->' + str(r['n_out']):>8} {_fmt(r['ftlab_ms']):>10} "
           f"{_fmt(r['ftlab_spread'] * 100, '.0f') + '%':>5} {_fmt(r.get('peer_ms')):>9} "
           f"{_fmt(r.get('hf_ms'), '.1f'):>9} {_fmt(r.get('floor_ms')):>9} {_fmt(r.get('ftlab_vs_peer'), '.2f'):>7} "
-          f"{_fmt(r.get('ftlab_vs_floor'), '.2f'):>7}", flush=True)
+          f"{_fmt(r.get('ftlab_vs_floor'), '.2f'):>7} {_fmt(r.get('sm_clock_mhz'), '.0f'):>5} "
+          f"{_fmt(r.get('power_w'), '.0f'):>4} {_fmt(r.get('power_capped'), '.0%'):>6}", flush=True)

@@ -100,6 +100,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--no-peer", action="store_true", help="skip the torch.compile peer")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers' generate")
+    p.add_argument("--no-clocks", action="store_true",
+                   help="do not sample the SM clock and power with nvidia-smi while ftlab's calls run")
     p.add_argument("--csv", type=Path, default=None, help="CSV to append rows to (default data/bench/bench.csv)")
     p.add_argument("--tensor-para-size", type=int, default=1,
                    help="under torchrun: T (-m: files split for T; without -m: random weights of --shape, no files)")
@@ -403,7 +405,7 @@ def cmd_bench(args) -> int:
         return 0
     bench.run(config, args.model_dir, dtype=args.dtype, batches=batches,
               cells=cells, repeats=args.repeats, with_peer=not args.no_peer, with_hf=not args.no_hf,
-              csv_path=args.csv or bench.DEFAULT_CSV, sampling=sampling)
+              csv_path=args.csv or bench.DEFAULT_CSV, sampling=sampling, with_clocks=not args.no_clocks)
     return 0
 
 
