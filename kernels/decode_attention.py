@@ -57,6 +57,13 @@ Session 24 (scratch probe, data/bench/decode_read_ceiling.csv, bs64 at positions
 only reads the same keys and values in this grid takes 35.0-35.7 us at its best tiles (3.88-3.96 TB/s), this kernel
 37.2-38.0 us; tiles loaded through TMA descriptors in a loop pipelined by the compiler read no faster (36.1-42.8 us)
 and made this kernel slower (39.1-54.6 us).
+Session 33 (scratch probes, the same shape and timing; rows in data/bench/decode_read_ceiling.csv): a plain read of
+138 MB laid flat, by programs of 4-16 warps summing 32-64 KB each, takes 33.4-35.3 us (4.10-4.33 TB/s; 512 MB:
+4.40-4.60 TB/s), so the attention-shaped read above leaves ~1.6 us on the table and this kernel (36.7-37.1 us that
+day) ~3.5. Two layouts that would read whole token rows did not get there: this kernel over a token-major cache
+(B, S_max, nh, d) passed as a strided view, 38.0 us; a scratch kernel holding all 16 heads of a sequence per program
+over that layout (tiles of 4-16 whole token rows, 4-16 partitions, 2-16 warps; outputs checked in fp16 / bf16),
+47.3 us at best and up to 194 (the per-head reductions over 3-D tiles cost more than the longer reads save).
 """
 import math
 import os
