@@ -5,7 +5,7 @@ one reason is visible only from the driver. On the H200 the captured prefill of 
 back to back for ~4 s, drew ~690 W, the driver reported "SW power cap" and the SM clock fell from 1980 to 1470-1635
 MHz (data/bench/prefill_power.csv, 2026-12-03); three runs of 10 replays in a row took 37.0, 38.0 and 39.5 ms per
 prefill as the GPU heated (data/bench/cublaslt_workspace_ab.csv). The bench's cells are shorter (a bs64 512 -> 32
-cell is ~0.6 s of ftlab calls): in that session's runs their median clock stayed at 1935-1980 MHz, while the driver
+cell is ~0.6 s of ftlab calls): in that session's runs their median clock stayed at 1905-1980 MHz, while the driver
 reported the cap in 0-73 % of a cell's samples. A row's clock columns say which case it was measured in.
 
 ClockSampler runs `nvidia-smi --query-gpu=clocks.sm,power.draw.instant,clocks_throttle_reasons.active
