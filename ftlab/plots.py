@@ -4,6 +4,7 @@ and the single-GPU grid against the baselines measured in the same run.
     python -m ftlab.plots scaling data/bench/scaling.csv data/bench/scaling.png
     python -m ftlab.plots grid data/bench/bench.csv data/bench/grid.png
     python -m ftlab.plots timeline data/bench/decode_timeline.csv data/bench/decode_timeline.png
+    python -m ftlab.plots power data/bench/prefill_power.csv data/bench/prefill_power.png
 
 Reads the bench CSV (columns: ftlab.bench.COLUMNS); only end-to-end rows (cell "e2e") are plotted. When a CSV holds
 several measurements of one point (same GPU, dtype, config, cell, T and L), the last row in the file wins: the newest
@@ -300,6 +301,47 @@ def plot_sampling(csv_path: str | Path, png_path: str | Path) -> Path:
     return _save(fig, png_path)
 
 
+def power_rows(csv_path: str | Path) -> list[dict]:
+    """nvidia-smi samples (data/bench/prefill_power.csv: timestamp, sm_clock_mhz, power_w, throttle_reasons) as
+    {t_s (seconds since the first sample), sm_clock_mhz, power_w, power_capped}, in time order."""
+    from datetime import datetime
+
+    from .gpu_clocks import SW_POWER_CAP
+
+    rows = _csv_rows(csv_path, ("timestamp", "sm_clock_mhz", "power_w", "throttle_reasons"), "clock and power")
+    if not rows:
+        raise ValueError(f"{csv_path}: no samples")
+    times = [datetime.strptime(r["timestamp"], "%Y/%m/%d %H:%M:%S.%f") for r in rows]
+    start = min(times)
+    return [dict(t_s=(t - start).total_seconds(), sm_clock_mhz=float(r["sm_clock_mhz"]),
+                 power_w=float(r["power_w"]), power_capped=bool(int(r["throttle_reasons"], 16) & SW_POWER_CAP))
+            for t, r in sorted(zip(times, rows), key=lambda tr: tr[0])]
+
+
+def plot_power(csv_path: str | Path, png_path: str | Path) -> Path:
+    """SM clock and power over time from nvidia-smi samples, the samples under the power cap shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = power_rows(csv_path)
+    t = [r["t_s"] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=120)
+    ax.plot(t, [r["sm_clock_mhz"] for r in rows], color="tab:blue", label="SM clock")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("SM clock (MHz)", color="tab:blue")
+    power = ax.twinx()
+    power.plot(t, [r["power_w"] for r in rows], color="tab:red", label="power")
+    power.set_ylabel("power (W)", color="tab:red")
+    for r, t_next in zip(rows, t[1:] + t[-1:]):
+        if r["power_capped"]:
+            ax.axvspan(r["t_s"], t_next, color="0.85", lw=0)
+    ax.set_title("nvidia-smi while the GPU ran (grey: driver reports the power cap)", fontsize=10)
+    ax.grid(alpha=0.3)
+    return _save(fig, png_path)
+
+
 # the five kernels of a decode block at batch <= 4 (GPT._block), by their slot in the timeline's labels
 _DECODE_BLOCK_SLOTS = {"block 0/5": "QKV GEMV", "block 1/5": "decode attention", "block 2/5": "out-proj GEMV",
                        "block 3/5": "FC1 GEMV", "block 4/5": "FC2 GEMV"}
@@ -382,9 +424,14 @@ def main(argv: list[str] | None = None) -> int:
     timeline.add_argument("csv", type=Path, help="timeline CSV (e.g. data/bench/decode_timeline.csv)")
     timeline.add_argument("png", type=Path, help="PNG to write")
     timeline.add_argument("--bs", type=int, default=1, help="batch size")
+    power = sub.add_parser("power", help="SM clock and power over time from nvidia-smi samples")
+    power.add_argument("csv", type=Path, help="samples CSV (e.g. data/bench/prefill_power.csv)")
+    power.add_argument("png", type=Path, help="PNG to write")
     args = parser.parse_args(argv)
     try:
-        if args.plot == "timeline":
+        if args.plot == "power":
+            out = plot_power(args.csv, args.png)
+        elif args.plot == "timeline":
             out = plot_timeline(args.csv, args.png, bs=args.bs)
         elif args.plot == "grid":
             out = plot_grid(args.csv, args.png, config=args.config, dtype=args.dtype)

@@ -4,8 +4,8 @@ import csv
 import pytest
 
 from ftlab.bench import COLUMNS, append_csv, sampling_label
-from ftlab.plots import (grid_rows, main, plot_grid, plot_sampling, plot_timeline, sampling_rows, timeline_name,
-                         timeline_rows)
+from ftlab.plots import (grid_rows, main, plot_grid, plot_sampling, plot_timeline, power_rows, sampling_rows,
+                         timeline_name, timeline_rows)
 from ftlab.timeline import CSV_COLUMNS as TIMELINE_COLUMNS
 from ftlab.tokenizer import DATA_DIR
 
@@ -153,3 +153,30 @@ def test_plot_timeline_of_the_shipped_h200_results(tmp_path):
     assert len(rows) >= 2 and all(r["QKV GEMV"] > 0 and r["LM head GEMV"] > 0 for r in rows.values())
     out = plot_timeline(DATA_DIR / "bench" / "decode_timeline.csv", tmp_path / "timeline.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_plot_power_of_the_shipped_h200_samples(tmp_path):
+    rows = power_rows(DATA_DIR / "bench" / "prefill_power.csv")
+    assert rows[0]["t_s"] == 0.0 and all(a["t_s"] <= b["t_s"] for a, b in zip(rows, rows[1:]))
+    capped = [r for r in rows if r["power_capped"]]
+    # the sustained prefill: capped samples are the slow ones, and the GPU ran uncapped at its top clock in between
+    assert capped and max(r["sm_clock_mhz"] for r in capped if r["power_w"] > 650) < 1700
+    assert any(not r["power_capped"] and r["sm_clock_mhz"] >= 1900 for r in rows)
+    out = tmp_path / "power.png"
+    assert main(["power", str(DATA_DIR / "bench" / "prefill_power.csv"), str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_power_rows_reads_the_reasons_mask_and_names_a_wrong_file(tmp_path):
+    path = tmp_path / "samples.csv"
+    path.write_text("timestamp,sm_clock_mhz,power_w,throttle_reasons\n"
+                    "2026/12/03 21:02:43.617,1635,203.88,0x0000000000000004\n"
+                    "2026/12/03 21:02:43.517,1980,139.03,0x0000000000000000\n"
+                    "2026/12/03 21:02:43.717,1605,262.9,0x0000000000000024\n")
+    rows = power_rows(path)
+    assert [round(r["t_s"], 3) for r in rows] == [0.0, 0.1, 0.2]  # ordered by time, not by line
+    assert [r["power_capped"] for r in rows] == [False, True, True]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("timestamp,sm_clock_mhz\n2026/12/03 21:02:43.617,1635\n")
+    with pytest.raises(ValueError, match="bad.csv.*missing columns"):
+        power_rows(bad)
