@@ -16,7 +16,10 @@ import argparse
 import csv
 import sys
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+
+from .gpu_clocks import SW_POWER_CAP
 
 REQUIRED_COLUMNS = ("gpu", "date", "dtype", "config", "tp", "pp", "cell", "bs", "n_in", "n_out", "ftlab_ms")
 
@@ -304,10 +307,6 @@ def plot_sampling(csv_path: str | Path, png_path: str | Path) -> Path:
 def power_rows(csv_path: str | Path) -> list[dict]:
     """nvidia-smi samples (data/bench/prefill_power.csv: timestamp, sm_clock_mhz, power_w, throttle_reasons) as
     {t_s (seconds since the first sample), sm_clock_mhz, power_w, power_capped}, in time order."""
-    from datetime import datetime
-
-    from .gpu_clocks import SW_POWER_CAP
-
     rows = _csv_rows(csv_path, ("timestamp", "sm_clock_mhz", "power_w", "throttle_reasons"), "clock and power")
     if not rows:
         raise ValueError(f"{csv_path}: no samples")
