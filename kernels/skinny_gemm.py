@@ -8,7 +8,7 @@ finishes), then multiplies all rows of x by it with one tl.dot. Split-K programs
 an output tile's programs to finish (an acquire-release counter, as in kernels/decode_attention.py) adds them in a
 fixed order and applies the epilogue: no reduce launch, and results that do not depend on arrival order. With
 partials=True the programs store their fp32 products and stop: a consumer that reads them anyway sums them in the
-same order (kernels/layernorm.py with the residual add; the model's FC2 at 41-64 rows), and no program waits on a
+same order (kernels/layernorm.py with the residual add; the model's FC2 when LayerNorm launches run at 5-64 rows), and no program waits on a
 counter. Its torch reference is kernels/linear.py's linear_reference (the same function, LayerNorm included).
 
 H200, fp16, a block's four GEMMs chained over 24 layers of distinct weights in one CUDA graph (`python -m
@@ -20,13 +20,19 @@ With ln_row_sums a LayerNorm folded into weight and bias is applied in the epilo
 statistics from a chunked second pass over x), so a block needs no LayerNorm launch: the model's `_skinny_blocks`
 path, its default at 5-16 rows (H200 decode step bs8 0.636 -> 0.573 ms, bs16 0.776 -> 0.722; slower at 32 and 64
 rows, see there). With ln_stats the statistics come from kernels/layernorm.py's layernorm_stats launched just
-before, and the correction follows any split-K sum: the model's default at 17-40 rows (bs32 step 1.049-1.064 ->
-0.981-0.983 ms against LayerNorm launches; ftlab/model.py `_skinny_ln_mode`). Tried and not kept (2026-12-02):
-the residual GEMMs (out-projection, FC2) writing each row's
-mean and squared deviations per output tile in their epilogue, and the next LN-folded GEMM merging those instead
-of reading whole rows, so a block needs no LayerNorm launch at any batch: the decode step got slower at every
-batch (ms, three rounds alternating in one process: bs8 0.566-0.571 -> 0.573-0.576, bs16 0.671-0.681 ->
-0.733-0.736, bs32 1.105-1.114 -> 1.135-1.141, bs64 1.70-1.76 -> 2.27-2.28; data/bench/row_stats_step_ab.csv).
+before, and the correction follows any split-K sum (the model's default at 17-40 rows from 2026-12-03: bs32 step
+1.049-1.064 -> 0.981-0.983 ms against LayerNorm launches). With row_stats=True a GEMM (the out-projection, FC2)
+also writes each output tile's per-row mean and squared deviations, and a next LN-folded call given them as
+ln_stats (TileRowStats) merges them beside its load of x (Chan's merge of equal counts) and corrects after the
+split-K sum like ln_stats: no statistics launch between them, and the K split stands. The model's default at
+17-64 rows ("skinny-rowstats", ftlab/model.py `_skinny_ln_mode`): decode step at context 512, alternating in one
+process (`ftlab bench --ab-decode`, data/bench/decode_step_ab.csv, 2026-12-04), ms, LayerNorm launches / statistics
+launches / row statistics: bs17 0.820 / 0.779 / 0.757, bs32 1.024 / 0.980 / 0.962, bs48 1.349 / 1.335 / 1.337,
+bs64 1.539 / 1.543 / 1.505. An earlier try (2026-12-02, before ln_stats existed) passed row statistics the same
+way and was slower at every batch (ms, three rounds alternating in one process: bs8 0.566-0.571 -> 0.573-0.576,
+bs16 0.671-0.681 -> 0.733-0.736, bs32 1.105-1.114 -> 1.135-1.141, bs64 1.70-1.76 -> 2.27-2.28;
+data/bench/row_stats_step_ab.csv); its code did not land, so how its consumer split K is not known, but its bs64
+step is the 2.30 ms that whole-row tiles take.
 Also tried (2026-12-02, scratch code): x and the weight through TMA descriptors in a K loop pipelined by the compiler
 (2-4 stages, K steps of 64 or 128, the weight prefetched into L2 before the PDL wait): slower for every GEMM of the
 chain, us at M = 64 QKV 5.55 vs 4.99, out 4.56 vs 3.95, FC1 6.25 vs 5.86, FC2 8.88 vs 7.19, a block 27.7-28.0 vs
@@ -55,7 +61,8 @@ from ._shared import bias_act_residual, shifted_ln_stats
 @triton.jit
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, counter_ptr, row_sums_ptr, mean_ptr, rstd_ptr,
-    M, N, K, stride_xm, ln_eps,
+    stats_in_ptr, stats_out_ptr,  # TileRowStats parts (2, tiles, M) fp32: in (STATS_TILES), out (ROW_STATS_OUT)
+    M, N, K, stride_xm, ln_eps, stats_parts, stats_cols,
     HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, USE_PDL: tl.constexpr, IEEE: tl.constexpr,
     LN_PREFOLDED: tl.constexpr,  # the LayerNorm's affine folded into weight / bias (kernels/linear.py fold_layernorm)
     STATS_GIVEN: tl.constexpr,  # with LN_PREFOLDED: the rows' mean / rstd come from mean_ptr / rstd_ptr
@@ -63,6 +70,8 @@ def _skinny_gemm_kernel(
     STAT_K: tl.constexpr,  # columns of x per step of the LayerNorm statistics pass
     W_EVICT: tl.constexpr,  # L2 eviction policy of the weight's loads
     PARTIALS_ONLY: tl.constexpr = False,  # store each split's fp32 product to part_ptr and stop (no epilogue)
+    STATS_TILES: tl.constexpr = 0,  # with LN_PREFOLDED, > 0: merge stats_parts tiles' row statistics (pow2 >= that)
+    ROW_STATS_OUT: tl.constexpr = False,  # each output tile's per-row mean and squared deviations to stats_out_ptr
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -87,6 +96,18 @@ def _skinny_gemm_kernel(
     m_ok = offs_m < M
     x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :],
                 mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    if LN_PREFOLDED and STATS_TILES > 0:
+        # the rows' statistics from the producer's tiles (Chan's merge of equal counts), loaded beside x
+        t = tl.arange(0, STATS_TILES)
+        t_ok = t < stats_parts
+        at = stats_in_ptr + t[None, :] * M + offs_m[:, None]
+        both = m_ok[:, None] & t_ok[None, :]
+        tile_means = tl.load(at, mask=both, other=0.0)
+        tile_m2 = tl.load(at + stats_parts * M, mask=both, other=0.0)
+        row_mean = tl.sum(tile_means, axis=1) / stats_parts
+        spread = tl.where(t_ok[None, :], tile_means - row_mean[:, None], 0.0)
+        row_var = (tl.sum(tile_m2, axis=1) + stats_cols * tl.sum(spread * spread, axis=1)) / K
+        row_rstd = 1.0 / tl.sqrt(tl.maximum(row_var, 0.0) + ln_eps)
     if IEEE:  # fp32: no TF32 rounding
         acc = tl.dot(x, tl.trans(w), input_precision="ieee")  # (BLOCK_M, BLOCK_N) fp32
     else:
@@ -120,7 +141,9 @@ def _skinny_gemm_kernel(
         for s in range(SPLIT_K):  # fixed order: the sum does not depend on which program finished last
             acc += tl.load(part_ptr + s * M * N + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
         tl.store(counter_ptr + pid_n, 0)  # leave the counter zero for the next launch
-    if LN_PREFOLDED and STATS_GIVEN:  # statistics of a pre-pass (kernels/layernorm.py layernorm_stats), any split
+    if LN_PREFOLDED and STATS_TILES > 0:  # after any split-K sum, like STATS_GIVEN
+        acc = row_rstd[:, None] * (acc - row_mean[:, None] * row_sums[None, :])
+    elif LN_PREFOLDED and STATS_GIVEN:  # statistics of a pre-pass (kernels/layernorm.py layernorm_stats), any split
         mean = tl.load(mean_ptr + offs_m, mask=m_ok, other=0.0)
         rstd = tl.load(rstd_ptr + offs_m, mask=m_ok, other=0.0)
         acc = rstd[:, None] * (acc - mean[:, None] * row_sums[None, :])
@@ -129,11 +152,26 @@ def _skinny_gemm_kernel(
     else:
         res = 0.0
     acc = bias_act_residual(acc, bias, res, ACT_GELU, HAS_BIAS, HAS_RES)
-    tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    y = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + tile, y, mask=out_mask)
+    if ROW_STATS_OUT:  # statistics of the rows as stored (the launcher asks N % BLOCK_N == 0: full tiles)
+        yf = y.to(tl.float32)
+        tile_mean = tl.sum(yf, axis=1) / BLOCK_N
+        dev = yf - tile_mean[:, None]
+        stats_at = stats_out_ptr + pid_n * M + offs_m
+        tl.store(stats_at, tile_mean, mask=m_ok)
+        tl.store(stats_at + tl.num_programs(0) * M, tl.sum(dev * dev, axis=1), mask=m_ok)
 
 
 MAX_M = 64  # rows of x held by one program (tl.dot tiles of up to 64 x K_SPLIT)
 LN_MAX_K = 1024  # widest row whose LayerNorm a program takes in (it holds whole rows of x)
+
+
+class TileRowStats(NamedTuple):
+    """Row statistics of a skinny_gemm output as its tiles saw them (skinny_gemm(row_stats=True)), for the next
+    LayerNorm-folded skinny_gemm (ln_stats=) to merge instead of a layernorm_stats launch."""
+    parts: torch.Tensor  # (2, tiles, M) fp32: per output tile and row, the mean and the sum of squared deviations
+    columns: int  # output columns per tile (every tile full)
 
 
 class SkinnyConfig(NamedTuple):
@@ -215,8 +253,8 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 activation: Optional[str] = None, residual: Optional[torch.Tensor] = None,
                 config: Optional[SkinnyConfig] = None, counter: Optional[torch.Tensor] = None,
                 ln_row_sums: Optional[torch.Tensor] = None, ln_eps: float = 1e-5,
-                ln_stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None, partials: bool = False
-                ) -> torch.Tensor:
+                ln_stats: Optional[tuple[torch.Tensor, torch.Tensor] | TileRowStats] = None, partials: bool = False,
+                row_stats: bool = False) -> torch.Tensor | tuple[torch.Tensor, TileRowStats]:
     """x (M, K) with 1 <= M <= MAX_M, weight (N, K), bias (N,), residual (M, N) -> (M, N) in x.dtype; activation
     None or "gelu" (tanh). fp32 inputs multiply exactly (no TF32). counter: int32, at least cdiv(N, block_n) long,
     zero before the call and left zero after it (default: one shared by the calls on this device).
@@ -227,7 +265,10 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     instead, after any split-K sum, so the config's K split stands and K is not limited.
     partials: return the split-K products unsummed, (SPLIT_K, M, N) fp32 with SPLIT_K = skinny_splits(...), for a
     consumer that sums them in order (kernels/layernorm.py takes them with the residual add): the last-program sum
-    and its counter are left out; no bias, activation, residual or LayerNorm then."""
+    and its counter are left out; no bias, activation, residual or LayerNorm then.
+    row_stats: also return each output tile's row statistics, (out, TileRowStats), which a next LayerNorm-folded
+    call takes as ln_stats= (it merges them beside its load of x: no layernorm_stats launch between the two); the
+    config's block_n must divide N."""
     _check_args(x, weight, bias, activation, residual)
     if partials and (bias is not None or activation is not None or residual is not None or ln_row_sums is not None
                      or ln_stats is not None):
@@ -237,7 +278,20 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     N = weight.shape[0]
     whole_rows = ln_row_sums is not None and ln_stats is None  # the kernel takes the LayerNorm's statistics itself
     cfg = config or _config_from_env() or pick_skinny_config(M, N, K, ln=whole_rows)
-    if ln_stats is not None:
+    if partials and row_stats:
+        raise ValueError("skinny_gemm(partials=True) stores no output, so it has no row_stats")
+    tile_stats = ln_stats if isinstance(ln_stats, TileRowStats) else None
+    if tile_stats is not None:
+        if ln_row_sums is None:
+            raise ValueError("ln_stats (TileRowStats) needs ln_row_sums: the LayerNorm folded into weight and bias")
+        parts = tile_stats.parts
+        if (parts.dim() != 3 or parts.shape[0] != 2 or parts.shape[2] != M or parts.dtype != torch.float32
+                or parts.device != x.device or not parts.is_contiguous()
+                or parts.shape[1] * tile_stats.columns != K):
+            raise ValueError(f"ln_stats TileRowStats must hold contiguous fp32 (2, tiles, {M}) on {x.device} with "
+                             f"tiles x columns = K = {K}, got {parts.dtype} {tuple(parts.shape)} x "
+                             f"{tile_stats.columns} columns on {parts.device}")
+    elif ln_stats is not None:
         if ln_row_sums is None:
             raise ValueError("ln_stats (mean, rstd) needs ln_row_sums: the LayerNorm folded into weight and bias")
         for name, t in zip(("mean", "rstd"), ln_stats):
@@ -257,11 +311,14 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         raise ValueError(f"skinny_gemm config {cfg}: block_n and k_split must be powers of two >= 16")
     split_k = triton.cdiv(K, cfg.k_split)
     tiles_n = triton.cdiv(N, cfg.block_n)
+    if row_stats and N % cfg.block_n:
+        raise ValueError(f"skinny_gemm(row_stats=True) needs block_n ({cfg.block_n}) to divide N ({N})")
+    stats_out = torch.empty((2, tiles_n, M), dtype=torch.float32, device=x.device) if row_stats else None
     part = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device) if split_k > 1 or partials else None
     out = part if partials else torch.empty((M, N), dtype=x.dtype, device=x.device)  # partials: never stored to
     part = out if part is None else part
     if N == 0:
-        return out
+        return (out, TileRowStats(stats_out, cfg.block_n)) if row_stats else out
     if counter is not None:
         if counter.dtype != torch.int32 or counter.numel() < tiles_n or counter.device != x.device:
             raise ValueError(f"counter must be int32 on {x.device} with >= {tiles_n} elements, got {counter.dtype} "
@@ -271,15 +328,20 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     use_pdl = pdl_for(x.device)
     _skinny_gemm_kernel[(tiles_n, split_k)](
         x, weight, bias if bias is not None else out, residual if residual is not None else out, out, part, counter,
-        ln_row_sums if ln_row_sums is not None else part, *(ln_stats if ln_stats is not None else (part, part)),
+        ln_row_sums if ln_row_sums is not None else part,
+        *(ln_stats if ln_stats is not None and tile_stats is None else (part, part)),
+        tile_stats.parts if tile_stats is not None else part, stats_out if stats_out is not None else part,
         M, N, K, x.stride(0), float(ln_eps),
+        *((tile_stats.parts.shape[1], tile_stats.columns) if tile_stats is not None else (0, 0)),
         HAS_BIAS=bias is not None, ACT_GELU=activation == "gelu", HAS_RES=residual is not None, USE_PDL=use_pdl,
         IEEE=x.dtype == torch.float32, LN_PREFOLDED=ln_row_sums is not None, STATS_GIVEN=ln_stats is not None,
         BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=cfg.block_n, K_SPLIT=cfg.k_split, SPLIT_K=split_k,
         STAT_K=min(cfg.k_split, 128), W_EVICT=eviction_policy_from_env("FTLAB_SKINNY_W_EVICT", "evict_first"),
-        PARTIALS_ONLY=partials, num_warps=cfg.num_warps, **launch_options(use_pdl),
+        PARTIALS_ONLY=partials,
+        STATS_TILES=triton.next_power_of_2(tile_stats.parts.shape[1]) if tile_stats is not None else 0,
+        ROW_STATS_OUT=row_stats, num_warps=cfg.num_warps, **launch_options(use_pdl),
     )
-    return out
+    return (out, TileRowStats(stats_out, cfg.block_n)) if row_stats else out
 
 
 def skinny_splits(M: int, N: int, K: int) -> int:

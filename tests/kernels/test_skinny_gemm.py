@@ -2,7 +2,8 @@ import pytest
 import torch
 import triton
 
-from ftlab.kernels.skinny_gemm import SkinnyConfig, pick_skinny_config, skinny_gemm, skinny_gemm_on, skinny_splits
+from ftlab.kernels.skinny_gemm import (SkinnyConfig, TileRowStats, pick_skinny_config, skinny_gemm, skinny_gemm_on,
+                                      skinny_splits)
 from ftlab.kernels.linear import fold_layernorm, linear_reference
 from tests.util import DTYPES, REL_TOL, assert_rel_close, skip_if_interpreter_bf16
 
@@ -138,6 +139,84 @@ def test_skinny_gemm_given_stats_lift_the_width_limit_and_are_checked(device):
         skinny_gemm(x, weight, bias, ln_stats=(mean, rstd))
     with pytest.raises(ValueError, match="ln_stats rstd must be contiguous fp32"):
         skinny_gemm(x, folded, folded_bias, ln_row_sums=row_sums, ln_stats=(mean, rstd[:2]))
+
+
+# (M, N, K, block_n, k_split, warps) of a producer whose N its block_n divides: 1, 2, 4 and 32 output tiles,
+# one split and several
+ROW_STATS_CASES = [(1, 16, 13, 16, 16, 4), (7, 64, 100, 32, 32, 4), (13, 96, 300, 16, 128, 8),
+                   (64, 128, 64, 64, 64, 4), (33, 512, 40, 16, 64, 4)]
+# consumers of a producer with 16-column tiles (K = its N: 1, 3, 6 and 64 tiles, masked to a power of two), one K
+# split and several
+TILE_STATS_CASES = [(1, 7, 16, 16, 16, 4), (7, 33, 48, 16, 16, 4), (13, 50, 96, 32, 32, 4),
+                    (64, 40, 1024, 16, 256, 4), (5, 20, 96, 16, 128, 8)]
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", range(len(ROW_STATS_CASES)))
+@pytest.mark.parametrize("offset", [0.5, 300.0])
+def test_skinny_gemm_row_stats_merge_to_the_rows_statistics(offset, case, dtype_name, device):
+    # row_stats=True: the output is the same as without, and its tiles' (mean, squared deviations), merged as the
+    # consumer does, give each stored row's mean and variance (offset 300: |mean| >> std)
+    dtype = DTYPES[dtype_name]
+    skip_if_interpreter_bf16(dtype, device)
+    M, N, K, block_n, k_split, warps = ROW_STATS_CASES[case]
+    x, weight, bias, residual = _inputs(M, N, K, dtype, device)
+    residual = residual + offset
+    cfg = SkinnyConfig(block_n, k_split, warps)
+    plain = skinny_gemm(x, weight, bias, residual=residual, config=cfg)
+    out, stats = skinny_gemm(x, weight, bias, residual=residual, config=cfg, row_stats=True)
+    assert torch.equal(out, plain)
+    assert stats.parts.shape == (2, N // block_n, M) and stats.columns == block_n
+    means, m2 = stats.parts.double()
+    mean = means.mean(0)
+    var = (m2.sum(0) + block_n * ((means - mean) ** 2).sum(0)) / N
+    ref = out.double()
+    assert torch.allclose(mean, ref.mean(1), rtol=1e-5, atol=1e-5 * (1 + offset))
+    assert torch.allclose(var, ref.var(1, unbiased=False), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", range(len(TILE_STATS_CASES)))
+@pytest.mark.parametrize("offset", [0.5, 300.0])
+def test_skinny_gemm_with_tile_row_stats(offset, case, dtype_name, device):
+    # a residual GEMM hands its tiles' row statistics to the LayerNorm-folded GEMM after it (ln_stats=TileRowStats,
+    # the config's K split standing): the pair against the fp64 reference of gelu(LN(y) W^T + b) + residual, where
+    # y (M, K) is the first GEMM's stored output (the statistics are those of y as stored)
+    dtype = DTYPES[dtype_name]
+    skip_if_interpreter_bf16(dtype, device)
+    M, N, K, block_n, k_split, warps = TILE_STATS_CASES[case]
+    x, weight, bias, residual = _inputs(M, N, K, dtype, device)
+    x0, w0, b0, r0 = _inputs(M, K, 24, dtype, device)  # the producer: (M, 24) x (K, 24)^T -> (M, K)
+    y, stats = skinny_gemm(x0, w0, b0, residual=r0 + offset, config=SkinnyConfig(16, 16, 4), row_stats=True)
+    assert stats.parts.shape == (2, K // 16, M)
+    ln_w = (1 + 0.5 * torch.randn(K)).to(dtype=dtype, device=device)
+    ln_b = (0.5 * torch.randn(K)).to(dtype=dtype, device=device)
+    folded, folded_bias, row_sums = fold_layernorm(weight, bias, ln_w, ln_b)
+    counter = torch.zeros(64, dtype=torch.int32, device=device)
+    out = skinny_gemm(y, folded, folded_bias, activation="gelu", residual=residual,
+                      config=SkinnyConfig(block_n, k_split, warps), counter=counter, ln_row_sums=row_sums,
+                      ln_stats=stats)
+    ref = linear_reference(y.double(), weight.double(), bias=bias.double(), residual=residual.double(),
+                           activation="gelu", ln_weight=ln_w.double(), ln_bias=ln_b.double())
+    assert_rel_close(out, ref, tol=_FOLD_TOL[dtype], what=f"LN stats from tiles, offset {offset}, {tuple(y.shape)}")
+    assert int(counter.abs().sum()) == 0
+
+
+def test_skinny_gemm_tile_row_stats_are_checked(device):
+    x, weight, bias, residual = _inputs(3, 32, 8, torch.float32, device)
+    with pytest.raises(ValueError, match="no row_stats"):
+        skinny_gemm(x, weight, partials=True, row_stats=True)
+    with pytest.raises(ValueError, match=r"block_n \(64\) to divide N \(32\)"):
+        skinny_gemm(x, weight, config=SkinnyConfig(64, 16, 4), row_stats=True)
+    y, stats = skinny_gemm(x, weight, bias, residual=residual, config=SkinnyConfig(16, 16, 4), row_stats=True)
+    w2, b2 = torch.randn(5, 32, device=device), torch.randn(5, device=device)
+    row_sums = torch.zeros(5, device=device)
+    with pytest.raises(ValueError, match="needs ln_row_sums"):
+        skinny_gemm(y, w2, b2, ln_stats=stats)
+    with pytest.raises(ValueError, match="tiles x columns = K = 32"):
+        skinny_gemm(y, w2, b2, ln_row_sums=row_sums, ln_stats=TileRowStats(stats.parts, 8))
+    with pytest.raises(ValueError, match=r"\(2, tiles, 3\)"):
+        skinny_gemm(y, w2, b2, ln_row_sums=row_sums, ln_stats=TileRowStats(stats.parts[:, :, :2].contiguous(), 16))
 
 
 def test_skinny_gemm_layernorm_fold_limits(device):
