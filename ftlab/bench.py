@@ -276,6 +276,91 @@ def breakdown_row(config: GPTConfig, parts: dict, *, batch: int, context: int = 
                 per_block_full_us=parts["per_block_full"] * 1e3, per_block_shared_us=parts["per_block_shared"] * 1e3)
 
 
+def parse_env_variants(text: str) -> list[dict[str, str]]:
+    """`--ab-decode` variants: ";"-separated, each "default" (the environment as it is) or comma-separated
+    FTLAB_NAME=value settings, e.g. "default;FTLAB_SKINNY_LN=stats;FTLAB_SKINNY_LN=rowstats,FTLAB_PDL=0"."""
+    variants = []
+    for part in text.split(";"):
+        part = part.strip()
+        settings = {}
+        for item in ([] if part in ("", "default") else part.split(",")):
+            name, sep, value = item.strip().partition("=")
+            if not (sep and name.startswith("FTLAB_") and name[6:].replace("_", "").isalnum()):
+                raise ValueError(f"--ab-decode {text!r}: expected \"default\" or FTLAB_NAME=value settings "
+                                 f"separated by commas, variants by \";\" (bad part {item.strip()!r})")
+            settings[name] = value
+        variants.append(settings)
+    if len(variants) < 2:
+        raise ValueError(f"--ab-decode {text!r}: give at least two variants, separated by \";\"")
+    return variants
+
+
+def variant_label(settings: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in settings.items()) or "default"
+
+
+def decode_step_ab(model: GPT, variants: list[dict[str, str]], *, batch: int, context: int = 512,
+                   rounds: int = 5, replays: int = 20) -> list[dict]:
+    """The decode step at `context` captured once per variant (its FTLAB_* settings in the environment while it is
+    captured: the model reads them per call), then the graphs replayed in turn, `rounds` x `replays` each, in one
+    process on the same weights, KV cache and inputs, so that the GPU's clock and power state drift alike for all
+    of them. Per variant: label, median ms per step and each round's ms, and its logits against the first
+    variant's (max |difference|, share of equal argmaxes)."""
+    import os
+
+    from .generate import capture_cuda_graph
+
+    device = model.device
+    gen = torch.Generator(device=device).manual_seed(0)
+    cache = model.new_kv_cache(batch, context + 32)
+    for t in (cache.k, cache.v):
+        t.normal_(0, 1, generator=gen)  # a filled cache: attention reads `context` random positions per row
+    tokens = torch.randint(0, model.config.vocab_size, (batch,), device=device, generator=gen)
+    positions = torch.full((batch,), context, dtype=torch.int32, device=device)
+    graphs, logits = [], []
+    for settings in variants:
+        saved = {k: os.environ.get(k) for k in settings}
+        os.environ.update(settings)
+        try:
+            graph, out = capture_cuda_graph(lambda: model.decode(tokens, positions, cache), device)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
+        graph.replay()
+        torch.cuda.synchronize()
+        graphs.append(graph)
+        logits.append(out.float().clone())
+    times = [[] for _ in variants]
+    for _ in range(rounds):
+        for graph, t in zip(graphs, times):
+            graph.replay()
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(replays):
+                graph.replay()
+            stop.record()
+            stop.synchronize()
+            t.append(start.elapsed_time(stop) / replays)
+    return [dict(variant=variant_label(settings), median_ms=statistics.median(t), rounds_ms=t,
+                 max_logit_diff=(lg - logits[0]).abs().max().item(),
+                 argmax_agreement=(lg.argmax(-1) == logits[0].argmax(-1)).float().mean().item())
+            for settings, t, lg in zip(variants, times, logits)]
+
+
+AB_CSV = DATA_DIR / "bench" / "decode_step_ab.csv"
+AB_COLUMNS = ["gpu", "date", "torch", "triton", "config", "dtype", "bs", "context", "variant", "median_ms",
+              "rounds_ms", "max_logit_diff", "argmax_agreement"]
+
+
+def ab_rows(config: GPTConfig, results: list[dict], *, batch: int, context: int = 512, dtype="fp16") -> list[dict]:
+    """CSV rows (AB_COLUMNS) of decode_step_ab's results, with the GPU, date and versions."""
+    return [dict(run_info(), config=config.model_name, dtype=dtype, bs=batch, context=context,
+                 **{**r, "rounds_ms": " ".join(f"{t:.4f}" for t in r["rounds_ms"])}) for r in results]
+
+
 def run(config: GPTConfig | None = None, model_dir=None, *, dtype="fp16", batches=GRID_BATCHES, cells=GRID_CELLS,
         repeats: int = 10, with_peer: bool = True, with_hf: bool = True, csv_path: Path | None = DEFAULT_CSV,
         label: str | None = None, sampling: dict | None = None, with_clocks: bool = True) -> list[dict]:

@@ -5,7 +5,8 @@
     ftlab convert hf -i HF_DIR -o OUT_DIR -i_g N [--weight-data-type fp32|fp16] [--force]
     ftlab convert megatron -i CKPT_DIR -o OUT_DIR [-t_g T] -i_g N [--head-num H] [--weight-data-type ..] [--force]
     ftlab bench [--shape 345m | -m MODEL_DIR] [--batch-sizes 1,8] [--cells 128x8,512x32]
-                [--profile-decode | --timeline-decode | --timeline-prefill | --breakdown-decode]
+                [--profile-decode | --timeline-decode | --timeline-prefill | --breakdown-decode |
+                 --ab-decode "default;FTLAB_NAME=value,..."]
     ftlab serve [-m MODEL_DIR] [--host H] [--port 8000] [--grpc-port 8001] [--max-batch-size N]
                 [--max-queue-delay-us US]
     ftlab sweep [-m MODEL_DIR] [--prompt TEXT ...] [--top-k 1,8,40,0] [--top-p 0.5,0.9,1] [--seeds N] [--csv F]
@@ -124,6 +125,10 @@ def _add_bench(sub) -> None:
                    help="only split the captured decode step at context 512 into blocks (HBM weights, L2-resident "
                         "weights) and the rest, for each of --batch-sizes (rows appended to --csv, default "
                         "data/bench/decode_breakdown.csv; FTLAB_* settings recorded as the variant)")
+    p.add_argument("--ab-decode", default=None, metavar="VARIANTS",
+                   help='only time the captured decode step at context 512 under each of ";"-separated variants '
+                        '("default" or FTLAB_NAME=value,...), replayed in turn --repeats rounds in one process, '
+                        'for each of --batch-sizes (rows appended to --csv, default data/bench/decode_step_ab.csv)')
 
 
 def _ftlab_env() -> str:
@@ -369,6 +374,22 @@ def cmd_bench(args) -> int:
             result = timeline.prefill_timeline(model, batch=batch)
             print(f"{config.model_name}, {args.dtype}, prefill:\n{result.text()}", flush=True)
             bench.append_csv(result.csv_rows(**common), args.csv or timeline.PREFILL_CSV, timeline.CSV_COLUMNS)
+        return 0
+    if args.ab_decode is not None:
+        try:
+            variants = bench.parse_env_variants(args.ab_decode)
+        except ValueError as exc:
+            raise SystemExit(f"ftlab bench: {exc}")
+        model = bench.random_model(config, args.dtype)
+        for batch in batches:
+            results = bench.decode_step_ab(model, variants, batch=batch, rounds=args.repeats)
+            for r in results:
+                print(f"{config.model_name}, batch {batch}, context 512, {args.dtype}, {r['variant']}: median "
+                      f"{r['median_ms']:.4f} ms (rounds {' '.join(f'{t:.4f}' for t in r['rounds_ms'])}), logits "
+                      f"vs the first: max |diff| {r['max_logit_diff']:.4g}, argmax agreement "
+                      f"{r['argmax_agreement']:.3f}", flush=True)
+            bench.append_csv(bench.ab_rows(config, results, batch=batch, dtype=args.dtype),
+                             args.csv or bench.AB_CSV, bench.AB_COLUMNS)
         return 0
     if args.breakdown_decode:
         variant = _ftlab_env()

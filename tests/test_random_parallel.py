@@ -1,6 +1,7 @@
 """Random-weight parallel runs need no files: per-tensor seeds, per-stage drawing, and the scaling plot."""
 import argparse
 import csv
+import os
 
 import pytest
 import torch
@@ -117,6 +118,40 @@ def test_cells_option():
     for bad in ("128", "128x", "0x8", "128x8;20x8", "ax8"):
         with pytest.raises(argparse.ArgumentTypeError, match="INxOUT"):
             _parse_cells(bad)
+
+
+def test_ab_decode_variants_option():
+    from ftlab.bench import parse_env_variants, variant_label
+
+    got = parse_env_variants("default; FTLAB_SKINNY_LN=stats;FTLAB_SKINNY_LN=rowstats,FTLAB_PDL=0")
+    assert got == [{}, {"FTLAB_SKINNY_LN": "stats"}, {"FTLAB_SKINNY_LN": "rowstats", "FTLAB_PDL": "0"}]
+    assert [variant_label(v) for v in got] == ["default", "FTLAB_SKINNY_LN=stats",
+                                                 "FTLAB_SKINNY_LN=rowstats,FTLAB_PDL=0"]
+    for bad, what in (("default", "at least two"), ("default;SKINNY_LN=1", "SKINNY_LN=1"),
+                      ("default;FTLAB_PDL", "FTLAB_PDL"), ("default;FTLAB_A B=1", "FTLAB_A B=1")):
+        with pytest.raises(ValueError, match=what):
+            parse_env_variants(bad)
+
+
+@pytest.mark.gpu
+def test_decode_step_ab_times_each_variant_and_restores_the_environment(monkeypatch):
+    from ftlab.bench import decode_step_ab
+
+    monkeypatch.delenv("FTLAB_SKINNY_LN", raising=False)
+    monkeypatch.setenv("FTLAB_PDL", "1")
+    cfg = GPTConfig(head_num=2, size_per_head=32, num_layer=2, vocab_size=301, max_pos_seq_len=128, start_id=0,
+                    end_id=0)
+    dev = torch.device("cuda")
+    model = GPT.from_ft_tensors(cfg, random_ft_tensors(cfg, dtype=torch.float16, device=dev), dtype="fp16",
+                                device=dev)
+    results = decode_step_ab(model, [{}, {"FTLAB_SKINNY_LN": "stats"}, {"FTLAB_PDL": "0"}], batch=24, context=40,
+                             rounds=2, replays=3)
+    assert [r["variant"] for r in results] == ["default", "FTLAB_SKINNY_LN=stats", "FTLAB_PDL=0"]
+    assert "FTLAB_SKINNY_LN" not in os.environ and os.environ["FTLAB_PDL"] == "1"
+    for r in results:
+        assert len(r["rounds_ms"]) == 2 and all(t > 0 for t in r["rounds_ms"])
+        assert r["max_logit_diff"] < 0.05 and r["argmax_agreement"] > 0.8, r
+    assert results[0]["max_logit_diff"] == 0.0
 
 
 def test_bench_sampling_options_are_checked_before_any_gpu_work():
