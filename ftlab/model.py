@@ -23,10 +23,10 @@ In one process at prefill sizes the products go into the residual stream in plac
 GEMM) and the stream is kept without the biases, which the LayerNorms add (`_blocks_cublas`). On the skinny GEMM FC2
 (K = 4H, split in four) hands its split-K products to that LayerNorm unsummed (`_fc2_partials`).
 
-Except at 5-40 rows on a GPU (decode batches 8-40), where the five-launch layout above runs on the skinny GEMM
+Except at 5-64 rows on a GPU (decode batches 8-64), where the five-launch layout above runs on the skinny GEMM
 with the LayerNorms folded in (`_skinny_ln_mode`): at 5-16 rows each GEMM program takes its rows' statistics
-itself, at 17-40 a small launch before each folded GEMM computes them (as many launches as LayerNorm launches,
-which win above 40 rows, but the residual adds ride in the GEMMs' epilogues and the stream is written once).
+itself, at 17-64 the out-projection and FC2 hand the next folded GEMM their output tiles' row statistics
+(`_blocks_row_stats`; with tensor parallelism a small statistics launch before each folded GEMM at 17-40 rows).
 
 Two phases share the weights: `prefill` runs packed ragged prompts (T = sum of prompt lengths) through causal
 context attention; `decode` runs one token per sequence (T = B) through decode attention over the KV cache.
@@ -56,14 +56,14 @@ from .kernels.attention import context_attention
 from .kernels.decode_attention import decode_attention
 from .kernels.decode_block import MAX_BATCH as FUSED_MAX_BATCH, decode_block, new_sync_state
 from .kernels.embedding import embedding
-from .kernels.layernorm import layernorm
+from .kernels.layernorm import layernorm, layernorm_stats
 from .kernels.linear import GEMV_MAX_M, fold_layernorm, linear
 from .kernels.skinny_gemm import (LN_MAX_K as SKINNY_LN_MAX_K, MAX_M as SKINNY_MAX_M, skinny_enabled, skinny_gemm,
                                   skinny_gemm_on, skinny_splits)
 
 SMALL_M_MAX = 64  # up to this many rows (decode batches, short prompts) see GPT._small_m_gemm
 SKINNY_LN_AUTO_MAX_M = 16  # up to this many rows take GPT._skinny_blocks by default on a GPU (in-GEMM statistics)
-SKINNY_STATS_AUTO_MAX_M = 40  # and up to this many with the statistics from a layernorm_stats launch
+SKINNY_STATS_AUTO_MAX_M = 40  # and up to this many with layernorm_stats launches where row statistics can't pass
 
 
 @dataclass
@@ -371,20 +371,33 @@ class GPT:
         bs24 0.972 / 0.984 -> 0.945 / 0.938, bs32 1.049-1.064 -> 0.981-0.983, bs40 1.265 / 1.281 -> 1.240 / 1.241,
         but bs48 1.406 / 1.419 -> 1.412 / 1.429 and bs64 1.580-1.601 -> 1.601-1.609; and at bs8 / bs16 slower than
         the in-GEMM statistics, 0.554-0.560 / 0.650-0.655 -> 0.591-0.601 / 0.687-0.689), LayerNorm launches above.
-        FTLAB_SKINNY_LN=1 forces "skinny" for 5..64 rows, =stats "skinny-stats", =0 turns both off (read per
-        call)."""
+        "skinny-rowstats" (`_blocks_row_stats`): "skinny-stats" without the statistics launches after the first,
+        each residual GEMM handing its tiles' row statistics to the next folded GEMM (one process, tensor_para_size
+        1, hidden a multiple of 64). The default at 17..64 rows where it can run (2026-12-04, `ftlab bench
+        --ab-decode`, data/bench/decode_step_ab.csv, ms, LayerNorm launches / "skinny-stats" / "skinny-rowstats":
+        bs17 0.820 / 0.779 / 0.757, bs24 0.954 / 0.920 / 0.883, bs32 1.024 / 0.980 / 0.962, bs40 1.234 / 1.210 /
+        1.207, bs48 1.349 / 1.335 / 1.337, bs56 1.466 / 1.443 / 1.417, bs64 1.539 / 1.543 / 1.505; end to end
+        512 -> 32 in fresh processes, bs64 84.51 / 84.62 -> 83.64 / 84.03, bs24 against "skinny-stats" 42.35 /
+        42.30 -> 41.10 / 41.42, data/bench/skinny_rowstats_e2e_ab.csv); with tensor parallelism the rows change
+        in the all-reduce after the statistics were taken: "skinny-stats" up to SKINNY_STATS_AUTO_MAX_M there.
+        FTLAB_SKINNY_LN=1 forces "skinny" for 5..64 rows, =stats "skinny-stats", =rowstats "skinny-rowstats", =0
+        turns them off (read per call)."""
         b = self.weights.blocks[0] if self.weights.blocks else None
         if not (GEMV_MAX_M < tokens <= SKINNY_MAX_M and b is not None and b.qkv_ln_row_sums is not None):
             return None
         whole_rows_fit = self.config.hidden <= SKINNY_LN_MAX_K
         flag = os.environ.get("FTLAB_SKINNY_LN")
+        row_stats_fit = self.all_reduce is None and self.config.hidden % 64 == 0
         if flag is not None:
-            return {"1": "skinny" if whole_rows_fit else None, "stats": "skinny-stats"}.get(flag)
+            return {"1": "skinny" if whole_rows_fit else None, "stats": "skinny-stats",
+                    "rowstats": "skinny-rowstats" if row_stats_fit else "skinny-stats"}.get(flag)
         # (measured at GPT-345M's width only: wider models keep the LayerNorm launches unless the flag says)
         if not (skinny_enabled(self.device, self.dtype) and whole_rows_fit) or self._small_m_gemm(tokens):
             return None
         if tokens <= SKINNY_LN_AUTO_MAX_M:
             return "skinny"
+        if row_stats_fit:
+            return "skinny-rowstats"
         return "skinny-stats" if tokens <= SKINNY_STATS_AUTO_MAX_M else None
 
     def _blocks_cublas(self, x: torch.Tensor, attend: Callable[[int, torch.Tensor], torch.Tensor],
@@ -440,6 +453,34 @@ class GPT:
                 x = x + (y + block.fc2_bias)
         return x
 
+    def _blocks_row_stats(self, x: torch.Tensor, attend: Callable[[int, torch.Tensor], torch.Tensor],
+                          keep_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(T, H), 5..64 rows, through this stage's blocks on kernels/skinny_gemm.py with the LayerNorms folded
+        into QKV and FC1 ("skinny-rowstats", see `_skinny_ln_mode`): the out-projection and FC2 (bias and residual
+        in their epilogues) also write their output tiles' row statistics, which the folded GEMM after each merges
+        as it loads x, so only the first LN_1 is a statistics launch. attend(i, qkv (T, 3, nh, hs)) -> (T, nh, hs);
+        keep_rows as in `_blocks_cublas`. One process only (an all-reduce would change the rows after the
+        statistics were taken)."""
+        eps, blocks = self.config.layernorm_eps, self.weights.blocks
+        stats = layernorm_stats(x, eps)
+        last = len(blocks) - 1
+        for i, block in enumerate(blocks):
+            T = x.shape[0]
+            qkv = skinny_gemm(x, block.qkv_weight, block.qkv_bias, ln_row_sums=block.qkv_ln_row_sums, ln_eps=eps,
+                              ln_stats=stats)  # (T, 3*nh*hs)
+            attn = attend(i, qkv.view(T, 3, self.local_heads, self.config.size_per_head))  # (T, nh, hs)
+            if keep_rows is not None and i == last:
+                attn, x = attn[keep_rows], x[keep_rows]
+                T = x.shape[0]
+            x, stats = skinny_gemm(attn.reshape(T, -1), block.attn_out_weight, block.attn_out_bias, residual=x,
+                                   row_stats=True)  # (T, H) and its rows' statistics for LN_2
+            g = skinny_gemm(x, block.fc1_weight, block.fc1_bias, activation="gelu", ln_row_sums=block.fc1_ln_row_sums,
+                            ln_eps=eps, ln_stats=stats)  # (T, I_local)
+            if i == last:  # the stage hands on the residual stream (the LM head normalises it itself)
+                return skinny_gemm(g, block.fc2_weight, block.fc2_bias, residual=x)
+            x, stats = skinny_gemm(g, block.fc2_weight, block.fc2_bias, residual=x, row_stats=True)  # for LN_1
+        return x
+
     def _fc2_partials(self, g: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether FC2 on kernels/skinny_gemm.py hands its split-K products to the next LayerNorm unsummed (one
         process; FC2's K = 4 x H makes it split): the GEMM then has no last program summing the splits after its
@@ -471,6 +512,8 @@ class GPT:
             return x if keep_rows is None else x[keep_rows]
         if self._uses_cublas(x.shape[0]):
             return self._blocks_cublas(x, attend, keep_rows)
+        if self._block_impl(x.shape[0]) == "skinny-rowstats":
+            return self._blocks_row_stats(x, attend, keep_rows)
         last = len(self.weights.blocks) - 1
         for i, block in enumerate(self.weights.blocks):
             x = self._block(block, x, functools.partial(attend, i), keep_rows=keep_rows if i == last else None)
@@ -488,9 +531,13 @@ class GPT:
                 x = decode_block(x, positions, cache.k[i], cache.v[i], sync=cache.sync, num_heads=self.local_heads,
                                  eps=self.config.layernorm_eps, **tensors)
             return x
+        def attend_i(i, qkv):
+            return decode_attention(qkv, cache.k[i], cache.v[i], positions, counter=cache.counters,
+                                    history_ready=True)
         if self._uses_cublas(x.shape[0]):
-            return self._blocks_cublas(x, lambda i, qkv: decode_attention(
-                qkv, cache.k[i], cache.v[i], positions, counter=cache.counters, history_ready=True))
+            return self._blocks_cublas(x, attend_i)
+        if self._block_impl(x.shape[0]) == "skinny-rowstats":
+            return self._blocks_row_stats(x, attend_i)
         targets = self._prefetch_targets()
         for i, block in enumerate(self.weights.blocks):
             qkv_pf, attn_pf, out_pf, fc1_pf, fc2_pf = targets[5 * i:5 * i + 5]

@@ -186,15 +186,16 @@ def _small_m_cases():
     return [("fp32", 1e-4)] + [pytest.param(d, t, marks=pytest.mark.gpu) for d, t in (("fp16", 5e-3), ("bf16", 3e-2))]
 
 
-@pytest.mark.parametrize("flag, value, uses, impl", [("FTLAB_SMALL_M_GEMM", "1", "_small_m_gemm", "gemm"),
-                                                   ("FTLAB_SKINNY_LN", "1", "_skinny_blocks", "skinny"),
-                                                   ("FTLAB_SKINNY_LN", "stats", "_skinny_blocks", "skinny-stats")])
+@pytest.mark.parametrize("flag, value, uses, impl", [
+    ("FTLAB_SMALL_M_GEMM", "1", "_small_m_gemm", "gemm"), ("FTLAB_SKINNY_LN", "1", "_skinny_blocks", "skinny"),
+    ("FTLAB_SKINNY_LN", "stats", "_skinny_blocks", "skinny-stats"),
+    ("FTLAB_SKINNY_LN", "rowstats", "_skinny_blocks", "skinny-rowstats")])
 @pytest.mark.parametrize("dtype, tol", _small_m_cases())
 def test_small_m_block_paths_match_hf(dtype, tol, flag, value, uses, impl, device, monkeypatch):
     # 5..64 rows (a batch of 6 decoding, a 20-token prefill) in the five-launch block with every GEMM on a Triton
     # tensor-core kernel and the LayerNorms folded in: FTLAB_SMALL_M_GEMM=1 the tiled gemm, FTLAB_SKINNY_LN=1 the
-    # skinny GEMM (=stats: the LayerNorms' statistics from a launch of their own). Logits against HF, greedy tokens
-    # against the LayerNorm + cuBLAS path
+    # skinny GEMM (=stats: the LayerNorms' statistics from a launch of their own; =rowstats: from the out-projection's
+    # and FC2's output tiles after the first). Logits against HF, greedy tokens against the LayerNorm + cuBLAS path
     monkeypatch.setenv("FTLAB_SKINNY_LN", "0")
     monkeypatch.setenv(flag, value)
     cfg = dict(n_embd=64, n_head=2, n_layer=3, vocab_size=67, n_inner=72)
@@ -204,6 +205,10 @@ def test_small_m_block_paths_match_hf(dtype, tol, flag, value, uses, impl, devic
     path = getattr(model, uses)
     assert path(20) and path(6) and not path(4) and not model._uses_cublas(6)
     assert model._block_impl(20) == model._block_impl(6) == impl
+    if impl == "skinny-rowstats":  # tensor-parallel ranks take the statistics launches (an all-reduce follows)
+        model.all_reduce = lambda t: t
+        assert model._block_impl(20) == "skinny-stats"
+        model.all_reduce = None
     for prompt, got in zip(prompts, model.logits(prompts)):
         with torch.no_grad():
             ref = hf(torch.tensor([prompt])).logits[0]
@@ -216,12 +221,12 @@ def test_small_m_block_paths_match_hf(dtype, tol, flag, value, uses, impl, devic
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("ln_folded", ["0", "1", "stats"])
+@pytest.mark.parametrize("ln_folded", ["0", "1", "stats", "rowstats"])
 @pytest.mark.parametrize("dtype, tol", [("fp16", 5e-3), ("bf16", 3e-2)])
 def test_skinny_gemm_path_matches_hf(dtype, tol, ln_folded, device, monkeypatch):
     # on a GPU, 5..64 rows (a 20-token prefill, a batch of 6 decoding) take kernels/skinny_gemm.py, between the
     # LayerNorm kernels (FTLAB_SKINNY_LN=0) or with the LayerNorms folded in (=1, =stats with their statistics from
-    # a launch before each folded GEMM); prefill logits against HF, then
+    # a launch before each folded GEMM, =rowstats from the GEMM before); prefill logits against HF, then
     # greedy decode (CUDA graphs on) step by step against HF's logits on the same prefix
     monkeypatch.setenv("FTLAB_SKINNY_LN", ln_folded)
     cfg = dict(n_embd=128, n_head=4, n_layer=3, vocab_size=97, n_inner=200)
@@ -276,14 +281,17 @@ def test_fc2_split_k_products_summed_by_the_layernorm(dtype, tol, partials, devi
 @pytest.mark.parametrize("dtype", ["fp32", pytest.param("fp16", marks=pytest.mark.gpu)])
 def test_skinny_ln_blocks_default(dtype, device, monkeypatch):
     # which rows take the LayerNorm-folded skinny block unless FTLAB_SKINNY_LN says: on a GPU in fp16 / bf16 5..16
-    # with the statistics inside the GEMM, 17..40 from a layernorm_stats launch (measured faster there), never on
+    # with the statistics inside the GEMM, 17..64 with them handed on by the residual GEMMs (one process), never on
     # the CPU or in fp32; FTLAB_SKINNY=0 (cuBLAS) and FTLAB_SMALL_M_GEMM=1 win
     monkeypatch.delenv("FTLAB_SKINNY_LN", raising=False)
     model = ftlab_model(random_hf_model(n_embd=64, n_head=2, n_layer=1, vocab_size=67), dtype, device)
     on = model.device.type == "cuda" and dtype != "fp32"
-    assert [model._skinny_blocks(t) for t in (4, 5, 16, 17, 40, 41, 64)] == [False, on, on, on, on, False, False]
+    assert [model._skinny_blocks(t) for t in (4, 5, 16, 17, 40, 41, 64)] == [False] + [on] * 6
     if on:
-        assert [model._block_impl(t) for t in (5, 16, 17, 40)] == ["skinny", "skinny", "skinny-stats", "skinny-stats"]
+        assert [model._block_impl(t) for t in (5, 16, 17, 64)] == ["skinny"] * 2 + ["skinny-rowstats"] * 2
+        model.all_reduce = lambda t: t  # tensor parallel: the statistics launches up to 40 rows, LayerNorms above
+        assert [model._block_impl(t) for t in (17, 40, 41)] == ["skinny-stats", "skinny-stats", None]
+        model.all_reduce = None
     monkeypatch.setenv("FTLAB_SKINNY_LN", "stats")
     assert model._block_impl(8) == model._block_impl(64) == "skinny-stats"
     monkeypatch.setenv("FTLAB_SKINNY_LN", "0")
