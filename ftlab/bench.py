@@ -277,17 +277,18 @@ def breakdown_row(config: GPTConfig, parts: dict, *, batch: int, context: int = 
 
 
 def parse_env_variants(text: str) -> list[dict[str, str]]:
-    """`--ab-decode` variants: ";"-separated, each "default" (the environment as it is) or comma-separated
-    FTLAB_NAME=value settings, e.g. "default;FTLAB_SKINNY_LN=stats;FTLAB_SKINNY_LN=rowstats,FTLAB_PDL=0"."""
+    """`--ab-decode` variants: ";"-separated, each "default" (the environment as it is) or space-separated
+    FTLAB_NAME=value settings (values may hold commas), e.g.
+    "default;FTLAB_SKINNY_LN=stats;FTLAB_SKINNY_LN=rowstats FTLAB_SKINNY_TILE=32,512,4"."""
     variants = []
     for part in text.split(";"):
         part = part.strip()
         settings = {}
-        for item in ([] if part in ("", "default") else part.split(",")):
+        for item in ([] if part in ("", "default") else part.split()):
             name, sep, value = item.strip().partition("=")
             if not (sep and name.startswith("FTLAB_") and name[6:].replace("_", "").isalnum()):
                 raise ValueError(f"--ab-decode {text!r}: expected \"default\" or FTLAB_NAME=value settings "
-                                 f"separated by commas, variants by \";\" (bad part {item.strip()!r})")
+                                 f"separated by spaces, variants by \";\" (bad part {item.strip()!r})")
             settings[name] = value
         variants.append(settings)
     if len(variants) < 2:
@@ -296,7 +297,7 @@ def parse_env_variants(text: str) -> list[dict[str, str]]:
 
 
 def variant_label(settings: dict[str, str]) -> str:
-    return ",".join(f"{k}={v}" for k, v in settings.items()) or "default"
+    return " ".join(f"{k}={v}" for k, v in settings.items()) or "default"
 
 
 def decode_step_ab(model: GPT, variants: list[dict[str, str]], *, batch: int, context: int = 512,

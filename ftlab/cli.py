@@ -6,7 +6,7 @@
     ftlab convert megatron -i CKPT_DIR -o OUT_DIR [-t_g T] -i_g N [--head-num H] [--weight-data-type ..] [--force]
     ftlab bench [--shape 345m | -m MODEL_DIR] [--batch-sizes 1,8] [--cells 128x8,512x32]
                 [--profile-decode | --timeline-decode | --timeline-prefill | --breakdown-decode |
-                 --ab-decode "default;FTLAB_NAME=value,..."]
+                 --ab-decode "default;FTLAB_NAME=value ..."]
     ftlab serve [-m MODEL_DIR] [--host H] [--port 8000] [--grpc-port 8001] [--max-batch-size N]
                 [--max-queue-delay-us US]
     ftlab sweep [-m MODEL_DIR] [--prompt TEXT ...] [--top-k 1,8,40,0] [--top-p 0.5,0.9,1] [--seeds N] [--csv F]
@@ -127,7 +127,7 @@ def _add_bench(sub) -> None:
                         "data/bench/decode_breakdown.csv; FTLAB_* settings recorded as the variant)")
     p.add_argument("--ab-decode", default=None, metavar="VARIANTS",
                    help='only time the captured decode step at context 512 under each of ";"-separated variants '
-                        '("default" or FTLAB_NAME=value,...), replayed in turn --repeats rounds in one process, '
+                        '("default" or FTLAB_NAME=value ...), replayed in turn --repeats rounds in one process, '
                         'for each of --batch-sizes (rows appended to --csv, default data/bench/decode_step_ab.csv)')
 
 

@@ -123,12 +123,12 @@ def test_cells_option():
 def test_ab_decode_variants_option():
     from ftlab.bench import parse_env_variants, variant_label
 
-    got = parse_env_variants("default; FTLAB_SKINNY_LN=stats;FTLAB_SKINNY_LN=rowstats,FTLAB_PDL=0")
-    assert got == [{}, {"FTLAB_SKINNY_LN": "stats"}, {"FTLAB_SKINNY_LN": "rowstats", "FTLAB_PDL": "0"}]
+    got = parse_env_variants("default; FTLAB_SKINNY_LN=stats;FTLAB_SKINNY_LN=rowstats  FTLAB_SKINNY_TILE=32,512,4")
+    assert got == [{}, {"FTLAB_SKINNY_LN": "stats"}, {"FTLAB_SKINNY_LN": "rowstats", "FTLAB_SKINNY_TILE": "32,512,4"}]
     assert [variant_label(v) for v in got] == ["default", "FTLAB_SKINNY_LN=stats",
-                                                 "FTLAB_SKINNY_LN=rowstats,FTLAB_PDL=0"]
+                                                 "FTLAB_SKINNY_LN=rowstats FTLAB_SKINNY_TILE=32,512,4"]
     for bad, what in (("default", "at least two"), ("default;SKINNY_LN=1", "SKINNY_LN=1"),
-                      ("default;FTLAB_PDL", "FTLAB_PDL"), ("default;FTLAB_A B=1", "FTLAB_A B=1")):
+                      ("default;FTLAB_PDL", "FTLAB_PDL"), ("default;FTLAB_A-B=1", "FTLAB_A-B=1")):
         with pytest.raises(ValueError, match=what):
             parse_env_variants(bad)
 
