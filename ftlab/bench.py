@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import datetime
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import torch
 
 from .checkpoint import random_ft_tensors
 from .config import GPTConfig, compute_dtype
-from .generate import LocalSession, RequestParams, generate
+from .generate import LocalSession, RequestParams, capture_cuda_graph, generate
 from .gpu_clocks import ClockSummary, sampled
 from .model import GPT
 from .tokenizer import DATA_DIR
@@ -307,9 +308,6 @@ def decode_step_ab(model: GPT, variants: list[dict[str, str]], *, batch: int, co
     process on the same weights, KV cache and inputs, so that the GPU's clock and power state drift alike for all
     of them. Per variant: label, median ms per step and each round's ms, and its logits against the first
     variant's (max |difference|, share of equal argmaxes)."""
-    import os
-
-    from .generate import capture_cuda_graph
 
     device = model.device
     gen = torch.Generator(device=device).manual_seed(0)

@@ -8,8 +8,9 @@ finishes), then multiplies all rows of x by it with one tl.dot. Split-K programs
 an output tile's programs to finish (an acquire-release counter, as in kernels/decode_attention.py) adds them in a
 fixed order and applies the epilogue: no reduce launch, and results that do not depend on arrival order. With
 partials=True the programs store their fp32 products and stop: a consumer that reads them anyway sums them in the
-same order (kernels/layernorm.py with the residual add; the model's FC2 when LayerNorm launches run at 5-64 rows), and no program waits on a
-counter. Its torch reference is kernels/linear.py's linear_reference (the same function, LayerNorm included).
+same order (kernels/layernorm.py with the residual add; the model's FC2 where LayerNorm launches run between the
+skinny GEMMs: FTLAB_SKINNY_LN=0, or hidden > 1024), and no program waits on a counter. Its torch reference is
+kernels/linear.py's linear_reference (the same function, LayerNorm included).
 
 H200, fp16, a block's four GEMMs chained over 24 layers of distinct weights in one CUDA graph (`python -m
 ftlab.kernels.skinny_gemm`, data/bench/skinny_gemm_chain.csv), us per layer against cuBLAS (+ two adds):
