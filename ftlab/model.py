@@ -312,13 +312,33 @@ class GPT:
         attn = attend(qkv.view(T, 3, self.local_heads, self.config.size_per_head))  # (T, nh, hs)
         if keep_rows is not None:
             attn, x = attn[keep_rows], x[keep_rows]
-            T = x.shape[0]
+            impl = None
+        return self._block_after_attention(block, x, attn, prefetch, impl)
+
+    def _block_after_attention(self, block: BlockWeights, x: torch.Tensor, attn: torch.Tensor,
+                               prefetch: tuple = (None, None, None, None), impl: str | None = None) -> torch.Tensor:
+        """x (T, H) the residual stream, attn (T, nh, hs) its rows' attention -> (T, H) after the out-projection and
+        the MLP, on `_block`'s GEMMs (impl: linear()'s, default `_block_impl(T)`; "skinny-rowstats" takes
+        "skinny-stats" here, where no producer hands on row statistics)."""
+        T = x.shape[0]
+        if impl is None:
             impl = self._block_impl(T)
-        x = self._row_parallel(attn.view(T, -1), block.attn_out_weight, block.attn_out_bias, x, prefetch[1], impl)
+            impl = "skinny-stats" if impl == "skinny-rowstats" else impl
+        x = self._row_parallel(attn.reshape(T, -1), block.attn_out_weight, block.attn_out_bias, x, prefetch[1],
+                               impl)
         h = linear(x, block.fc1_weight, block.fc1_bias, activation="gelu", ln_weight=block.ln2_weight,
-                   ln_bias=block.ln2_bias, ln_eps=eps, prefetch=prefetch[2],
+                   ln_bias=block.ln2_bias, ln_eps=self.config.layernorm_eps, prefetch=prefetch[2],
                    ln_row_sums=block.fc1_ln_row_sums, impl=impl)  # (T, I_local)
         return self._row_parallel(h, block.fc2_weight, block.fc2_bias, x, prefetch[3], impl)
+
+    def _tail_off_cublas(self, kept: int) -> bool:
+        """Whether the prefill's last block takes its `kept` rows (one per prompt) through the decode block's GEMMs
+        after attention (`_block_after_attention`: GEMVs up to GEMV_MAX_M rows, skinny GEMMs to 64) instead of
+        cuBLAS, LayerNorm and bias launches. FTLAB_PREFILL_TAIL=0 keeps cuBLAS (read per call). H200, GPT-345M,
+        the captured context phase of 512-token prompts replayed back to back, two rounds in fresh processes
+        (`.ci/gpu-check ab-prefill`, data/bench/prefill_tail_ab.csv): one prompt 1212.4 / 1214.9 -> 1199.1 /
+        1194.5 us; 64 prompts within the noise of the power cap (38.3-39.0 ms either way)."""
+        return not self._uses_cublas(kept) and os.environ.get("FTLAB_PREFILL_TAIL", "1") != "0"
 
     def _block_impl(self, tokens: int) -> str | None:
         """linear()'s impl for `_block`'s GEMMs at `tokens` rows: the skinny or tiled Triton GEMM when those paths
@@ -421,6 +441,10 @@ class GPT:
             if keep_rows is not None and i + 1 == len(blocks):
                 attn, x = attn[keep_rows], x[keep_rows]
                 T = x.shape[0]
+                if self._tail_off_cublas(T):
+                    if in_place and i > 0:  # the kept rows' residual with the biases it was kept without
+                        x = (x.float() + bias_sums[2 * i - 1]).to(x.dtype)
+                    return self._block_after_attention(block, x, attn)
             if in_place:
                 x.addmm_(attn.view(T, -1), block.attn_out_weight.t())  # x += a W_o^T
                 h = layernorm(x, block.ln2_weight, block.ln2_bias, eps, x_bias=bias_sums[2 * i])

@@ -76,6 +76,31 @@ def test_prefill_of_last_tokens_only(lengths, dtype, tol, device):
     assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
 
 
+@pytest.mark.parametrize("lengths", [[30, 1, 40], pytest.param([3, 9, 1, 6, 2, 11] * 3, marks=pytest.mark.gpu)],
+                         ids=["gemv-tail", "skinny-tail"])
+@pytest.mark.parametrize("dtype, tol", [("fp32", 1e-5), pytest.param("fp16", 5e-3, marks=pytest.mark.gpu),
+                                        pytest.param("bf16", 3e-2, marks=pytest.mark.gpu)])
+def test_prefill_tail_off_cublas_matches_cublas_tail(lengths, dtype, tol, device, monkeypatch):
+    """The prefill's last block after attention on its kept rows (one per prompt) through the decode block's GEMMs
+    (GEMVs up to 4 rows, skinny GEMMs above on a GPU): the same last-token logits as the cuBLAS path
+    (FTLAB_PREFILL_TAIL=0), whose residual stream leaves the biases out until the end."""
+    if len(lengths) > 4 and dtype == "fp32":
+        pytest.skip("skinny GEMMs take fp16 / bf16 only: an fp32 tail of more than 4 rows stays on cuBLAS")
+    cfg = CONFIGS[2]
+    model = ftlab_model(random_hf_model(n_positions=64, **cfg), dtype, device)
+    prompts = random_prompts(cfg["vocab_size"], lengths)
+    batch = pack_prompts(prompts, model.device)
+    # more than 64 tokens: the prefill's blocks run on cuBLAS; the kept rows (one per prompt) can leave it
+    assert model._uses_cublas(batch.token_ids.shape[0]) and model._tail_off_cublas(len(prompts))
+    args = (batch.token_ids, batch.positions, batch.cu_seqlens, batch.max_seqlen)
+    tail = model.prefill(*args, model.new_kv_cache(len(prompts), batch.max_seqlen))
+    monkeypatch.setenv("FTLAB_PREFILL_TAIL", "0")
+    assert not model._tail_off_cublas(len(prompts))
+    cublas = model.prefill(*args, model.new_kv_cache(len(prompts), batch.max_seqlen))
+    assert_rel_close(tail.float().cpu(), cublas.float().cpu(), tol=tol,
+                     what=f"{dtype} last-token logits, decode-GEMM tail vs cuBLAS tail")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, tol", [("fp16", 5e-3), ("bf16", 3e-2)])
 def test_logits_close_to_hf_half_precision(dtype, tol, device):
