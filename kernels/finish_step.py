@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._env import ints_from_env
 from .sampling import INT64_MIN, _load_scaled, _pack, _unpack
 
 
@@ -179,10 +180,14 @@ def _greedy_finish_kernel(
 
 def greedy_chunk(V: int, device_type: str) -> tuple[int, int]:
     """(logits per program, warps): chunks of 2048 on a GPU (~25 programs per row of GPT-2's vocabulary, merged by
-    the last); under the interpreter, which pays per operation, one chunk per row (up to 65536 logits)."""
+    the last; FTLAB_GREEDY_CHUNK="chunk,num_warps" instead, read per call); under the interpreter, which pays per
+    operation, one chunk per row (up to 65536 logits). H200, GPT-345M, what the kernel adds to the captured decode
+    step (`ftlab bench --timeline-decode`, one process per setting, data/bench/greedy_chunk_timeline_ab.csv), us at
+    bs1 / bs64: 2048 x 4 warps 4.33 / 8.56, 2048 x 2 4.80 / 8.40, 4096 x 4 4.82 / 8.62, 4096 x 8 4.58 / 8.98,
+    8192 x 8 5.26 / 9.35."""
     if device_type != "cuda":
         return min(max(16, triton.next_power_of_2(V)), 65536), 1
-    return 2048, 4
+    return ints_from_env("FTLAB_GREEDY_CHUNK", "chunk,num_warps") or (2048, 4)
 
 
 def greedy_finish_step(logits: torch.Tensor, end_id: torch.Tensor, finished: torch.Tensor,
