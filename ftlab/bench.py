@@ -309,7 +309,7 @@ def decode_step_ab(model: GPT, variants: list[dict[str, str]], *, batch: int, co
     of them. Per variant: label, median ms per step and each round's ms, and its logits against the first
     variant's (max |difference|, share of equal argmaxes). The step is `GPT.decode` (blocks and LM head): settings
     read only by the sampler or greedy_finish_step change nothing here. Captures of the same code differ (H200,
-    bs1: 0.3318-0.3383 ms over eight, data/bench/capture_spread_ab.csv): repeat a variant to see its spread.
+    bs1: 0.3318-0.3383 ms over eight, data/bench/capture_spread_ab.csv): repeat a variant to see its spread."""
 
     device = model.device
     gen = torch.Generator(device=device).manual_seed(0)
