@@ -16,8 +16,10 @@ Each program then bumps a per-(sequence, head) counter (atomic, acquire-release)
 head's last valid partition rescales and sums all of them into out, and resets the counter to zero. This replaces
 a second reduction launch, which cost ~3 us per layer at batch 1 on the H200 (8.6 % of a GPT-345M decode step).
 With one partition per (sequence, head) the program writes its output directly (SINGLE_PART: no partials, counter
-or combine): always under the interpreter, on a GPU only with FTLAB_DECODE_SINGLE_PART=1 and FTLAB_DECODE_BLOCKS
-wide enough for one partition (measured slower there: see below).
+or combine): always under the interpreter; on a GPU where pick_decode_blocks gives one partition (decode batches
+of ~4.3-12 (sequence, head) pairs per SM: one wave of programs) or FTLAB_DECODE_BLOCKS is wide enough for one.
+FTLAB_DECODE_SINGLE_PART=0 sends one partition through the partial and the combine (read per call). At small
+batches one partition per pair was slower (see below: too few programs).
 With PDL (kernels/_pdl.py) the first tile of cached keys/values can be loaded while the QKV GEMV still runs.
 Scores are kept in log2 units (scale folded with log2(e)) so exp2 can be used; everything accumulates in fp32.
 
@@ -239,6 +241,10 @@ def _combine_partitions(part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr, ws, o
     tl.store(out_ptr + out_offset + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
+# (sequence, head) pairs per SM between which pick_decode_blocks gives each pair one program (H200 decode step)
+SINGLE_PART_PROGRAMS_PER_SM = (4.3, 12)
+
+
 @dataclass(frozen=True)
 class DecodeBlocks:
     block_s: int  # keys per tile (one iteration of a program's loop)
@@ -274,11 +280,23 @@ def pick_decode_blocks(batch: int, num_heads: int, s_max: int, head_dim: int, nu
     tiles 2-4 % slower, 16 or 64 keys 5-14 %), bs8 1.000 -> 0.984 (2 tiles), bs32 1.414 -> 1.319 (8 tiles; 4:
     1.351-1.382), bs64 1.847-1.942 -> 1.846-1.873 (8 tiles); 64-key tiles at one warp 13-42 % slower. Partitions
     grow to 8 tiles while 8 programs per SM remain. d = 128 keeps the kernel sweep's rule (not measured in a step).
+
+    Between SINGLE_PART_PROGRAMS_PER_SM (sequence, head) pairs per SM (d <= 64), one one-warp program per pair
+    reads its whole history and writes its output itself: one wave of programs, no partials, counter or combine
+    (SINGLE_PART). H200, GPT-345M, decode step at context 512 (544 slots), alternating in one process, three
+    rounds (`ftlab bench --ab-decode`, data/bench/decode_single_part_ab.csv, 2026-12-04), ms against the
+    partitions above: bs36 1.151 -> 1.123, bs38 1.176 -> 1.137, bs40 1.202 -> 1.151, bs48 1.331 -> 1.238, bs56
+    1.414 -> 1.331, bs64 1.496-1.499 -> 1.433-1.438, bs96 2.123 -> 2.034; slower at bs32 (0.960 -> 1.127, 3.9
+    pairs per SM) and bs128 (2.490 -> 2.537: two waves). 64-key tiles (bs64 1.440), 16-key tiles (1.724) or 2 warps
+    (1.528) were slower. End to end, `ftlab bench` in alternating processes, two rounds (decode_single_part_e2e_ab.
+    csv): bs48 512 -> 32 69.53 / 69.66 -> 66.62 / 67.75 ms, bs64 83.94 / 83.79 -> 82.46 / 82.67.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     heads = batch * num_heads
     one_warp = block_d <= 64
     block_s = max(16, min(64, (2048 if one_warp else 4096) // block_d))
+    if one_warp and SINGLE_PART_PROGRAMS_PER_SM[0] * num_sms <= heads <= SINGLE_PART_PROGRAMS_PER_SM[1] * num_sms:
+        return DecodeBlocks(block_s, triton.cdiv(s_max, block_s), 1)  # one partition per (sequence, head)
 
     def programs(tiles: int) -> int:
         return heads * triton.cdiv(s_max, block_s * tiles)
@@ -409,9 +427,9 @@ def _blocks_from_env() -> Optional[DecodeBlocks]:
 
 def _single_part_on(device: torch.device) -> bool:
     # a launch with one partition per (sequence, head) writes its output directly instead of a partial, a counter
-    # bump and a combine. Always under the interpreter (its default is one partition, tested there); on a GPU only
-    # with FTLAB_DECODE_SINGLE_PART=1: the tiles that make one partition per head lost there (module docstring)
-    return device.type != "cuda" or os.environ.get("FTLAB_DECODE_SINGLE_PART", "0") == "1"
+    # bump and a combine. Always under the interpreter (its default is one partition, tested there); on a GPU unless
+    # FTLAB_DECODE_SINGLE_PART=0 (then one partition still goes through the partial and the combine, for measuring)
+    return device.type != "cuda" or os.environ.get("FTLAB_DECODE_SINGLE_PART", "1") != "0"
 
 
 def decode_attention_reference(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -215,6 +215,42 @@ def test_decode_attention_replays_in_cuda_graph(dtype_name):
         _assert_cache_equal(v_cache, ref_v, "v_cache")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name", ["fp16", "bf16"])
+def test_decode_attention_single_part_pick_replays_in_cuda_graph(dtype_name, monkeypatch):
+    # a batch the heuristic gives one partition per (sequence, head) on this GPU, replayed in a CUDA graph at
+    # ragged, changing positions; the launch must take the single-partition path (no partials, no combine)
+    dtype, device = DTYPES[dtype_name], "cuda"
+    num_heads, head_dim, s_max = 16, 64, 300
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    batch = -(-6 * num_sms // num_heads)  # ~6 pairs per SM
+    assert pick_decode_blocks(batch, num_heads, s_max, head_dim, num_sms).part_size >= s_max
+    gen = torch.Generator().manual_seed(5)
+    history = [torch.randint(0, s_max - 1, (batch,), generator=gen).tolist() for _ in range(2)]
+    history[0][:3] = [0, 31, s_max - 2]  # the first key, a tile boundary, the cache's end
+    k_cache, v_cache = cache_with_history([s_max] * batch, num_heads, s_max, head_dim, dtype, device)
+    qkv = torch.randn(batch, 3, num_heads, head_dim, dtype=dtype, device=device)
+    positions = torch.tensor(history[0], dtype=torch.int32, device=device)
+    used = []
+    monkeypatch.setattr(decode_module, "_decode_partition_kernel", _Spy(decode_module._decode_partition_kernel, used))
+    decode_attention(qkv, k_cache, v_cache, positions)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(qkv, k_cache, v_cache, positions, history_ready=True)
+    assert all(single for *_, single in used)
+    for pos in history:
+        qkv.copy_(torch.randn_like(qkv))
+        positions.copy_(torch.tensor(pos, dtype=torch.int32))
+        ref_k, ref_v = k_cache.double(), v_cache.double()
+        ref = decode_attention_reference(qkv.double(), ref_k, ref_v, positions)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_rel_close(out, ref, dtype=dtype, what=f"batch {batch}")
+        _assert_cache_equal(k_cache, ref_k, "k_cache")
+        _assert_cache_equal(v_cache, ref_v, "v_cache")
+
+
 def _good_args(device):
     qkv = torch.randn(2, 3, 2, 16, device=device)
     k_cache = torch.zeros(2, 2, 8, 16, device=device)
@@ -258,6 +294,14 @@ def test_pick_decode_blocks():
     assert pick_decode_blocks(4, 16, 576, 64) == DecodeBlocks(32, 1, 1)
     assert pick_decode_blocks(8, 16, 576, 64) == DecodeBlocks(32, 2, 1)
     assert pick_decode_blocks(32, 16, 576, 64) == DecodeBlocks(32, 8, 1)
-    assert pick_decode_blocks(64, 16, 576, 64) == DecodeBlocks(32, 8, 1)
+    # ~4.3-12 pairs per SM (132 SMs: 568-1584 pairs) take one partition per pair, whatever the cache's length
+    assert pick_decode_blocks(35, 16, 576, 64) == DecodeBlocks(32, 8, 1)
+    assert pick_decode_blocks(36, 16, 576, 64) == DecodeBlocks(32, 18, 1)
+    assert pick_decode_blocks(64, 16, 576, 64) == DecodeBlocks(32, 18, 1)
+    assert pick_decode_blocks(64, 16, 4000, 64) == DecodeBlocks(32, 125, 1)
+    assert pick_decode_blocks(99, 16, 576, 64) == DecodeBlocks(32, 18, 1)
+    assert pick_decode_blocks(100, 16, 576, 64) == DecodeBlocks(32, 8, 1)
+    assert pick_decode_blocks(64, 16, 576, 64, num_sms=264) == DecodeBlocks(32, 8, 1)
+    assert pick_decode_blocks(64, 16, 576, 128) == DecodeBlocks(32, 8, 2)
     assert pick_decode_blocks(1, 32, 576, 128) == DecodeBlocks(32, 2, 2)
     assert pick_decode_blocks(1, 16, 40, 64) == DecodeBlocks(16, 1, 1)  # short caches: smaller tiles fill the GPU
