@@ -331,14 +331,6 @@ class GPT:
                    ln_row_sums=block.fc1_ln_row_sums, impl=impl)  # (T, I_local)
         return self._row_parallel(h, block.fc2_weight, block.fc2_bias, x, prefetch[3], impl)
 
-    def _prefill_prefetch(self) -> bool:
-        """Whether the prefill's cuBLAS blocks have their LayerNorms and attention ask L2 for the next GEMMs'
-        weights (`_blocks_cublas` prefetch; FTLAB_PREFILL_PREFETCH=1, read per call). The aim: cuBLAS GEMMs at a
-        few hundred rows start without PDL and read their first weight tiles cold. Off by default: not measured
-        yet (session 36 ran out of device time; `.ci/gpu-check ab-prefill 1,8 "default;FTLAB_PREFILL_PREFETCH=1"
-        2` is the A/B)."""
-        return os.environ.get("FTLAB_PREFILL_PREFETCH", "0") == "1"
-
     def _tail_off_cublas(self, kept: int) -> bool:
         """Whether the prefill's last block takes its `kept` rows (one per prompt) through the decode block's GEMMs
         after attention (`_block_after_attention`: GEMVs up to GEMV_MAX_M rows, skinny GEMMs to 64) instead of
@@ -428,14 +420,11 @@ class GPT:
             return "skinny-rowstats"
         return "skinny-stats" if tokens <= SKINNY_STATS_AUTO_MAX_M else None
 
-    def _blocks_cublas(self, x: torch.Tensor, attend: Callable[..., torch.Tensor],
-                       keep_rows: torch.Tensor | None = None, prefetch: bool = False) -> torch.Tensor:
+    def _blocks_cublas(self, x: torch.Tensor, attend: Callable[[int, torch.Tensor], torch.Tensor],
+                       keep_rows: torch.Tensor | None = None) -> torch.Tensor:
         """(T, H) through this stage's blocks with cuBLAS GEMMs, each LayerNorm fused with the residual add and
         the bias before it; attend(i, qkv (T, 3, nh, hs)) -> (T, nh, hs) is block i's attention. keep_rows: after
         the last block's attention only these rows go on (returns (len(keep_rows), H)). x may be overwritten.
-        prefetch: each LayerNorm asks L2 for the weight of the GEMM after it, and attention (called as attend(i,
-        qkv, weights)) for the out-projection's and FC2's, so that cuBLAS finds them there (see
-        `_prefill_prefetch`).
 
         In one process at prefill sizes (more rows than skinny_gemm takes) the residual stream is kept without the
         out-projection and FC2 biases: cuBLAS adds each product into it in place (x += a W^T, beta = 1 in its
@@ -445,12 +434,10 @@ class GPT:
         blocks = self.weights.blocks
         in_place = self.all_reduce is None and not skinny_gemm_on(x, blocks[0].qkv_weight)
         bias_sums = self._residual_bias_sums() if in_place else None
-        ahead = (lambda w: w) if prefetch else (lambda w: None)
-        h = layernorm(x, blocks[0].ln1_weight, blocks[0].ln1_bias, eps, prefetch=ahead(blocks[0].qkv_weight))
+        h = layernorm(x, blocks[0].ln1_weight, blocks[0].ln1_bias, eps)
         for i, block in enumerate(blocks):
             qkv = _dense(h, block.qkv_weight, block.qkv_bias)  # (T, 3*nh*hs)
-            qkv = qkv.view(T, 3, self.local_heads, self.config.size_per_head)
-            attn = attend(i, qkv, (block.attn_out_weight, block.fc2_weight)) if prefetch else attend(i, qkv)
+            attn = attend(i, qkv.view(T, 3, self.local_heads, self.config.size_per_head))  # (T, nh, hs)
             if keep_rows is not None and i + 1 == len(blocks):
                 attn, x = attn[keep_rows], x[keep_rows]
                 T = x.shape[0]
@@ -460,19 +447,16 @@ class GPT:
                     return self._block_after_attention(block, x, attn)
             if in_place:
                 x.addmm_(attn.view(T, -1), block.attn_out_weight.t())  # x += a W_o^T
-                h = layernorm(x, block.ln2_weight, block.ln2_bias, eps, x_bias=bias_sums[2 * i],
-                              prefetch=ahead(block.fc1_weight))
+                h = layernorm(x, block.ln2_weight, block.ln2_bias, eps, x_bias=bias_sums[2 * i])
             else:
                 y = self._reduced(_dense(attn.view(T, -1), block.attn_out_weight))  # (T, H)
-                h, x = layernorm(y, block.ln2_weight, block.ln2_bias, eps, residual=x, x_bias=block.attn_out_bias,
-                                 prefetch=ahead(block.fc1_weight))
+                h, x = layernorm(y, block.ln2_weight, block.ln2_bias, eps, residual=x, x_bias=block.attn_out_bias)
             g = _dense(h, block.fc1_weight, block.fc1_bias, gelu=True)  # (T, I_local)
             nxt = blocks[i + 1] if i + 1 < len(blocks) else None
             if in_place:
                 x.addmm_(g, block.fc2_weight.t())
                 if nxt is not None:
-                    h = layernorm(x, nxt.ln1_weight, nxt.ln1_bias, eps, x_bias=bias_sums[2 * i + 1],
-                                  prefetch=ahead(nxt.qkv_weight))
+                    h = layernorm(x, nxt.ln1_weight, nxt.ln1_bias, eps, x_bias=bias_sums[2 * i + 1])
                 else:  # the stage hands on the residual stream with every bias in it
                     x = (x.float() + bias_sums[2 * i + 1]).to(x.dtype)
                 continue
@@ -488,8 +472,7 @@ class GPT:
                 continue
             y = self._reduced(_dense(g, block.fc2_weight))
             if nxt is not None:  # the next block's LN_1, fused with this block's last residual add
-                h, x = layernorm(y, nxt.ln1_weight, nxt.ln1_bias, eps, residual=x, x_bias=block.fc2_bias,
-                                 prefetch=ahead(nxt.qkv_weight))
+                h, x = layernorm(y, nxt.ln1_weight, nxt.ln1_bias, eps, residual=x, x_bias=block.fc2_bias)
             else:  # the stage hands on the residual stream (the LM head or the next stage normalises it)
                 x = x + (y + block.fc2_bias)
         return x
@@ -547,13 +530,12 @@ class GPT:
         last block then needs every row only up to its attention (the cache takes every key and value); its
         out-projection, LayerNorm and MLP run on the R rows alone, which saves under 1/num_layers of a long
         prompt's work."""
-        def attend(i, qkv, prefetch=()):
-            return context_attention(qkv, cu_seqlens, max_seqlen, k_cache=cache.k[i], v_cache=cache.v[i],
-                                     prefetch=prefetch)
+        def attend(i, qkv):
+            return context_attention(qkv, cu_seqlens, max_seqlen, k_cache=cache.k[i], v_cache=cache.v[i])
         if not self.weights.blocks:
             return x if keep_rows is None else x[keep_rows]
         if self._uses_cublas(x.shape[0]):
-            return self._blocks_cublas(x, attend, keep_rows, prefetch=self._prefill_prefetch())
+            return self._blocks_cublas(x, attend, keep_rows)
         if self._block_impl(x.shape[0]) == "skinny-rowstats":
             return self._blocks_row_stats(x, attend, keep_rows)
         last = len(self.weights.blocks) - 1

@@ -15,8 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._prefetch import l2_prefetch, prefetch_plan
-
 LOG2E = 1.4426950408889634
 SMALL_GRID = 256  # programs (64-query blocks x heads x prompts) up to which pick_context_blocks takes 64-key tiles
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,13 +54,7 @@ def _context_attention_kernel(
     head_dim, num_m_blocks,
     WRITE_CACHE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    pf_ptr=None, pf_bytes=0, pf_share=0, PREFETCH: tl.constexpr = 0,  # L2 prefetch of later weights (_prefetch.py)
-    pf2_ptr=None, pf2_bytes=0, pf2_share=0, PREFETCH2: tl.constexpr = 0,
 ):
-    if PREFETCH:  # weights the GEMMs after this kernel read, asked of L2 before the programs that exit early
-        l2_prefetch(pf_ptr, pf_bytes, pf_share, PREFETCH, 128)
-    if PREFETCH2:
-        l2_prefetch(pf2_ptr, pf2_bytes, pf2_share, PREFETCH2, 128)
     # the last query blocks see the most keys: launch them first so the tail of the grid is short work
     block_m = num_m_blocks - 1 - tl.program_id(0)
     head = tl.program_id(1)
@@ -191,15 +183,13 @@ def _check_cache(name: str, cache: torch.Tensor, qkv: torch.Tensor, batch: int, 
 
 def context_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: Optional[float] = None,
                       k_cache: Optional[torch.Tensor] = None, v_cache: Optional[torch.Tensor] = None,
-                      blocks: Optional[ContextBlocks] = None, prefetch: tuple = ()) -> torch.Tensor:
+                      blocks: Optional[ContextBlocks] = None) -> torch.Tensor:
     """Causal self-attention within each packed prompt; returns out (T, nh, d) in qkv's dtype.
 
     qkv (T, 3, nh, d); cu_seqlens int32 (B+1,) on qkv's device, cu_seqlens[-1] == T; max_seqlen >= every prompt
     length (host-side int; longer prompts would be truncated silently, it cannot be checked without a sync).
     If k_cache/v_cache (B, nh, S_max, d) are given, token t of prompt b is written to cache[b, :, t - cu_seqlens[b]].
     blocks: tile sizes (default: pick_context_blocks; the micro-benchmark's sweep passes its own).
-    prefetch: up to two tensors later kernels read (weights), asked of L2 as the programs start (kernels/
-    _prefetch.py; a hint, GPU only).
     """
     if qkv.dim() != 4 or qkv.shape[1] != 3:
         raise ValueError(f"qkv must be (T, 3, nh, d), got {tuple(qkv.shape)}")
@@ -239,9 +229,6 @@ def context_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: i
     vc_strides = v_cache.stride()[:3] if write_cache else (0, 0, 0)
     num_m_blocks = triton.cdiv(max_seqlen, blocks.block_m)
     grid = (num_m_blocks, num_heads, batch)
-    if len(prefetch) > 2:
-        raise ValueError(f"context_attention prefetches at most two tensors, got {len(prefetch)}")
-    pf, pf2 = (prefetch_plan(t, num_m_blocks * num_heads * batch, out) for t in (tuple(prefetch) + (None, None))[:2])
     _context_attention_kernel[grid](
         qkv, cu_seqlens, out, kc, vc,
         float(scale) * LOG2E,
@@ -251,8 +238,6 @@ def context_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: i
         head_dim, num_m_blocks,
         WRITE_CACHE=write_cache, IEEE=qkv.dtype == torch.float32,
         BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        pf_ptr=pf.target, pf_bytes=pf.nbytes, pf_share=pf.share, PREFETCH=pf.mode,
-        pf2_ptr=pf2.target, pf2_bytes=pf2.nbytes, pf2_share=pf2.share, PREFETCH2=pf2.mode,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
     return out

@@ -29,7 +29,6 @@ import triton.language as tl
 
 from ._env import ints_from_env, is_pow2
 from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
-from ._prefetch import l2_prefetch, prefetch_plan
 from ._shared import chan_merge
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -72,10 +71,7 @@ def _layernorm_kernel(
     HAS_RES: tl.constexpr, HAS_XB: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
     NUM_PARTS: tl.constexpr = 0, part_stride=0,  # x as split-K slices (see _load_row_block)
-    pf_ptr=None, pf_bytes=0, pf_share=0, PREFETCH: tl.constexpr = 0,  # L2 prefetch of a later weight (_prefetch.py)
 ):
-    if PREFETCH:  # a weight no kernel writes: asked for before the wait
-        l2_prefetch(pf_ptr, pf_bytes, pf_share, PREFETCH, 128)
     # with PDL (kernels/_pdl.py) the next kernel may start loading its weights while this one runs; x and the
     # residual come from the previous kernel, so nothing is read before the wait
     if USE_PDL:
@@ -199,7 +195,7 @@ def _rows_from_env(block_m: int, num_warps: int, single: bool) -> Tuple[int, int
     return values
 
 
-def _layernorm_launch(x, weight, bias, eps, residual, max_block_n, x_bias=None, prefetch=None):
+def _layernorm_launch(x, weight, bias, eps, residual, max_block_n, x_bias=None):
     num_parts = x.shape[0] if x.dim() == 3 else 0  # split-K slices (residual given)
     M, N = x.shape[-2:]
     y = torch.empty((M, N), dtype=residual.dtype if num_parts else x.dtype, device=x.device)
@@ -209,25 +205,22 @@ def _layernorm_launch(x, weight, bias, eps, residual, max_block_n, x_bias=None, 
         block_m, num_warps = _rows_from_env(block_m, num_warps, single)
         grid = (triton.cdiv(M, block_m),)
         use_pdl = pdl_for(x.device)
-        pf = prefetch_plan(prefetch, grid[0], y)
         _layernorm_kernel[grid](
             x, residual if residual is not None else x, x_bias if x_bias is not None else weight, weight, bias, y,
             s if s is not None else y, M, N, float(eps),
             HAS_RES=residual is not None, HAS_XB=x_bias is not None, SINGLE_BLOCK=single,
             BLOCK_M=block_m, BLOCK_N=block_n, USE_PDL=use_pdl, NUM_PARTS=num_parts, part_stride=M * N,
-            pf_ptr=pf.target, pf_bytes=pf.nbytes, pf_share=pf.share, PREFETCH=pf.mode,
             num_warps=num_warps, **launch_options(use_pdl),
         )
     return y if residual is None else (y, s)
 
 
 def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
-              residual: Optional[torch.Tensor] = None, x_bias: Optional[torch.Tensor] = None,
-              prefetch: Optional[torch.Tensor] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+              residual: Optional[torch.Tensor] = None, x_bias: Optional[torch.Tensor] = None
+              ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """x (M, N) -> LN(x) (M, N); with residual (M, N): (LN(s), s) for s = x + residual, or x + x_bias + residual
     with x_bias (N,); with x_bias alone LN(x + x_bias). x may also be (S, M, N) fp32 split-K products (module
-    docstring): then residual is required, and y and s take its dtype. prefetch: a tensor a later kernel reads
-    (a weight), asked of L2 as the kernel starts (kernels/_prefetch.py; a hint, GPU only)."""
+    docstring): then residual is required, and y and s take its dtype."""
     parts = isinstance(x, torch.Tensor) and x.dim() == 3
     if parts:
         if x.dtype != torch.float32 or not x.is_contiguous() or x.shape[0] < 1:
@@ -253,7 +246,7 @@ def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: fl
         _check_affine("x_bias", x_bias, rows)
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    return _layernorm_launch(x, weight, bias, eps, residual, _MAX_BLOCK_N, x_bias, prefetch)
+    return _layernorm_launch(x, weight, bias, eps, residual, _MAX_BLOCK_N, x_bias)
 
 
 def layernorm_stats(x: torch.Tensor, eps: float = 1e-5) -> Tuple[torch.Tensor, torch.Tensor]:

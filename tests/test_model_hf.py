@@ -101,25 +101,6 @@ def test_prefill_tail_off_cublas_matches_cublas_tail(lengths, dtype, tol, device
                      what=f"{dtype} last-token logits, decode-GEMM tail vs cuBLAS tail")
 
 
-@pytest.mark.parametrize("dtype", ["fp32", pytest.param("fp16", marks=pytest.mark.gpu)])
-def test_prefill_prefetch_is_only_a_hint(dtype, device, monkeypatch):
-    """FTLAB_PREFILL_PREFETCH=1: the prefill's LayerNorms and attention ask L2 for the next GEMMs' weights (a GPU
-    does; elsewhere the request is left out). The logits and the KV cache are bit for bit those without it."""
-    cfg = CONFIGS[2]
-    model = ftlab_model(random_hf_model(n_positions=64, **cfg), dtype, device)
-    batch = pack_prompts(random_prompts(cfg["vocab_size"], [30, 1, 40]), model.device)
-    args = (batch.token_ids, batch.positions, batch.cu_seqlens, batch.max_seqlen)
-    results, unwritten = [], torch.randn_like(model.new_kv_cache(3, batch.max_seqlen).k)
-    for flag in ("0", "1"):
-        monkeypatch.setenv("FTLAB_PREFILL_PREFETCH", flag)
-        assert model._prefill_prefetch() == (flag == "1")
-        cache = model.new_kv_cache(3, batch.max_seqlen)
-        cache.k.copy_(unwritten), cache.v.copy_(unwritten)  # slots past a prompt are never written: equal in both
-        results.append((model.prefill(*args, cache, all_logits=True), cache.k, cache.v))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, tol", [("fp16", 5e-3), ("bf16", 3e-2)])
 def test_logits_close_to_hf_half_precision(dtype, tol, device):
