@@ -289,7 +289,9 @@ def pick_decode_blocks(batch: int, num_heads: int, s_max: int, head_dim: int, nu
     1.414 -> 1.331, bs64 1.496-1.499 -> 1.433-1.438, bs96 2.123 -> 2.034; slower at bs32 (0.960 -> 1.127, 3.9
     pairs per SM) and bs128 (2.490 -> 2.537: two waves). 64-key tiles (bs64 1.440), 16-key tiles (1.724) or 2 warps
     (1.528) were slower. End to end, `ftlab bench` in alternating processes, two rounds (decode_single_part_e2e_ab.
-    csv): bs48 512 -> 32 69.53 / 69.66 -> 66.62 / 67.75 ms, bs64 83.94 / 83.79 -> 82.46 / 82.67.
+    csv): bs48 512 -> 32 69.53 / 69.66 -> 66.62 / 67.75 ms, bs64 83.94 / 83.79 -> 82.46 / 82.67. Two tiles loaded
+    ahead instead of one (scratch edit, not kept) were slower on this path too: bs48 1.247 -> 1.366, bs64 1.446 ->
+    1.476, bs96 2.043 -> 2.372 (and bs1 0.333 -> 0.375, bs32 0.964 -> 1.162; decode_lookahead_single_part_ab.csv).
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     heads = batch * num_heads
