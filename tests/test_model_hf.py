@@ -356,3 +356,23 @@ def test_lm_head_is_right_at_every_batch_size_of_the_real_vocabulary(dtype):
         err = (logits.float() - ref).abs().max().item()  # elementwise: a few wrong logits must show
         assert err <= tol * ref.abs().max().item(), f"LM head at M={M}: max error {err}"
         assert torch.equal(model.lm_logits(x), logits), f"LM head at M={M}: a second run differs"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [("fp16", 5e-3), ("bf16", 3e-2)])
+def test_decode_batch_with_one_attention_partition_per_head_follows_hf(dtype, tol):
+    # a decode batch large enough that decode attention runs one program per (sequence, head) (no partials, no
+    # combine; kernels/decode_attention.py pick_decode_blocks): greedy tokens and log-probs (CUDA graphs on) against
+    # HF on the same prefixes, ragged prompts
+    from ftlab.kernels.decode_attention import pick_decode_blocks
+
+    cfg = dict(n_embd=256, n_head=16, n_layer=2, vocab_size=97)
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    batch = -(-5 * num_sms // cfg["n_head"])  # ~5 (sequence, head) pairs per SM
+    assert pick_decode_blocks(batch, cfg["n_head"], 256, 16, num_sms).part_size >= 256
+    hf = random_hf_model(**cfg)
+    model = ftlab_model(hf, dtype, "cuda")
+    gen = torch.Generator().manual_seed(3)
+    prompts = random_prompts(cfg["vocab_size"], torch.randint(1, 12, (batch,), generator=gen).tolist())
+    result = generate(model, prompts, max_new_tokens=5, return_log_probs=True)
+    assert_decode_follows_hf(hf, result, tol, what=f"{dtype}, batch {batch}")
