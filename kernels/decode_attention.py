@@ -292,6 +292,9 @@ def pick_decode_blocks(batch: int, num_heads: int, s_max: int, head_dim: int, nu
     csv): bs48 512 -> 32 69.53 / 69.66 -> 66.62 / 67.75 ms, bs64 83.94 / 83.79 -> 82.46 / 82.67. Two tiles loaded
     ahead instead of one (scratch edit, not kept) were slower on this path too: bs48 1.247 -> 1.366, bs64 1.446 ->
     1.476, bs96 2.043 -> 2.372 (and bs1 0.333 -> 0.375, bs32 0.964 -> 1.162; decode_lookahead_single_part_ab.csv).
+    Nor (scratch edit) did each program ask L2 for its next 2-32 tiles (one bulk prefetch per cache) before its PDL
+    wait, while the QKV GEMM runs: bs64 1.435 -> 1.483-1.681 ms, bs32 0.960 -> 0.994-1.042, bs1 0.333 ->
+    0.334-0.339, bs8 0.536 -> 0.531-0.532 (decode_history_prefetch_ab.csv).
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     heads = batch * num_heads
