@@ -187,6 +187,20 @@ def test_prefill_then_decode_reproduces_causal_attention(dtype_name, shared_coun
         assert torch.isnan(k_cache[b, :, total[b]:]).all() and torch.isnan(v_cache[b, :, total[b]:]).all()
 
 
+def _replay_at_positions(replay, out, qkv, k_cache, v_cache, positions, history, dtype):
+    # each row of history: new q/k/v and positions in the captured inputs, one replay, output and cache checked
+    for pos in history:
+        qkv.copy_(torch.randn_like(qkv))
+        positions.copy_(torch.tensor(pos, dtype=torch.int32))
+        ref_k, ref_v = k_cache.double(), v_cache.double()
+        ref = decode_attention_reference(qkv.double(), ref_k, ref_v, positions)
+        replay()
+        torch.cuda.synchronize()
+        assert_rel_close(out, ref, dtype=dtype, what=f"positions {pos}")
+        _assert_cache_equal(k_cache, ref_k, "k_cache")
+        _assert_cache_equal(v_cache, ref_v, "v_cache")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype_name", ["fp16", "bf16"])
 def test_decode_attention_replays_in_cuda_graph(dtype_name):
@@ -203,16 +217,7 @@ def test_decode_attention_replays_in_cuda_graph(dtype_name):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = decode_attention(qkv, k_cache, v_cache, positions, counter=counter, history_ready=True)
-    for pos in history:
-        qkv.copy_(torch.randn_like(qkv))
-        positions.copy_(torch.tensor(pos, dtype=torch.int32))
-        ref_k, ref_v = k_cache.double(), v_cache.double()
-        ref = decode_attention_reference(qkv.double(), ref_k, ref_v, positions)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert_rel_close(out, ref, dtype=dtype, what=f"positions {pos}")
-        _assert_cache_equal(k_cache, ref_k, "k_cache")
-        _assert_cache_equal(v_cache, ref_v, "v_cache")
+    _replay_at_positions(graph.replay, out, qkv, k_cache, v_cache, positions, history, dtype)
 
 
 @pytest.mark.gpu
@@ -239,16 +244,7 @@ def test_decode_attention_single_part_pick_replays_in_cuda_graph(dtype_name, mon
     with torch.cuda.graph(graph):
         out = decode_attention(qkv, k_cache, v_cache, positions, history_ready=True)
     assert all(single for *_, single in used)
-    for pos in history:
-        qkv.copy_(torch.randn_like(qkv))
-        positions.copy_(torch.tensor(pos, dtype=torch.int32))
-        ref_k, ref_v = k_cache.double(), v_cache.double()
-        ref = decode_attention_reference(qkv.double(), ref_k, ref_v, positions)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert_rel_close(out, ref, dtype=dtype, what=f"batch {batch}")
-        _assert_cache_equal(k_cache, ref_k, "k_cache")
-        _assert_cache_equal(v_cache, ref_v, "v_cache")
+    _replay_at_positions(graph.replay, out, qkv, k_cache, v_cache, positions, history, dtype)
 
 
 def _good_args(device):
