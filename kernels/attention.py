@@ -157,6 +157,11 @@ def pick_context_blocks(batch: int, num_heads: int, max_seqlen: int, head_dim: i
     v loaded through TMA descriptors (host TensorDescriptor over qkv as (T, 3 nh d), the key loop left to the
     compiler's pipeliner), eight tiles: at best 64 x 512 187.1-188.9 us against 188.3-192.5 here, one prompt of 512
     10.7 against 9.1-9.2, of 128 5.6 against 4.4-4.5, 8 x 512 32.0-32.2 against 31.5-31.7.
+    Nor (2026-12-04, scratch edit; data/bench/context_key_split_ab.csv) a query block's keys split over programs
+    of at most 64-256 keys, the partials merged in order by the block's last program to arrive (an acquire-release
+    counter, as decode attention does), us per call in the same chain: one prompt of 512 9.0 -> 10.7-16.0, two
+    12.0 -> 16.2-25.0; the captured prefill of one prompt, back to back, 1172-1176 -> 1213-1364 us. The partials'
+    store, counter and merge cost more than the shorter key loops save.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     if dtype == torch.float32:
