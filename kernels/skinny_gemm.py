@@ -4,7 +4,8 @@ Between the GEMV sizes (kernels/gemv_rows.py, M <= 4) and prefill, a decode step
 (25 MB at GPT-345M) for at most 64 rows of x: bandwidth-bound work that cuBLAS does at ~1 TB/s on the H200 (its
 kernels for M = 8..64 use few programs and cannot start before the previous kernel ends). Here each program owns a
 BLOCK_N x K_SPLIT slice of the weight and loads it before its PDL wait (kernels/_pdl.py: while the previous kernel
-finishes), then multiplies all rows of x by it with one tl.dot. Split-K programs store fp32 partials; the last of
+finishes), then multiplies all rows of x by it with one tl.dot. At 64 rows on sm_90+ both come through TMA
+descriptors into shared memory instead of pointer loads through registers (`_tma_on`, FTLAB_SKINNY_TMA). Split-K programs store fp32 partials; the last of
 an output tile's programs to finish (an acquire-release counter, as in kernels/decode_attention.py) adds them in a
 fixed order and applies the epilogue: no reduce launch, and results that do not depend on arrival order. With
 partials=True the programs store their fp32 products and stop: a consumer that reads them anyway sums them in the
@@ -54,14 +55,20 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # a triton without host-side tensor descriptors: no TMA path
+    TensorDescriptor = None
+
 from ._env import eviction_policy_from_env, ints_from_env
-from ._pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_for
+from ._pdl import _capability_major, gdc_launch_dependents, gdc_wait, launch_options, pdl_for
 from ._shared import bias_act_residual, shifted_ln_stats
 
 
 @triton.jit
 def _skinny_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, counter_ptr, row_sums_ptr, mean_ptr, rstd_ptr,
+    x_ptr, w_ptr, x_desc, w_desc,  # descriptors (TMA): x (M, K) in (BLOCK_M, K_SPLIT) boxes, weight (BLOCK_N, K_SPLIT)
+    bias_ptr, res_ptr, out_ptr, part_ptr, counter_ptr, row_sums_ptr, mean_ptr, rstd_ptr,
     stats_in_ptr, stats_out_ptr,  # TileRowStats parts (2, tiles, M) fp32: in (STATS_TILES), out (ROW_STATS_OUT)
     M, N, K, stride_xm, ln_eps, stats_parts, stats_cols,
     HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, USE_PDL: tl.constexpr, IEEE: tl.constexpr,
@@ -73,6 +80,7 @@ def _skinny_gemm_kernel(
     PARTIALS_ONLY: tl.constexpr = False,  # store each split's fp32 product to part_ptr and stop (no epilogue)
     STATS_TILES: tl.constexpr = 0,  # with LN_PREFOLDED, > 0: merge stats_parts tiles' row statistics (pow2 >= that)
     ROW_STATS_OUT: tl.constexpr = False,  # each output tile's per-row mean and squared deviations to stats_out_ptr
+    TMA: tl.constexpr = False,  # x and the weight slice through x_desc / w_desc: one bulk copy each, no registers
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -83,8 +91,11 @@ def _skinny_gemm_kernel(
     k_ok = offs_k < K
     rows_n = tl.minimum(offs_n, N - 1)  # tail features clamped (never stored)
     # the weight slice is independent of the previous kernel: it streams in before the wait
-    w = tl.load(w_ptr + rows_n.to(tl.int64)[:, None] * K + offs_k[None, :], mask=k_ok[None, :], other=0.0,
-                eviction_policy=W_EVICT)
+    if TMA:  # into shared memory (rows past N and columns past K read as zeros)
+        w = w_desc.load([pid_n * BLOCK_N, split * K_SPLIT])
+    else:
+        w = tl.load(w_ptr + rows_n.to(tl.int64)[:, None] * K + offs_k[None, :], mask=k_ok[None, :], other=0.0,
+                    eviction_policy=W_EVICT)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows_n).to(tl.float32)[None, :]
     else:
@@ -95,8 +106,11 @@ def _skinny_gemm_kernel(
         gdc_wait()
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
-    x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :],
-                mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    if TMA:
+        x = x_desc.load([0, split * K_SPLIT])
+    else:
+        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
     if LN_PREFOLDED and STATS_TILES > 0:
         # the rows' statistics from the producer's tiles (Chan's merge of equal counts), loaded beside x
         t = tl.arange(0, STATS_TILES)
@@ -327,8 +341,15 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     else:  # only split-K programs that sum count (the kernel never touches it otherwise)
         counter = _counter(x.device, tiles_n) if split_k > 1 and not partials else out
     use_pdl = pdl_for(x.device)
+    block_m = max(16, triton.next_power_of_2(M))
+    tma = _tma_on(x, weight)
+    if tma:
+        descs = (TensorDescriptor.from_tensor(x, [block_m, cfg.k_split]),
+                 TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.k_split]))
+    else:
+        descs = (x, weight)  # unused
     _skinny_gemm_kernel[(tiles_n, split_k)](
-        x, weight, bias if bias is not None else out, residual if residual is not None else out, out, part, counter,
+        x, weight, *descs, bias if bias is not None else out, residual if residual is not None else out, out, part, counter,
         ln_row_sums if ln_row_sums is not None else part,
         *(ln_stats if ln_stats is not None and tile_stats is None else (part, part)),
         tile_stats.parts if tile_stats is not None else part, stats_out if stats_out is not None else part,
@@ -336,13 +357,34 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         *((tile_stats.parts.shape[1], tile_stats.columns) if tile_stats is not None else (0, 0)),
         HAS_BIAS=bias is not None, ACT_GELU=activation == "gelu", HAS_RES=residual is not None, USE_PDL=use_pdl,
         IEEE=x.dtype == torch.float32, LN_PREFOLDED=ln_row_sums is not None, STATS_GIVEN=ln_stats is not None,
-        BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=cfg.block_n, K_SPLIT=cfg.k_split, SPLIT_K=split_k,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, K_SPLIT=cfg.k_split, SPLIT_K=split_k, TMA=tma,
         STAT_K=min(cfg.k_split, 128), W_EVICT=eviction_policy_from_env("FTLAB_SKINNY_W_EVICT", "evict_first"),
         PARTIALS_ONLY=partials,
         STATS_TILES=triton.next_power_of_2(tile_stats.parts.shape[1]) if tile_stats is not None else 0,
         ROW_STATS_OUT=row_stats, num_warps=cfg.num_warps, **launch_options(use_pdl),
     )
     return (out, TileRowStats(stats_out, cfg.block_n)) if row_stats else out
+
+
+def _tma_on(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x and the weight go through TMA descriptors (one bulk copy each into shared memory, no registers):
+    on a GPU with them (sm_90+), fp16 / bf16, rows 16-byte aligned, and 64 rows of x, the only count where it was
+    faster. FTLAB_SKINNY_TMA=0 never, =1 at any row count (read per call).
+
+    The pointer loads hold the 64 KB weight slice in registers across the PDL wait (128 per thread at 4 warps), so
+    few of x's 128 KB of loads are in flight after it. H200, GPT-345M, M = 64, QKV + out + FC1 chained over 24
+    layers with PDL in one CUDA graph (scratch probe, data/bench/skinny_tma_ab.csv): 13.35 -> 11.04 us per layer.
+    Decode step at context 512, alternating in one process, three rounds (`ftlab bench --ab-decode`, same CSV):
+    bs64 1.445 -> 1.401 ms; slower at other rows: bs48 1.247 -> 1.252, bs33 1.039 -> 1.094, bs32 0.965 -> 1.095,
+    bs17 0.756 -> 0.819. End to end, alternating processes, two rounds: bs64 512 -> 32 82.43 / 81.99 -> 80.36 /
+    81.72 ms."""
+    setting = os.environ.get("FTLAB_SKINNY_TMA", "")
+    if (setting == "0" or TensorDescriptor is None or not x.is_cuda
+            or x.dtype not in (torch.float16, torch.bfloat16) or (x.shape[0] != 64 and setting != "1")
+            or _capability_major(x.device.index if x.device.index is not None else torch.cuda.current_device()) < 9):
+        return False
+    return all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in (x, weight))
 
 
 def skinny_splits(M: int, N: int, K: int) -> int:

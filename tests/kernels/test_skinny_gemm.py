@@ -351,3 +351,27 @@ def test_graph_capture_reuses_the_warm_up_counter():
         graph.replay()
     torch.cuda.synchronize()
     assert_rel_close(out, linear_reference(x.double(), weight.double(), bias=bias.double()), torch.float16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="TMA descriptors (sm_90+)")
+@pytest.mark.parametrize("dtype_name", ["fp16", "bf16"])
+@pytest.mark.parametrize("M, N, K", [(64, 3072, 1024), (33, 1000, 1000), (48, 1024, 4096), (64, 40, 64)])
+def test_skinny_gemm_tma_loads_match_pointer_loads(M, N, K, dtype_name, monkeypatch):
+    # x and the weight through TMA descriptors (zero-filled past M, N and K) must give the pointer loads' products:
+    # every epilogue, the split-K sum, the folded LayerNorm and its row statistics
+    dtype = DTYPES[dtype_name]
+    x, weight, bias, residual = _inputs(M, N, K, dtype, "cuda")
+    row_sums = torch.randn(N, dtype=torch.float32, device="cuda")
+    calls = [dict(), dict(bias=bias, activation="gelu", residual=residual), dict(partials=True)]
+    if K <= 1024:
+        calls.append(dict(bias=bias, ln_row_sums=row_sums))
+    results = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("FTLAB_SKINNY_TMA", setting)
+        results[setting] = [skinny_gemm(x, weight, **kw) for kw in calls]
+    for kw, on, off in zip(calls, results["1"], results["0"]):
+        torch.testing.assert_close(on, off, rtol=0, atol=0, msg=f"TMA against pointer loads, {sorted(kw)}")
+    ref = linear_reference(x.double(), weight.double(), bias=bias.double(), residual=residual.double(),
+                           activation="gelu")
+    assert_rel_close(results["1"][1], ref, dtype=dtype)
