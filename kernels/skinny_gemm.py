@@ -4,7 +4,7 @@ Between the GEMV sizes (kernels/gemv_rows.py, M <= 4) and prefill, a decode step
 (25 MB at GPT-345M) for at most 64 rows of x: bandwidth-bound work that cuBLAS does at ~1 TB/s on the H200 (its
 kernels for M = 8..64 use few programs and cannot start before the previous kernel ends). Here each program owns a
 BLOCK_N x K_SPLIT slice of the weight and loads it before its PDL wait (kernels/_pdl.py: while the previous kernel
-finishes), then multiplies all rows of x by it with one tl.dot. At 64 rows on sm_90+ both come through TMA
+finishes), then multiplies all rows of x by it with one tl.dot. At 56-64 rows on sm_90+ both come through TMA
 descriptors into shared memory instead of pointer loads through registers (`_tma_on`, FTLAB_SKINNY_TMA). Split-K programs store fp32 partials; the last of
 an output tile's programs to finish (an acquire-release counter, as in kernels/decode_attention.py) adds them in a
 fixed order and applies the epilogue: no reduce launch, and results that do not depend on arrival order. With
@@ -179,6 +179,7 @@ def _skinny_gemm_kernel(
 
 
 MAX_M = 64  # rows of x held by one program (tl.dot tiles of up to 64 x K_SPLIT)
+TMA_MIN_ROWS = 56  # from this many rows of x on a GPU, x and the weight come through TMA descriptors (_tma_on)
 LN_MAX_K = 1024  # widest row whose LayerNorm a program takes in (it holds whole rows of x)
 
 
@@ -368,19 +369,21 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 def _tma_on(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x and the weight go through TMA descriptors (one bulk copy each into shared memory, no registers):
-    on a GPU with them (sm_90+), fp16 / bf16, rows 16-byte aligned, and 64 rows of x, the only count where it was
+    on a GPU with them (sm_90+), fp16 / bf16, rows 16-byte aligned, and TMA_MIN_ROWS-64 rows of x, where it was
     faster. FTLAB_SKINNY_TMA=0 never, =1 at any row count (read per call).
 
     The pointer loads hold the 64 KB weight slice in registers across the PDL wait (128 per thread at 4 warps), so
     few of x's 128 KB of loads are in flight after it. H200, GPT-345M, M = 64, QKV + out + FC1 chained over 24
     layers with PDL in one CUDA graph (scratch probe, data/bench/skinny_tma_ab.csv): 13.35 -> 11.04 us per layer.
     Decode step at context 512, alternating in one process, three rounds (`ftlab bench --ab-decode`, same CSV):
-    bs64 1.445 -> 1.401 ms; slower at other rows: bs48 1.247 -> 1.252, bs33 1.039 -> 1.094, bs32 0.965 -> 1.095,
-    bs17 0.756 -> 0.819. End to end, alternating processes, two rounds: bs64 512 -> 32 82.43 / 81.99 -> 80.36 /
-    81.72 ms."""
+    bs64 1.445 -> 1.401 ms (on a second machine 1.434 -> 1.395), bs56 1.329 -> 1.295; slower at fewer rows: bs48
+    1.247 -> 1.252, bs33 1.039 -> 1.094, bs32 0.965 -> 1.095, bs17 0.756 -> 0.819. Taking the weight and x in
+    four K chunks instead (each copy waited for before the next: 15.0 us in the chain) or as (chunks, rows, keys)
+    boxes multiplied by a batched dot (20-41 us) was slower. End to end, alternating processes, two rounds: bs64
+    512 -> 32 82.43 / 81.99 -> 80.36 / 81.72 ms."""
     setting = os.environ.get("FTLAB_SKINNY_TMA", "")
     if (setting == "0" or TensorDescriptor is None or not x.is_cuda
-            or x.dtype not in (torch.float16, torch.bfloat16) or (x.shape[0] != 64 and setting != "1")
+            or x.dtype not in (torch.float16, torch.bfloat16) or (x.shape[0] < TMA_MIN_ROWS and setting != "1")
             or _capability_major(x.device.index if x.device.index is not None else torch.cuda.current_device()) < 9):
         return False
     return all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
