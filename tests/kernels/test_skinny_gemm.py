@@ -375,3 +375,45 @@ def test_skinny_gemm_tma_loads_match_pointer_loads(M, N, K, dtype_name, monkeypa
     ref = linear_reference(x.double(), weight.double(), bias=bias.double(), residual=residual.double(),
                            activation="gelu")
     assert_rel_close(results["1"][1], ref, dtype=dtype)
+
+
+class _FakeCudaTensor:
+    """What _tma_on looks at, on a machine without a GPU: a CUDA tensor's device, dtype, shape and layout."""
+
+    def __init__(self, rows, cols, dtype=torch.float16, row_stride=None, address=1 << 20):
+        self.is_cuda, self.dtype, self.shape = True, dtype, (rows, cols)
+        self.device = torch.device("cuda", 0)
+        self._strides, self._address = (row_stride or cols, 1), address
+
+    def stride(self, dim):
+        return self._strides[dim]
+
+    def element_size(self):
+        return torch.tensor([], dtype=self.dtype).element_size()
+
+    def data_ptr(self):
+        return self._address
+
+
+def test_tma_is_taken_from_56_rows_on_sm90_unless_turned_off(monkeypatch):
+    from ftlab.kernels import skinny_gemm as module
+
+    if module.TensorDescriptor is None:
+        pytest.skip("this triton has no host-side tensor descriptors")
+    monkeypatch.setattr(module, "_capability_major", lambda index: 9)
+    monkeypatch.delenv("FTLAB_SKINNY_TMA", raising=False)
+    weight = _FakeCudaTensor(3072, 1024)
+    assert module._tma_on(_FakeCudaTensor(64, 1024), weight)
+    assert module._tma_on(_FakeCudaTensor(module.TMA_MIN_ROWS, 1024), weight)
+    assert not module._tma_on(_FakeCudaTensor(module.TMA_MIN_ROWS - 1, 1024), weight)
+    assert module._tma_on(_FakeCudaTensor(64, 1024, torch.bfloat16), _FakeCudaTensor(3072, 1024, torch.bfloat16))
+    assert not module._tma_on(_FakeCudaTensor(64, 1024, torch.float32), _FakeCudaTensor(3072, 1024, torch.float32))
+    assert not module._tma_on(_FakeCudaTensor(64, 1000, row_stride=1001), weight)  # rows not 16-byte aligned
+    assert not module._tma_on(_FakeCudaTensor(64, 1024, address=(1 << 20) + 8), weight)
+    monkeypatch.setenv("FTLAB_SKINNY_TMA", "1")
+    assert module._tma_on(_FakeCudaTensor(17, 1024), weight)
+    monkeypatch.setenv("FTLAB_SKINNY_TMA", "0")
+    assert not module._tma_on(_FakeCudaTensor(64, 1024), weight)
+    monkeypatch.delenv("FTLAB_SKINNY_TMA")
+    monkeypatch.setattr(module, "_capability_major", lambda index: 8)
+    assert not module._tma_on(_FakeCudaTensor(64, 1024), weight)
