@@ -1,17 +1,17 @@
 """Skinny GEMM on tensor cores for decode batches (5 to 64 rows): y = act(x @ weight.T + bias) + residual.
 
-Between the GEMV sizes (kernels/gemv_rows.py, M <= 4) and prefill, a decode step's GEMMs move a layer's weights
-(25 MB at GPT-345M) for at most 64 rows of x: bandwidth-bound work that cuBLAS does at ~1 TB/s on the H200 (its
-kernels for M = 8..64 use few programs and cannot start before the previous kernel ends). Here each program owns a
-BLOCK_N x K_SPLIT slice of the weight and loads it before its PDL wait (kernels/_pdl.py: while the previous kernel
-finishes), then multiplies all rows of x by it with one tl.dot. At 56-64 rows on sm_90+ both come through TMA
-descriptors into shared memory instead of pointer loads through registers (`_tma_on`, FTLAB_SKINNY_TMA). Split-K programs store fp32 partials; the last of
-an output tile's programs to finish (an acquire-release counter, as in kernels/decode_attention.py) adds them in a
-fixed order and applies the epilogue: no reduce launch, and results that do not depend on arrival order. With
-partials=True the programs store their fp32 products and stop: a consumer that reads them anyway sums them in the
-same order (kernels/layernorm.py with the residual add; the model's FC2 where LayerNorm launches run between the
-skinny GEMMs: FTLAB_SKINNY_LN=0, or hidden > 1024), and no program waits on a counter. Its torch reference is
-kernels/linear.py's linear_reference (the same function, LayerNorm included).
+Between the GEMV sizes (kernels/gemv_rows.py, M <= 4) and prefill, a decode step's GEMMs move a layer's weights (25
+MB at GPT-345M) for at most 64 rows of x: bandwidth-bound work that cuBLAS does at ~1 TB/s on the H200 (its kernels
+for M = 8..64 use few programs and cannot start before the previous kernel ends). Here each program owns a BLOCK_N x
+K_SPLIT slice of the weight and loads it before its PDL wait (kernels/_pdl.py: while the previous kernel finishes),
+then multiplies all rows of x by it with one tl.dot. At 56-64 rows on sm_90+ both come through TMA descriptors into
+shared memory instead of pointer loads through registers (`_tma_on`, FTLAB_SKINNY_TMA). Split-K programs store fp32
+partials; the last of an output tile's programs to finish (an acquire-release counter, as in
+kernels/decode_attention.py) adds them in a fixed order and applies the epilogue: no reduce launch, and results that
+do not depend on arrival order. With partials=True the programs store their fp32 products and stop: a consumer that
+reads them anyway sums them in the same order (kernels/layernorm.py with the residual add; the model's FC2 where
+LayerNorm launches run between the skinny GEMMs: FTLAB_SKINNY_LN=0, or hidden > 1024), and no program waits on a
+counter. Its torch reference is kernels/linear.py's linear_reference (the same function, LayerNorm included).
 
 H200, fp16, a block's four GEMMs chained over 24 layers of distinct weights in one CUDA graph (`python -m
 ftlab.kernels.skinny_gemm`, data/bench/skinny_gemm_chain.csv), us per layer against cuBLAS (+ two adds):
@@ -67,7 +67,7 @@ from ._shared import bias_act_residual, shifted_ln_stats
 
 @triton.jit
 def _skinny_gemm_kernel(
-    x_ptr, w_ptr, x_desc, w_desc,  # descriptors (TMA): x (M, K) in (BLOCK_M, K_SPLIT) boxes, weight (BLOCK_N, K_SPLIT)
+    x_ptr, w_ptr, x_desc, w_desc,  # TMA descriptors: x in (BLOCK_M, K_SPLIT) boxes, weight in (BLOCK_N, K_SPLIT)
     bias_ptr, res_ptr, out_ptr, part_ptr, counter_ptr, row_sums_ptr, mean_ptr, rstd_ptr,
     stats_in_ptr, stats_out_ptr,  # TileRowStats parts (2, tiles, M) fp32: in (STATS_TILES), out (ROW_STATS_OUT)
     M, N, K, stride_xm, ln_eps, stats_parts, stats_cols,
@@ -350,7 +350,8 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     else:
         descs = (x, weight)  # unused
     _skinny_gemm_kernel[(tiles_n, split_k)](
-        x, weight, *descs, bias if bias is not None else out, residual if residual is not None else out, out, part, counter,
+        x, weight, *descs,
+        bias if bias is not None else out, residual if residual is not None else out, out, part, counter,
         ln_row_sums if ln_row_sums is not None else part,
         *(ln_stats if ln_stats is not None and tile_stats is None else (part, part)),
         tile_stats.parts if tile_stats is not None else part, stats_out if stats_out is not None else part,
