@@ -39,13 +39,18 @@ def _capability_major(device_index: int) -> int:
     return torch.cuda.get_device_capability(device_index)[0]
 
 
-def pdl_for(device: torch.device) -> bool:
-    """Whether kernels on `device` are launched with PDL (read per call, so FTLAB_PDL can be flipped at run time;
-    a kernel compiled both ways keeps both)."""
-    if device.type != "cuda" or not _HAS_GDC or os.environ.get("FTLAB_PDL", "1") == "0":
+def hopper_or_later(device: torch.device) -> bool:
+    """Whether `device` is a CUDA GPU of compute capability 9 or later (PDL, TMA descriptors, bulk L2 prefetch)."""
+    if device.type != "cuda":
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _capability_major(index) >= 9
+
+
+def pdl_for(device: torch.device) -> bool:
+    """Whether kernels on `device` are launched with PDL (read per call, so FTLAB_PDL can be flipped at run time;
+    a kernel compiled both ways keeps both)."""
+    return _HAS_GDC and os.environ.get("FTLAB_PDL", "1") != "0" and hopper_or_later(device)
 
 
 def launch_options(use_pdl: bool) -> dict:

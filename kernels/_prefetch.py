@@ -22,13 +22,14 @@ noise (scratch code, not kept). On for CUDA devices of compute
 capability 9 or later (the bulk form needs sm_90); FTLAB_PREFETCH=0 turns it off, =2 picks the per-line form. Never
 under the interpreter (MODE 0).
 """
-import functools
 import os
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from ._pdl import hopper_or_later
 
 _LINE = 128  # bytes per L2 line request in MODE 2
 _ALIGN = 16  # the bulk form needs 16-byte aligned addresses and sizes
@@ -65,11 +66,6 @@ class PrefetchPlan(NamedTuple):
     mode: int  # 0 off, 1 bulk, 2 lines
 
 
-@functools.lru_cache(maxsize=None)
-def _capability_major(device_index: int) -> int:
-    return torch.cuda.get_device_capability(device_index)[0]
-
-
 def prefetch_mode(device: torch.device) -> int:
     """0 (off), 1 (bulk) or 2 (per line) for kernels on `device`; FTLAB_PREFETCH is read per call."""
     if device.type != "cuda":
@@ -77,8 +73,7 @@ def prefetch_mode(device: torch.device) -> int:
     env = os.environ.get("FTLAB_PREFETCH", "1")
     if env == "0":
         return 0
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if _capability_major(index) < 9:
+    if not hopper_or_later(device):
         return 0
     return 2 if env == "2" else 1
 

@@ -61,7 +61,7 @@ except ImportError:  # a triton without host-side tensor descriptors: no TMA pat
     TensorDescriptor = None
 
 from ._env import eviction_policy_from_env, ints_from_env
-from ._pdl import _capability_major, gdc_launch_dependents, gdc_wait, launch_options, pdl_for
+from ._pdl import gdc_launch_dependents, gdc_wait, hopper_or_later, launch_options, pdl_for
 from ._shared import bias_act_residual, shifted_ln_stats
 
 
@@ -383,9 +383,8 @@ def _tma_on(x: torch.Tensor, weight: torch.Tensor) -> bool:
     boxes multiplied by a batched dot (20-41 us) was slower. End to end, alternating processes, two rounds: bs64
     512 -> 32 82.43 / 81.99 -> 80.36 / 81.72 ms."""
     setting = os.environ.get("FTLAB_SKINNY_TMA", "")
-    if (setting == "0" or TensorDescriptor is None or not x.is_cuda
-            or x.dtype not in (torch.float16, torch.bfloat16) or (x.shape[0] < TMA_MIN_ROWS and setting != "1")
-            or _capability_major(x.device.index if x.device.index is not None else torch.cuda.current_device()) < 9):
+    if (setting == "0" or TensorDescriptor is None or x.dtype not in (torch.float16, torch.bfloat16)
+            or (x.shape[0] < TMA_MIN_ROWS and setting != "1") or not hopper_or_later(x.device)):
         return False
     return all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
                for t in (x, weight))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ftlab.kernels import _prefetch
+from ftlab.kernels import _pdl, _prefetch
 from ftlab.kernels.decode_attention import decode_attention, decode_attention_reference
 from ftlab.kernels.linear import linear, linear_reference
 from tests.util import cache_with_history
@@ -17,7 +17,7 @@ def test_never_on_the_cpu():
 def test_hopper_or_later_unless_turned_off(monkeypatch):
     cuda0 = torch.device("cuda", 0)  # a device object only: nothing here touches a GPU
     for major, expected in ((8, 0), (9, 1), (10, 1)):
-        monkeypatch.setattr(_prefetch, "_capability_major", lambda index, major=major: major)
+        monkeypatch.setattr(_pdl, "_capability_major", lambda index, major=major: major)
         assert _prefetch.prefetch_mode(cuda0) == expected, major
     monkeypatch.setenv("FTLAB_PREFETCH", "2")
     assert _prefetch.prefetch_mode(cuda0) == 2

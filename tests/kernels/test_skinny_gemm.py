@@ -400,7 +400,7 @@ def test_tma_is_taken_from_56_rows_on_sm90_unless_turned_off(monkeypatch):
 
     if module.TensorDescriptor is None:
         pytest.skip("this triton has no host-side tensor descriptors")
-    monkeypatch.setattr(module, "_capability_major", lambda index: 9)
+    monkeypatch.setattr(module, "hopper_or_later", lambda device: device.type == "cuda")
     monkeypatch.delenv("FTLAB_SKINNY_TMA", raising=False)
     weight = _FakeCudaTensor(3072, 1024)
     assert module._tma_on(_FakeCudaTensor(64, 1024), weight)
@@ -415,5 +415,5 @@ def test_tma_is_taken_from_56_rows_on_sm90_unless_turned_off(monkeypatch):
     monkeypatch.setenv("FTLAB_SKINNY_TMA", "0")
     assert not module._tma_on(_FakeCudaTensor(64, 1024), weight)
     monkeypatch.delenv("FTLAB_SKINNY_TMA")
-    monkeypatch.setattr(module, "_capability_major", lambda index: 8)
+    monkeypatch.setattr(module, "hopper_or_later", lambda device: False)
     assert not module._tma_on(_FakeCudaTensor(64, 1024), weight)
