@@ -224,10 +224,11 @@ def pick_skinny_config(M: int, N: int, K: int, ln: bool = False) -> SkinnyConfig
     return SkinnyConfig(32 if square else 64, k_split, 4 if square else 8)
 
 
-def _config_from_env() -> Optional[SkinnyConfig]:
-    """FTLAB_SKINNY_TILE="block_n,k_split,num_warps": every call without config= uses it (for measuring tiles inside
-    a model's step; read per call)."""
-    values = ints_from_env("FTLAB_SKINNY_TILE", "block_n,k_split,num_warps")
+def _config_from_env(N: int, K: int) -> Optional[SkinnyConfig]:
+    """FTLAB_SKINNY_TILE_<N>_<K>="block_n,k_split,num_warps": calls without config= of an (N, K) weight use it, else
+    FTLAB_SKINNY_TILE: every call without config= (for measuring tiles inside a model's step; read per call)."""
+    values = (ints_from_env(f"FTLAB_SKINNY_TILE_{N}_{K}", "block_n,k_split,num_warps")
+              or ints_from_env("FTLAB_SKINNY_TILE", "block_n,k_split,num_warps"))
     return SkinnyConfig(*values) if values is not None else None
 
 
@@ -293,7 +294,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     M, K = x.shape
     N = weight.shape[0]
     whole_rows = ln_row_sums is not None and ln_stats is None  # the kernel takes the LayerNorm's statistics itself
-    cfg = config or _config_from_env() or pick_skinny_config(M, N, K, ln=whole_rows)
+    cfg = config or _config_from_env(N, K) or pick_skinny_config(M, N, K, ln=whole_rows)
     if partials and row_stats:
         raise ValueError("skinny_gemm(partials=True) stores no output, so it has no row_stats")
     tile_stats = ln_stats if isinstance(ln_stats, TileRowStats) else None
@@ -393,7 +394,7 @@ def _tma_on(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def skinny_splits(M: int, N: int, K: int) -> int:
     """How many K splits skinny_gemm makes of an (M, K) x (N, K)^T product without config= (FTLAB_SKINNY_TILE
     included): the leading dim of what partials=True returns."""
-    cfg = _config_from_env() or pick_skinny_config(M, N, K)
+    cfg = _config_from_env(N, K) or pick_skinny_config(M, N, K)
     return triton.cdiv(K, cfg.k_split)
 
 

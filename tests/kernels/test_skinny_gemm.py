@@ -317,6 +317,20 @@ def test_skinny_tile_from_env(monkeypatch, device):
         skinny_gemm(x, weight, bias)
 
 
+def test_skinny_tile_per_weight_shape_from_env(monkeypatch, device):
+    # FTLAB_SKINNY_TILE_<N>_<K> takes the (N, K) weights only, before FTLAB_SKINNY_TILE
+    x, weight, bias, _ = _inputs(4, 24, 40, torch.float32, device)
+    monkeypatch.setenv("FTLAB_SKINNY_TILE", "16,64,4")  # one split of K
+    monkeypatch.setenv("FTLAB_SKINNY_TILE_24_40", "16,16,4")  # three
+    assert skinny_splits(4, 24, 40) == 3 and skinny_splits(4, 40, 24) == 1
+    out = skinny_gemm(x, weight, bias)
+    assert_rel_close(out, linear_reference(x.double(), weight.double(), bias=bias.double()), torch.float32)
+    assert skinny_gemm(x, weight, partials=True).shape == (3, 4, 24)
+    monkeypatch.setenv("FTLAB_SKINNY_TILE_24_40", "16")
+    with pytest.raises(ValueError, match="FTLAB_SKINNY_TILE_24_40"):
+        skinny_gemm(x, weight, bias)
+
+
 def test_linear_dispatches_impl_skinny(device):
     from ftlab.kernels.linear import linear
 
