@@ -227,8 +227,8 @@ def pick_skinny_config(M: int, N: int, K: int, ln: bool = False) -> SkinnyConfig
 def _config_from_env(N: int, K: int) -> Optional[SkinnyConfig]:
     """FTLAB_SKINNY_TILE_<N>_<K>="block_n,k_split,num_warps": calls without config= of an (N, K) weight use it, else
     FTLAB_SKINNY_TILE: every call without config= (for measuring tiles inside a model's step; read per call)."""
-    values = (ints_from_env(f"FTLAB_SKINNY_TILE_{N}_{K}", "block_n,k_split,num_warps")
-              or ints_from_env("FTLAB_SKINNY_TILE", "block_n,k_split,num_warps"))
+    fields = "block_n,k_split,num_warps"
+    values = ints_from_env(f"FTLAB_SKINNY_TILE_{N}_{K}", fields) or ints_from_env("FTLAB_SKINNY_TILE", fields)
     return SkinnyConfig(*values) if values is not None else None
 
 
@@ -393,7 +393,7 @@ def _tma_on(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def skinny_splits(M: int, N: int, K: int) -> int:
     """How many K splits skinny_gemm makes of an (M, K) x (N, K)^T product without config= (FTLAB_SKINNY_TILE
-    included): the leading dim of what partials=True returns."""
+    and FTLAB_SKINNY_TILE_<N>_<K> included): the leading dim of what partials=True returns."""
     cfg = _config_from_env(N, K) or pick_skinny_config(M, N, K)
     return triton.cdiv(K, cfg.k_split)
 
