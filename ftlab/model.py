@@ -237,8 +237,11 @@ def _dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def _skinny_prefetch_targets() -> set[str]:
     """FTLAB_SKINNY_PREFETCH (read per call), a comma-separated subset of qkv, out, fc1, fc2: in the row-statistics
     blocks the skinny GEMM before each named GEMM asks L2 for that GEMM's weight after its PDL wait (the next
-    block's QKV weight from FC2). A 196 KiB skinny GEMM program at 56-64 rows cannot start beside the one before it,
-    so it only begins to load its weight slice when that one has finished (see kernels/skinny_gemm.py)."""
+    block's QKV weight from FC2). Why it might pay at 56-64 rows: a skinny GEMM program there holds 196 KiB of
+    shared memory, so it cannot start beside the one before it and begins to load its weight slice only when that
+    one has finished (FC2 after FC1, QKV after FC2: 8 and 6 MB per layer); the hint would have those weights in L2
+    by then. Off by default: not yet measured (session 40 lost its device time). To measure: `bash .ci/gpu-check
+    env-step 64 "default;FTLAB_SKINNY_PREFETCH=fc2,qkv;FTLAB_SKINNY_PREFETCH=qkv,out,fc1,fc2" 3`."""
     names = {n.strip() for n in os.environ.get("FTLAB_SKINNY_PREFETCH", "").split(",") if n.strip()}
     unknown = names - {"qkv", "out", "fc1", "fc2"}
     if unknown:
