@@ -240,8 +240,8 @@ def _skinny_prefetch_targets() -> set[str]:
     block's QKV weight from FC2). Why it might pay at 56-64 rows: a skinny GEMM program there holds 196 KiB of
     shared memory, so it cannot start beside the one before it and begins to load its weight slice only when that
     one has finished (FC2 after FC1, QKV after FC2: 8 and 6 MB per layer); the hint would have those weights in L2
-    by then. Off by default: not yet measured (session 40 lost its device time). To measure: `bash .ci/gpu-check
-    env-step 64 "default;FTLAB_SKINNY_PREFETCH=fc2,qkv;FTLAB_SKINNY_PREFETCH=qkv,out,fc1,fc2" 3`."""
+    by then. Off by default: not yet measured (session 40 lost its device time); `bash .ci/gpu-check
+    skinny-prefetch` runs its GPU tests and A/Bs."""
     names = {n.strip() for n in os.environ.get("FTLAB_SKINNY_PREFETCH", "").split(",") if n.strip()}
     unknown = names - {"qkv", "out", "fc1", "fc2"}
     if unknown:
