@@ -234,21 +234,6 @@ def _dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def _skinny_prefetch_targets() -> set[str]:
-    """FTLAB_SKINNY_PREFETCH (read per call), a comma-separated subset of qkv, out, fc1, fc2: in the row-statistics
-    blocks the skinny GEMM before each named GEMM asks L2 for that GEMM's weight after its PDL wait (the next
-    block's QKV weight from FC2). Why it might pay at 56-64 rows: a skinny GEMM program there holds 196 KiB of
-    shared memory, so it cannot start beside the one before it and begins to load its weight slice only when that
-    one has finished (FC2 after FC1, QKV after FC2: 8 and 6 MB per layer); the hint would have those weights in L2
-    by then. Off by default: not yet measured (session 40 lost its device time); `bash .ci/gpu-check
-    skinny-prefetch` runs its GPU tests and A/Bs."""
-    names = {n.strip() for n in os.environ.get("FTLAB_SKINNY_PREFETCH", "").split(",") if n.strip()}
-    unknown = names - {"qkv", "out", "fc1", "fc2"}
-    if unknown:
-        raise ValueError(f"FTLAB_SKINNY_PREFETCH names unknown GEMMs {sorted(unknown)}; use qkv, out, fc1, fc2")
-    return names
-
-
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -503,26 +488,21 @@ class GPT:
         eps, blocks = self.config.layernorm_eps, self.weights.blocks
         stats = layernorm_stats(x, eps)
         last = len(blocks) - 1
-        ahead = _skinny_prefetch_targets()
         for i, block in enumerate(blocks):
             T = x.shape[0]
-            pf = {"out": block.attn_out_weight, "fc1": block.fc1_weight, "fc2": block.fc2_weight,
-                  "qkv": blocks[i + 1].qkv_weight if i < last else None}
-            pf = {name: w if name in ahead else None for name, w in pf.items()}
             qkv = skinny_gemm(x, block.qkv_weight, block.qkv_bias, ln_row_sums=block.qkv_ln_row_sums, ln_eps=eps,
-                              ln_stats=stats, prefetch=pf["out"])  # (T, 3*nh*hs)
+                              ln_stats=stats)  # (T, 3*nh*hs)
             attn = attend(i, qkv.view(T, 3, self.local_heads, self.config.size_per_head))  # (T, nh, hs)
             if keep_rows is not None and i == last:
                 attn, x = attn[keep_rows], x[keep_rows]
                 T = x.shape[0]
             x, stats = skinny_gemm(attn.reshape(T, -1), block.attn_out_weight, block.attn_out_bias, residual=x,
-                                   row_stats=True, prefetch=pf["fc1"])  # (T, H) and its rows' statistics for LN_2
+                                   row_stats=True)  # (T, H) and its rows' statistics for LN_2
             g = skinny_gemm(x, block.fc1_weight, block.fc1_bias, activation="gelu", ln_row_sums=block.fc1_ln_row_sums,
-                            ln_eps=eps, ln_stats=stats, prefetch=pf["fc2"])  # (T, I_local)
+                            ln_eps=eps, ln_stats=stats)  # (T, I_local)
             if i == last:  # the stage hands on the residual stream (the LM head normalises it itself)
                 return skinny_gemm(g, block.fc2_weight, block.fc2_bias, residual=x)
-            x, stats = skinny_gemm(g, block.fc2_weight, block.fc2_bias, residual=x, row_stats=True,
-                                   prefetch=pf["qkv"])  # for LN_1
+            x, stats = skinny_gemm(g, block.fc2_weight, block.fc2_bias, residual=x, row_stats=True)  # for LN_1
         return x
 
     def _fc2_partials(self, g: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -62,7 +62,6 @@ except ImportError:  # a triton without host-side tensor descriptors: no TMA pat
 
 from ._env import eviction_policy_from_env, ints_from_env
 from ._pdl import gdc_launch_dependents, gdc_wait, hopper_or_later, launch_options, pdl_for
-from ._prefetch import l2_prefetch, prefetch_plan
 from ._shared import bias_act_residual, shifted_ln_stats
 
 
@@ -71,7 +70,6 @@ def _skinny_gemm_kernel(
     x_ptr, w_ptr, x_desc, w_desc,  # TMA descriptors: x in (BLOCK_M, K_SPLIT) boxes, weight in (BLOCK_N, K_SPLIT)
     bias_ptr, res_ptr, out_ptr, part_ptr, counter_ptr, row_sums_ptr, mean_ptr, rstd_ptr,
     stats_in_ptr, stats_out_ptr,  # TileRowStats parts (2, tiles, M) fp32: in (STATS_TILES), out (ROW_STATS_OUT)
-    pf_ptr, pf_bytes, pf_share,  # L2 prefetch of a later kernel's weight after the PDL wait (kernels/_prefetch.py)
     M, N, K, stride_xm, ln_eps, stats_parts, stats_cols,
     HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr, USE_PDL: tl.constexpr, IEEE: tl.constexpr,
     LN_PREFOLDED: tl.constexpr,  # the LayerNorm's affine folded into weight / bias (kernels/linear.py fold_layernorm)
@@ -83,7 +81,6 @@ def _skinny_gemm_kernel(
     STATS_TILES: tl.constexpr = 0,  # with LN_PREFOLDED, > 0: merge stats_parts tiles' row statistics (pow2 >= that)
     ROW_STATS_OUT: tl.constexpr = False,  # each output tile's per-row mean and squared deviations to stats_out_ptr
     TMA: tl.constexpr = False,  # x and the weight slice through x_desc / w_desc: one bulk copy each, no registers
-    PREFETCH: tl.constexpr = 0,  # kernels/_prefetch.py's mode (0 off)
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -107,8 +104,6 @@ def _skinny_gemm_kernel(
         row_sums = tl.load(row_sums_ptr + rows_n)  # (BLOCK_N,) fp32: the folded weight's row sums
     if USE_PDL:
         gdc_wait()
-    if PREFETCH:  # after the wait: HBM is free of the previous kernel's reads while this one works from x and L2
-        l2_prefetch(pf_ptr, pf_bytes, pf_share, PREFETCH, 128)
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     if TMA:
@@ -276,8 +271,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 config: Optional[SkinnyConfig] = None, counter: Optional[torch.Tensor] = None,
                 ln_row_sums: Optional[torch.Tensor] = None, ln_eps: float = 1e-5,
                 ln_stats: Optional[tuple[torch.Tensor, torch.Tensor] | TileRowStats] = None, partials: bool = False,
-                row_stats: bool = False,
-                prefetch: Optional[torch.Tensor] = None) -> torch.Tensor | tuple[torch.Tensor, TileRowStats]:
+                row_stats: bool = False) -> torch.Tensor | tuple[torch.Tensor, TileRowStats]:
     """x (M, K) with 1 <= M <= MAX_M, weight (N, K), bias (N,), residual (M, N) -> (M, N) in x.dtype; activation
     None or "gelu" (tanh). fp32 inputs multiply exactly (no TF32). counter: int32, at least cdiv(N, block_n) long,
     zero before the call and left zero after it (default: one shared by the calls on this device).
@@ -291,12 +285,8 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     and its counter are left out; no bias, activation, residual or LayerNorm then.
     row_stats: also return each output tile's row statistics, (out, TileRowStats), which a next LayerNorm-folded
     call takes as ln_stats= (it merges them beside its load of x: no layernorm_stats launch between the two); the
-    config's block_n must divide N.
-    prefetch: a tensor a later kernel reads (its weight): the programs ask L2 for it right after their PDL wait,
-    each its share (kernels/_prefetch.py; a hint: results never depend on it; GPU only)."""
+    config's block_n must divide N."""
     _check_args(x, weight, bias, activation, residual)
-    if prefetch is not None and not isinstance(prefetch, torch.Tensor):
-        raise ValueError(f"prefetch must be a torch.Tensor or None, got {type(prefetch).__name__}")
     if partials and (bias is not None or activation is not None or residual is not None or ln_row_sums is not None
                      or ln_stats is not None):
         raise ValueError("skinny_gemm(partials=True) returns the bare split-K products: no bias, activation, "
@@ -360,14 +350,13 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                  TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.k_split]))
     else:
         descs = (x, weight)  # unused
-    pf = prefetch_plan(prefetch, tiles_n * split_k, weight)
     _skinny_gemm_kernel[(tiles_n, split_k)](
         x, weight, *descs,
         bias if bias is not None else out, residual if residual is not None else out, out, part, counter,
         ln_row_sums if ln_row_sums is not None else part,
         *(ln_stats if ln_stats is not None and tile_stats is None else (part, part)),
         tile_stats.parts if tile_stats is not None else part, stats_out if stats_out is not None else part,
-        pf.target, pf.nbytes, pf.share, M, N, K, x.stride(0), float(ln_eps),
+        M, N, K, x.stride(0), float(ln_eps),
         *((tile_stats.parts.shape[1], tile_stats.columns) if tile_stats is not None else (0, 0)),
         HAS_BIAS=bias is not None, ACT_GELU=activation == "gelu", HAS_RES=residual is not None, USE_PDL=use_pdl,
         IEEE=x.dtype == torch.float32, LN_PREFOLDED=ln_row_sums is not None, STATS_GIVEN=ln_stats is not None,
@@ -375,7 +364,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         STAT_K=min(cfg.k_split, 128), W_EVICT=eviction_policy_from_env("FTLAB_SKINNY_W_EVICT", "evict_first"),
         PARTIALS_ONLY=partials,
         STATS_TILES=triton.next_power_of_2(tile_stats.parts.shape[1]) if tile_stats is not None else 0,
-        ROW_STATS_OUT=row_stats, PREFETCH=pf.mode, num_warps=cfg.num_warps, **launch_options(use_pdl),
+        ROW_STATS_OUT=row_stats, num_warps=cfg.num_warps, **launch_options(use_pdl),
     )
     return (out, TileRowStats(stats_out, cfg.block_n)) if row_stats else out
 

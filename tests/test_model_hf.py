@@ -271,40 +271,6 @@ def test_skinny_gemm_path_matches_hf(dtype, tol, ln_folded, device, monkeypatch)
     assert generate(model, prompts, max_new_tokens=6, use_cuda_graph=False).output_ids == graphed.output_ids
 
 
-def test_skinny_prefetch_targets_from_env(monkeypatch):
-    from ftlab.model import _skinny_prefetch_targets
-
-    monkeypatch.delenv("FTLAB_SKINNY_PREFETCH", raising=False)
-    assert _skinny_prefetch_targets() == set()
-    monkeypatch.setenv("FTLAB_SKINNY_PREFETCH", "fc2, qkv")
-    assert _skinny_prefetch_targets() == {"fc2", "qkv"}
-    monkeypatch.setenv("FTLAB_SKINNY_PREFETCH", "fc2,lm_head")
-    with pytest.raises(ValueError, match=r"unknown GEMMs \['lm_head'\]"):
-        _skinny_prefetch_targets()
-
-
-@pytest.mark.gpu
-def test_skinny_prefetch_of_the_next_weight_changes_no_token(device, monkeypatch):
-    # FTLAB_SKINNY_PREFETCH: the row-statistics blocks' skinny GEMMs ask L2 for the next GEMM's weight; a hint, so
-    # the logits and greedy tokens (CUDA graphs on) are those without it, bit for bit; an unknown name is refused
-    monkeypatch.setenv("FTLAB_SKINNY_LN", "rowstats")
-    cfg = dict(n_embd=128, n_head=4, n_layer=3, vocab_size=97, n_inner=200)
-    hf = random_hf_model(**cfg)
-    model = ftlab_model(hf, "fp16", device)
-    prompts = random_prompts(cfg["vocab_size"], [2, 7, 1, 5, 3, 2])
-    results = {}
-    for setting in ("", "qkv,out,fc1,fc2"):
-        monkeypatch.setenv("FTLAB_SKINNY_PREFETCH", setting)
-        model.graph_cache.clear()  # capture the step again under this setting
-        results[setting] = (model.logits(prompts), generate(model, prompts, max_new_tokens=6).output_ids)
-    for got, want in zip(results["qkv,out,fc1,fc2"][0], results[""][0]):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert results["qkv,out,fc1,fc2"][1] == results[""][1]
-    monkeypatch.setenv("FTLAB_SKINNY_PREFETCH", "fc3")
-    with pytest.raises(ValueError, match="FTLAB_SKINNY_PREFETCH names unknown GEMMs"):
-        model.logits(prompts)
-
-
 @pytest.mark.parametrize("partials", ["1", "0"])
 @pytest.mark.parametrize("dtype, tol", _small_m_cases())
 def test_fc2_split_k_products_summed_by_the_layernorm(dtype, tol, partials, device, monkeypatch):

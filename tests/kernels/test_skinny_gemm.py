@@ -391,20 +391,6 @@ def test_skinny_gemm_tma_loads_match_pointer_loads(M, N, K, dtype_name, monkeypa
     assert_rel_close(results["1"][1], ref, dtype=dtype)
 
 
-@pytest.mark.parametrize("M, N, K", [(64, 1024, 4096), (7, 33, 100), (64, 40, 64)])
-def test_skinny_gemm_prefetch_changes_nothing(M, N, K, device):
-    # an L2 prefetch of another tensor (on sm_90+ one bulk request per program after the PDL wait, also one larger
-    # than the grid's shares cover evenly, and one smaller than a program's share) is a hint: products bit for bit
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    x, weight, bias, residual = _inputs(M, N, K, dtype, device)
-    plain = skinny_gemm(x, weight, bias, activation="gelu", residual=residual)
-    for target in (torch.randn(3000, 1001, device=device, dtype=dtype), torch.randn(8, device=device)):
-        hinted = skinny_gemm(x, weight, bias, activation="gelu", residual=residual, prefetch=target)
-        torch.testing.assert_close(hinted, plain, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="prefetch must be a torch.Tensor"):
-        skinny_gemm(x, weight, prefetch=[1, 2])
-
-
 class _FakeCudaTensor:
     """What _tma_on looks at, on a machine without a GPU: a CUDA tensor's device, dtype, shape and layout."""
 
