@@ -60,7 +60,6 @@ from .kernels.layernorm import layernorm, layernorm_stats
 from .kernels.linear import GEMV_MAX_M, fold_layernorm, linear
 from .kernels.skinny_gemm import (LN_MAX_K as SKINNY_LN_MAX_K, MAX_M as SKINNY_MAX_M, skinny_enabled, skinny_gemm,
                                   skinny_gemm_on, skinny_splits)
-from .prefill_streams import blocks_two_streams, use_two_streams
 
 SMALL_M_MAX = 64  # up to this many rows (decode batches, short prompts) see GPT._small_m_gemm
 SKINNY_LN_AUTO_MAX_M = 16  # up to this many rows take GPT._skinny_blocks by default on a GPU (in-GEMM statistics)
@@ -536,8 +535,6 @@ class GPT:
         if not self.weights.blocks:
             return x if keep_rows is None else x[keep_rows]
         if self._uses_cublas(x.shape[0]):
-            if use_two_streams(self, x, cu_seqlens, keep_rows):
-                return blocks_two_streams(self, x, cu_seqlens, max_seqlen, cache, keep_rows)
             return self._blocks_cublas(x, attend, keep_rows)
         if self._block_impl(x.shape[0]) == "skinny-rowstats":
             return self._blocks_row_stats(x, attend, keep_rows)

@@ -51,13 +51,12 @@ def _context_attention_kernel(
     stride_out_t, stride_out_h,
     stride_kc_b, stride_kc_h, stride_kc_s,
     stride_vc_b, stride_vc_h, stride_vc_s,
-    head_dim, m_block_lo, num_m_blocks,
+    head_dim, num_m_blocks,
     WRITE_CACHE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # query blocks m_block_lo .. m_block_lo + num_m_blocks - 1; the last ones see the most keys: launch them first
-    # so the tail of the grid is short work
-    block_m = m_block_lo + num_m_blocks - 1 - tl.program_id(0)
+    # the last query blocks see the most keys: launch them first so the tail of the grid is short work
+    block_m = num_m_blocks - 1 - tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.program_id(2)
     seq_start = tl.load(cu_seqlens_ptr + seq)
@@ -189,18 +188,13 @@ def _check_cache(name: str, cache: torch.Tensor, qkv: torch.Tensor, batch: int, 
 
 def context_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: Optional[float] = None,
                       k_cache: Optional[torch.Tensor] = None, v_cache: Optional[torch.Tensor] = None,
-                      blocks: Optional[ContextBlocks] = None,
-                      query_rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+                      blocks: Optional[ContextBlocks] = None) -> torch.Tensor:
     """Causal self-attention within each packed prompt; returns out (T, nh, d) in qkv's dtype.
 
     qkv (T, 3, nh, d); cu_seqlens int32 (B+1,) on qkv's device, cu_seqlens[-1] == T; max_seqlen >= every prompt
     length (host-side int; longer prompts would be truncated silently, it cannot be checked without a sync).
     If k_cache/v_cache (B, nh, S_max, d) are given, token t of prompt b is written to cache[b, :, t - cu_seqlens[b]].
     blocks: tile sizes (default: pick_context_blocks; the micro-benchmark's sweep passes its own).
-    query_rows (lo, hi): attend only the queries at positions lo..hi-1 of each prompt (their keys are still every
-    earlier position, read from qkv): only those rows of out and of the cache are written, the rest of out is left
-    uninitialised. lo must be a multiple of blocks.block_m, and so must hi unless hi >= max_seqlen, so no program
-    touches a row outside the range (a pipelined prefill runs the other rows on another stream).
     """
     if qkv.dim() != 4 or qkv.shape[1] != 3:
         raise ValueError(f"qkv must be (T, 3, nh, d), got {tuple(qkv.shape)}")
@@ -238,16 +232,7 @@ def context_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: i
     vc = v_cache if write_cache else qkv
     kc_strides = k_cache.stride()[:3] if write_cache else (0, 0, 0)
     vc_strides = v_cache.stride()[:3] if write_cache else (0, 0, 0)
-    m_block_lo, m_block_hi = 0, triton.cdiv(max_seqlen, blocks.block_m)
-    if query_rows is not None:
-        lo, hi = query_rows
-        if not (0 <= lo < hi) or lo % blocks.block_m or (hi < max_seqlen and hi % blocks.block_m):
-            raise ValueError(f"query_rows={query_rows} must satisfy 0 <= lo < hi with lo, and hi unless >= "
-                             f"max_seqlen={max_seqlen}, multiples of the query block {blocks.block_m}")
-        m_block_lo, m_block_hi = lo // blocks.block_m, min(m_block_hi, triton.cdiv(hi, blocks.block_m))
-    num_m_blocks = m_block_hi - m_block_lo
-    if num_m_blocks <= 0:
-        return out
+    num_m_blocks = triton.cdiv(max_seqlen, blocks.block_m)
     grid = (num_m_blocks, num_heads, batch)
     _context_attention_kernel[grid](
         qkv, cu_seqlens, out, kc, vc,
@@ -255,7 +240,7 @@ def context_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: i
         qkv.stride(0), qkv.stride(1), qkv.stride(2),
         out.stride(0), out.stride(1),
         *kc_strides, *vc_strides,
-        head_dim, m_block_lo, num_m_blocks,
+        head_dim, num_m_blocks,
         WRITE_CACHE=write_cache, IEEE=qkv.dtype == torch.float32,
         BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,

@@ -150,41 +150,6 @@ def test_context_attention_rejects_bad_inputs(what, mutate, match, device):
 
 
 
-@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("lengths,split", [([200], 128), ([13, 130, 70], 64), ([257], 192)])
-def test_context_attention_query_rows_split_the_work(lengths, split, dtype_name, device):
-    """query_rows (0, s) then (s, max_seqlen): each call writes only its rows of out and of the cache (the rest
-    stay poisoned), and the two together equal one call over every row (the pipelined prefill's two chunks)."""
-    dtype = DTYPES[dtype_name]
-    skip_if_interpreter_bf16(dtype, device)
-    num_heads, head_dim, max_seqlen = 2, 32, max(lengths)
-    qkv, cu_seqlens = _packed_qkv(lengths, num_heads, head_dim, dtype, device)
-    caches = [_nan_cache(len(lengths), num_heads, max_seqlen, head_dim, dtype, device) for _ in range(2)]
-    whole = context_attention(qkv, cu_seqlens, max_seqlen, k_cache=caches[0], v_cache=caches[1])
-    # row t of the packed batch is position t - start of its prompt
-    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
-    out = torch.full_like(whole, float("nan"))
-    parts = [_nan_cache(len(lengths), num_heads, max_seqlen, head_dim, dtype, device) for _ in range(2)]
-    for lo, hi in ((0, split), (split, max_seqlen)):
-        got = context_attention(qkv, cu_seqlens, max_seqlen, k_cache=parts[0], v_cache=parts[1], query_rows=(lo, hi))
-        mine = (positions >= lo) & (positions < hi)
-        out[mine] = got[mine]
-        for b, n in enumerate(lengths):  # the cache holds this call's rows and the earlier calls' rows only
-            written = parts[0][b, :, :n].isnan().logical_not().all(dim=(0, 2))
-            assert written.tolist() == [p < min(hi, n) for p in range(n)], f"prompt {b}: cache rows after {lo, hi}"
-    # each query block's program computes the same whatever else is launched: bit for bit
-    assert torch.equal(out, whole), f"max difference {(out.float() - whole.float()).abs().max().item()}"
-    _assert_cache_equal(parts[0], caches[0], "k_cache in two calls")
-    _assert_cache_equal(parts[1], caches[1], "v_cache in two calls")
-
-
-@pytest.mark.parametrize("query_rows", [(32, 128), (0, 100), (64, 64), (-64, 64)])
-def test_context_attention_rejects_query_rows_off_the_query_blocks(query_rows, device):
-    qkv, cu_seqlens = _packed_qkv([200], 2, 16, torch.float32, device)
-    with pytest.raises(ValueError, match="query_rows"):
-        context_attention(qkv, cu_seqlens, 200, query_rows=query_rows)
-
-
 def test_blocks_must_tile_the_query_block(device):
     qkv = torch.randn(5, 3, 2, 8, device=device)
     cu_seqlens = torch.tensor([0, 5], dtype=torch.int32, device=device)
