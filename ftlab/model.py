@@ -610,45 +610,9 @@ class GPT:
                 cache: KVCache, *, all_logits: bool = False) -> torch.Tensor:
         """Context phase over packed prompts. Returns the logits of each sequence's last token (B, V), or of every
         token (T, V) with all_logits."""
-        groups = self._prompt_groups(token_ids.shape[0], cu_seqlens.shape[0] - 1, max_seqlen)
-        if groups > 1:
-            return self._prefill_groups(token_ids, positions, cu_seqlens, max_seqlen, cache, groups, all_logits)
         last_tokens = None if all_logits else cu_seqlens[1:].long() - 1  # (B,)
         return self.lm_logits(self.run_blocks_prefill(self.embed(token_ids, positions), cu_seqlens, max_seqlen,
                                                       cache, keep_rows=last_tokens))
-
-    def _prompt_groups(self, total: int, batch: int, max_seqlen: int) -> int:
-        """FTLAB_PREFILL_GROUPS=n (experimental, read per call; default 1): a prefill of n or more prompts of one
-        length runs as n groups of prompts, alternately on two CUDA streams. Prompts never attend to each other, so
-        the groups are independent chains, and one group's bandwidth-bound kernels (LayerNorms, context attention)
-        may run beside the other's cuBLAS GEMMs. Single process, GPU, every group on the cuBLAS path."""
-        n = int(os.environ.get("FTLAB_PREFILL_GROUPS", "1") or 1)
-        if (n < 2 or batch < n or total != batch * max_seqlen or self.device.type != "cuda"
-                or self.all_reduce is not None or not self._uses_cublas(total // batch * (batch // n))):
-            return 1
-        return n
-
-    def _prefill_groups(self, token_ids, positions, cu_seqlens, max_seqlen, cache: KVCache, groups: int,
-                        all_logits: bool) -> torch.Tensor:
-        """`prefill` over `groups` groups of equal-length prompts, groups 0, 2, ... on the current stream and 1, 3,
-        ... on a side stream that starts after what the current one has queued and is joined back at the end."""
-        batch, main = cu_seqlens.shape[0] - 1, torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(main)
-        outs = []
-        for g in range(groups):
-            b0, b1 = batch * g // groups, batch * (g + 1) // groups
-            r0, r1 = b0 * max_seqlen, b1 * max_seqlen
-            with torch.cuda.stream(main if g % 2 == 0 else side):
-                cu = cu_seqlens[b0:b1 + 1] - r0
-                last = None if all_logits else cu[1:].long() - 1
-                x = self.embed(token_ids[r0:r1], positions[r0:r1])
-                outs.append(self.lm_logits(self.run_blocks_prefill(x, cu, max_seqlen, cache.rows(b0, b1),
-                                                                   keep_rows=last)))
-        main.wait_stream(side)
-        for t in outs[1::2]:  # made on the side stream, read by the current one below
-            t.record_stream(main)
-        return torch.cat(outs)
 
     def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decode step: (B,) new tokens at (B,) positions -> (B, V) logits; appends to the cache."""

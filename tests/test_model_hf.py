@@ -76,38 +76,6 @@ def test_prefill_of_last_tokens_only(lengths, dtype, tol, device):
     assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("groups", [2, 3])
-@pytest.mark.parametrize("dtype, tol", [("fp16", 5e-3), ("bf16", 3e-2)])
-def test_prefill_in_prompt_groups_on_two_streams(groups, dtype, tol, monkeypatch):
-    """FTLAB_PREFILL_GROUPS: prompts of one length as independent groups on two CUDA streams give the last-token
-    logits and KV cache of one chain, eagerly and replayed from a captured graph."""
-    from ftlab.generate import capture_cuda_graph
-
-    cfg = CONFIGS[2]
-    model = ftlab_model(random_hf_model(n_positions=64, **cfg), dtype, "cuda")
-    batch = pack_prompts(random_prompts(cfg["vocab_size"], [40] * 7), model.device)
-    args = (batch.token_ids, batch.positions, batch.cu_seqlens, batch.max_seqlen)
-    caches = [model.new_kv_cache(7, 48) for _ in range(3)]
-    for c in caches:  # slots past the prompts are never written: equal in every cache, and not zero
-        torch.manual_seed(1)
-        c.k.normal_(), c.v.normal_()
-    whole = model.prefill(*args, caches[0])
-    monkeypatch.setenv("FTLAB_PREFILL_GROUPS", str(groups))
-    assert model._prompt_groups(7 * 40, 7, 40) == groups
-    grouped = model.prefill(*args, caches[1])
-    graph, replayed = capture_cuda_graph(lambda: model.prefill(*args, caches[2]), model.device)
-    torch.manual_seed(1)
-    caches[2].k.normal_(), caches[2].v.normal_()  # as before the capture's warm-up: the replay must fill the slots
-    graph.replay()
-    torch.cuda.synchronize()
-    for got, cache, how in ((grouped, caches[1], "eager"), (replayed, caches[2], "graph")):
-        assert_rel_close(got.float().cpu(), whole.float().cpu(), tol=tol, what=f"{dtype} logits, {how} groups")
-        for name in ("k", "v"):
-            assert_rel_close(getattr(cache, name).float().cpu(), getattr(caches[0], name).float().cpu(), tol=tol,
-                             what=f"{dtype} {name} cache, {how} groups")
-
-
 @pytest.mark.parametrize("lengths", [[30, 1, 40], pytest.param([3, 9, 1, 6, 2, 11] * 3, marks=pytest.mark.gpu)],
                          ids=["gemv-tail", "skinny-tail"])
 @pytest.mark.parametrize("dtype, tol", [("fp32", 1e-5), pytest.param("fp16", 5e-3, marks=pytest.mark.gpu),
