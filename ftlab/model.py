@@ -523,22 +523,27 @@ class GPT:
         return self._bias_sums
 
     def run_blocks_prefill(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                           cache: KVCache, keep_rows: torch.Tensor | None = None) -> torch.Tensor:
+                           cache: KVCache, last_tokens_only: bool = False) -> torch.Tensor:
         """Packed prompts (T, H) through this stage's blocks, filling cache rows 0..len-1 of each sequence.
 
-        keep_rows (R,) int64: return only these rows (R, H), e.g. each prompt's last token for its logits. The
-        last block then needs every row only up to its attention (the cache takes every key and value); its
-        out-projection, LayerNorm and MLP run on the R rows alone, which saves under 1/num_layers of a long
-        prompt's work."""
+        last_tokens_only: return only each prompt's last row (B, H), for its logits. The last block then needs
+        every row only up to its attention's cache write (the cache takes every key and value); its attention
+        computes the last rows alone (context_attention's last_rows_only; FTLAB_PREFILL_LAST_ROWS=0, read per
+        call, computes every row as before), and its out-projection, LayerNorm and MLP run on those rows, which
+        saves under 1/num_layers of a long prompt's work."""
+        last = len(self.weights.blocks) - 1
+        keep_rows = cu_seqlens[1:].long() - 1 if last_tokens_only else None  # (B,)
+        last_rows = last_tokens_only and os.environ.get("FTLAB_PREFILL_LAST_ROWS", "1") != "0"
+
         def attend(i, qkv):
-            return context_attention(qkv, cu_seqlens, max_seqlen, k_cache=cache.k[i], v_cache=cache.v[i])
+            return context_attention(qkv, cu_seqlens, max_seqlen, k_cache=cache.k[i], v_cache=cache.v[i],
+                                     last_rows_only=last_rows and i == last)
         if not self.weights.blocks:
             return x if keep_rows is None else x[keep_rows]
         if self._uses_cublas(x.shape[0]):
             return self._blocks_cublas(x, attend, keep_rows)
         if self._block_impl(x.shape[0]) == "skinny-rowstats":
             return self._blocks_row_stats(x, attend, keep_rows)
-        last = len(self.weights.blocks) - 1
         for i, block in enumerate(self.weights.blocks):
             x = self._block(block, x, functools.partial(attend, i), keep_rows=keep_rows if i == last else None)
         return x
@@ -610,9 +615,8 @@ class GPT:
                 cache: KVCache, *, all_logits: bool = False) -> torch.Tensor:
         """Context phase over packed prompts. Returns the logits of each sequence's last token (B, V), or of every
         token (T, V) with all_logits."""
-        last_tokens = None if all_logits else cu_seqlens[1:].long() - 1  # (B,)
         return self.lm_logits(self.run_blocks_prefill(self.embed(token_ids, positions), cu_seqlens, max_seqlen,
-                                                      cache, keep_rows=last_tokens))
+                                                      cache, last_tokens_only=not all_logits))
 
     def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decode step: (B,) new tokens at (B,) positions -> (B, V) logits; appends to the cache."""

@@ -338,10 +338,9 @@ class PipelineSession:
             cache = self.cache.rows(start, stop)
 
             # the last stage's last block carries on only each prompt's last token (GPT.run_blocks_prefill)
-            keep = batch.cu_seqlens[1:].long() - 1 if self.lay.is_last_stage else None
-
-            def run(x, batch=batch, cache=cache, keep=keep):
-                return self.model.run_blocks_prefill(x, batch.cu_seqlens, batch.max_seqlen, cache, keep_rows=keep)
+            def run(x, batch=batch, cache=cache, last=self.lay.is_last_stage):
+                return self.model.run_blocks_prefill(x, batch.cu_seqlens, batch.max_seqlen, cache,
+                                                     last_tokens_only=last)
 
             x = self._stage((batch.token_ids, batch.positions), run, rows=len(batch.token_ids))
             if x is not None:

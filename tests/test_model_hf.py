@@ -4,6 +4,7 @@ import torch
 
 from ftlab.convert.huggingface import config_from_hf, convert_hf, hf_to_ft_tensors
 from ftlab.generate import generate
+from ftlab.kernels import attention as attention_module
 from ftlab.model import GPT, pack_prompts
 from ftlab.reference import ReferenceGPT, reference_greedy
 from tests.util import assert_rel_close
@@ -56,9 +57,14 @@ def test_logits_equal_hf_fp32(cfg, device):
 @pytest.mark.parametrize("lengths", [[1, 2], [5, 1, 12], [13, 7, 1, 9]], ids=["gemv-path", "3-prompts", "4-prompts"])
 @pytest.mark.parametrize("dtype, tol", [("fp32", 1e-5), pytest.param("fp16", 5e-3, marks=pytest.mark.gpu),
                                         pytest.param("bf16", 3e-2, marks=pytest.mark.gpu)])
-def test_prefill_of_last_tokens_only(lengths, dtype, tol, device):
+@pytest.mark.parametrize("last_rows_grid", [None, 0], ids=["default", "last-rows-attention"])
+def test_prefill_of_last_tokens_only(lengths, dtype, tol, last_rows_grid, device, monkeypatch):
     """prefill() carries only each prompt's last token past the last block's attention: the same logits as the
-    full forward's rows at those tokens, and the same KV cache (every key and value written)."""
+    full forward's rows at those tokens, and the same KV cache (every key and value written). last_rows_grid 0:
+    the last block's attention computes the last rows alone at any grid size (context_attention's
+    last_rows_only, which these small grids would not take)."""
+    if last_rows_grid is not None:
+        monkeypatch.setattr(attention_module, "LAST_ROWS_MIN_PROGRAMS", last_rows_grid)
     cfg = CONFIGS[2]
     model = ftlab_model(random_hf_model(**cfg), dtype, device)
     prompts = random_prompts(cfg["vocab_size"], lengths)

@@ -73,6 +73,31 @@ def test_context_attention_other_tile_sizes(blocks, dtype_name, device, monkeypa
     _check_against_reference(qkv, cu_seqlens, max(lengths), s_max=131)
 
 
+@pytest.mark.parametrize("blocks", [None, ContextBlocks(32, 16, 4, 2)])
+@pytest.mark.parametrize("with_cache", [True, False])
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
+def test_last_rows_only_computes_each_prompts_last_row_and_the_whole_cache(blocks, with_cache, dtype_name, device,
+                                                                           monkeypatch):
+    # lengths ending just before, on and just after a block boundary (32 / 64 queries), and a lone first token;
+    # the grid-size threshold lowered so that these small grids take the last-rows path
+    dtype = DTYPES[dtype_name]
+    skip_if_interpreter_bf16(dtype, device)
+    monkeypatch.setattr(attention_module, "LAST_ROWS_MIN_PROGRAMS", 0)
+    lengths = [65, 1, 64, 130, 31, 33]
+    qkv, cu_seqlens = _packed_qkv(lengths, 3, 32, dtype, device)
+    batch, max_seqlen = len(lengths), max(lengths)
+    caches = [_nan_cache(batch, 3, max_seqlen + 2, 32, dtype, device) for _ in range(2)] if with_cache else [None] * 2
+    refs = [_nan_cache(batch, 3, max_seqlen + 2, 32, torch.float64, device) for _ in range(2)]
+    out = context_attention(qkv, cu_seqlens, max_seqlen, k_cache=caches[0], v_cache=caches[1], blocks=blocks,
+                            last_rows_only=True)
+    ref = context_attention_reference(qkv.double(), cu_seqlens, max_seqlen, k_cache=refs[0], v_cache=refs[1])
+    last = cu_seqlens[1:].long() - 1
+    assert_rel_close(out[last], ref[last], dtype=dtype)
+    if with_cache:
+        _assert_cache_equal(caches[0], refs[0], "k_cache")
+        _assert_cache_equal(caches[1], refs[1], "v_cache")
+
+
 def test_context_attention_custom_scale_and_loose_max_seqlen(device):
     # max_seqlen is only an upper bound; S_max may exceed it
     qkv, cu_seqlens = _packed_qkv([5, 9], 2, 16, torch.float32, device)
