@@ -83,7 +83,8 @@ def _context_attention_kernel(
     k_base = q_base + stride_qkv_part
     v_base = q_base + 2 * stride_qkv_part
     row_offs = offs_m[:, None] * stride_qkv_t + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
-    q = tl.load(q_base + row_offs, mask=row_mask, other=0.0)
+    if not LAST_ROWS_ONLY:
+        q = tl.load(q_base + row_offs, mask=row_mask, other=0.0)
 
     if WRITE_CACHE:
         k_rows = tl.load(k_base + row_offs, mask=row_mask, other=0.0)
@@ -95,6 +96,7 @@ def _context_attention_kernel(
     if LAST_ROWS_ONLY:
         if q_lo + BLOCK_M < seq_len:  # the prompt's last token is in a later block: its rows are not wanted
             return
+        q = tl.load(q_base + row_offs, mask=row_mask, other=0.0)  # only the programs that go on read their queries
 
     # key 0 is visible to every row (padded rows included), so m_i is finite after the first tile: no NaN from -inf
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
