@@ -10,7 +10,7 @@ With last_rows_only (a model's last block, where only each prompt's last token g
 of the other query blocks write their cache rows and stop, in grids of more than LAST_ROWS_MIN_PROGRAMS programs.
 NVIDIA H100, GPT-345M fp16, the captured prefill's timeline, 3 rounds alternating in fresh processes
 (data/bench/prefill_last_rows_ab.csv): at 64 prompts of 512 tokens the last block's call 215.9-217.7 -> 166.8-167.3
-us (what is left is mostly the cache write); at one prompt of 512 (128 programs) it was slower, 7.83-7.85 -> 8.97-9.03
+us (the whole cache write stays); at one prompt of 512 (128 programs) it was slower, 7.83-7.85 -> 8.97-9.03
 us, so small grids compute every row as before.
 """
 import math
