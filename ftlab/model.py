@@ -238,19 +238,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-LM_HEAD_IMPLS = ("gemm", "skinny-stats")
-
-
-def lm_head_impl(rows: int) -> str | None:
-    """linear()'s impl for an LM head of `rows` rows on a GPU: FTLAB_LM_HEAD (read per call, for A/B runs of the
-    step) names one of LM_HEAD_IMPLS for GEMV_MAX_M < rows <= SKINNY_MAX_M; otherwise, or unset, linear()'s
-    dispatch by rows (the tensor-core GEMM at 5-64 rows)."""
-    value = os.environ.get("FTLAB_LM_HEAD", "")
-    if value and value not in LM_HEAD_IMPLS:
-        raise ValueError(f"FTLAB_LM_HEAD={value!r}: expected one of {', '.join(LM_HEAD_IMPLS)} or unset")
-    return value if value and GEMV_MAX_M < rows <= SKINNY_MAX_M else None
-
-
 class GPT:
     """A GPT decoder on the device. Holds no per-request state: the KV cache belongs to each generate() call."""
 
@@ -619,7 +606,7 @@ class GPT:
         # On a CPU the kernels run in Triton's interpreter, which needs seconds per token for a 50k-row LM head:
         # there (only) the same GEMM + LayerNorm prologue runs through torch. The Triton paths of this exact call are
         # tested on their own (tests/kernels/) and are what runs on a GPU (linear()'s dispatch by the number of rows).
-        impl = "torch" if x.device.type == "cpu" else lm_head_impl(x.shape[0])
+        impl = "torch" if x.device.type == "cpu" else None
         return linear(x, w.lm_head, w.lm_head_bias, ln_weight=w.lnf_weight, ln_bias=w.lnf_bias,
                       ln_eps=self.config.layernorm_eps, impl=impl, ln_row_sums=w.lm_head_ln_row_sums)
 

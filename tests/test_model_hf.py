@@ -277,39 +277,6 @@ def test_skinny_gemm_path_matches_hf(dtype, tol, ln_folded, device, monkeypatch)
     assert generate(model, prompts, max_new_tokens=6, use_cuda_graph=False).output_ids == graphed.output_ids
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype, tol", [("fp16", 5e-3), ("bf16", 3e-2)])
-def test_lm_head_on_the_skinny_gemm_matches_hf(dtype, tol, device, monkeypatch):
-    # FTLAB_LM_HEAD=skinny-stats: at 5..64 rows the LM head (final LayerNorm folded in) takes kernels/skinny_gemm.py
-    # with a statistics launch instead of the tensor-core GEMM; 6 prompts' last rows, then decode steps of 6 rows
-    # (CUDA graphs on) against HF, and the same tokens without graphs
-    import ftlab.model as model_module
-
-    monkeypatch.setenv("FTLAB_LM_HEAD", "skinny-stats")
-    cfg = dict(n_embd=128, n_head=4, n_layer=2, vocab_size=1003, n_inner=200)
-    hf = random_hf_model(**cfg)
-    model = ftlab_model(hf, dtype, device)
-    asked, real = [], model_module.linear
-    monkeypatch.setattr(model_module, "linear", lambda *a, **kw: asked.append(kw.get("impl")) or real(*a, **kw))
-    prompts = random_prompts(cfg["vocab_size"], [2, 7, 1, 5, 3, 2])
-    graphed = generate(model, prompts, max_new_tokens=6, return_log_probs=True)
-    assert "skinny-stats" in asked
-    assert_decode_follows_hf(hf, graphed, tol, what=f"{dtype}, FTLAB_LM_HEAD=skinny-stats")
-    assert generate(model, prompts, max_new_tokens=6, use_cuda_graph=False).output_ids == graphed.output_ids
-
-
-def test_lm_head_impl_reads_its_setting(monkeypatch):
-    from ftlab.model import lm_head_impl
-
-    monkeypatch.delenv("FTLAB_LM_HEAD", raising=False)
-    assert lm_head_impl(64) is None
-    monkeypatch.setenv("FTLAB_LM_HEAD", "skinny-stats")
-    assert [lm_head_impl(m) for m in (4, 5, 64, 65)] == [None, "skinny-stats", "skinny-stats", None]
-    monkeypatch.setenv("FTLAB_LM_HEAD", "cublas")
-    with pytest.raises(ValueError, match="FTLAB_LM_HEAD='cublas'"):
-        lm_head_impl(8)
-
-
 @pytest.mark.parametrize("partials", ["1", "0"])
 @pytest.mark.parametrize("dtype, tol", _small_m_cases())
 def test_fc2_split_k_products_summed_by_the_layernorm(dtype, tol, partials, device, monkeypatch):
