@@ -51,10 +51,17 @@ def _bookkeeping(offs, mask, sampled, sampled_log_prob, end_ptr, finished_ptr, n
     # Returns the tokens they emit and their positions from now on (the steps' when there are no positions).
     was_done = tl.load(finished_ptr + offs, mask=mask, other=0) != 0
     end = tl.load(end_ptr + offs, mask=mask, other=0)
+    step = tl.load(steps_ptr + offs, mask=mask, other=0)
+    next_position = step + 1
+    if HAS_POSITIONS:
+        next_position = tl.load(positions_ptr + offs, mask=mask, other=0) + 1
+    # every state load above before any store below: where a request's values are held by several threads (one
+    # request per program in _greedy_finish_kernel, num_warps 4), a thread that loaded late would otherwise see
+    # another thread's update (position + 2 in its columns of the embedding; a GPU race, rare and silent)
+    tl.debug_barrier()
     token = tl.where(was_done, end, sampled.to(end.dtype))
     log_prob = tl.where(was_done, 0.0, sampled_log_prob)
     done = was_done | (token == end)
-    step = tl.load(steps_ptr + offs, mask=mask, other=0)
     in_rows = mask & (step >= 0) & (step < rows)
     row = step.to(tl.int64) * B + offs
     tl.store(hist_tokens_ptr + row, token, mask=in_rows)
@@ -64,9 +71,7 @@ def _bookkeeping(offs, mask, sampled, sampled_log_prob, end_ptr, finished_ptr, n
     tl.store(next_ptr + offs, token, mask=mask)
     tl.store(log_prob_ptr + offs, log_prob, mask=mask)
     tl.store(steps_ptr + offs, step + 1, mask=mask)
-    next_position = step + 1
     if HAS_POSITIONS:
-        next_position = tl.load(positions_ptr + offs, mask=mask, other=0) + 1
         tl.store(positions_ptr + offs, next_position, mask=mask)
     return token, next_position
 
@@ -151,6 +156,8 @@ def _greedy_finish_kernel(
         if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel", scope="gpu") != NCHUNK - 1:
             return
         tl.store(counter_ptr + row, 0)  # every chunk has counted: leave the counter zero for the next launch
+    else:  # the stores above are read back below by other threads of this program: they must land first
+        tl.debug_barrier()
     ch = tl.arange(0, NCHUNK_P2)
     ch_ok = ch < NCHUNK
     part = row * NCHUNK + ch
