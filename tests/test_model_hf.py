@@ -388,9 +388,10 @@ def test_decode_batch_with_one_attention_partition_per_head_follows_hf(dtype, to
 def test_greedy_graph_calls_repeat_bit_for_bit():
     # the captured greedy step (kernels/finish_step.py greedy_finish_step: argmax, bookkeeping and the next step's
     # embedding in one program per request, whose values several warps hold) gives the same tokens and log-probs
-    # on every call, with new graphs every few calls. On an H100 (2026-12-07), before that kernel ordered its loads
-    # before its stores with a barrier, 26 of 200 calls of this batch differed from the first at 1-4 (sequence,
-    # step) pairs, by up to 20x test_decode_batch_with_one_attention_partition_per_head_follows_hf's tolerance
+    # on every call, with new graphs every few calls. On an H100 (2026-12-07), before that kernel had barriers
+    # between its loads and its stores, 26 of 200 calls of this batch (NaN left in the allocator's free blocks
+    # before each) differed from the first at 1-4 (sequence, step) pairs, by up to 20x the tolerance of
+    # test_decode_batch_with_one_attention_partition_per_head_follows_hf. The barriers are the fix this checks.
     cfg = dict(n_embd=256, n_head=16, n_layer=2, vocab_size=97)
     batch = -(-5 * torch.cuda.get_device_properties(0).multi_processor_count // cfg["n_head"])
     hf = random_hf_model(**cfg)
