@@ -151,13 +151,13 @@ def _greedy_finish_kernel(
     tl.store(keys_ptr + ws, tl.max(_pack(s, idx[None, :], valid), 1))  # largest value, lowest index among equals
     tl.store(maxes_ptr + ws, m_c)
     tl.store(sums_ptr + ws, tl.sum(tl.exp(s - shift[:, None]), 1))
+    # every thread's stores are issued before the (single-thread) release below, and, with one chunk, before the
+    # other threads of this program read them back
+    tl.debug_barrier()
     if NCHUNK > 1:  # the row's last chunk to finish merges them all (its acquire sees the others' stores)
-        tl.debug_barrier()  # every thread's stores are issued before the (single-thread) release below
         if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel", scope="gpu") != NCHUNK - 1:
             return
         tl.store(counter_ptr + row, 0)  # every chunk has counted: leave the counter zero for the next launch
-    else:  # the stores above are read back below by other threads of this program: they must land first
-        tl.debug_barrier()
     ch = tl.arange(0, NCHUNK_P2)
     ch_ok = ch < NCHUNK
     part = row * NCHUNK + ch
