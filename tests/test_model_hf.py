@@ -364,6 +364,16 @@ def test_lm_head_is_right_at_every_batch_size_of_the_real_vocabulary(dtype):
         assert torch.equal(model.lm_logits(x), logits), f"LM head at M={M}: a second run differs"
 
 
+def one_partition_batch() -> tuple:
+    """(HF model, ragged prompts, the GPU's SMs): a greedy decode batch of ~5 (sequence, head) pairs per SM."""
+    cfg = dict(n_embd=256, n_head=16, n_layer=2, vocab_size=97)
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    batch = -(-5 * num_sms // cfg["n_head"])
+    hf = random_hf_model(**cfg)
+    lengths = torch.randint(1, 12, (batch,), generator=torch.Generator().manual_seed(3)).tolist()
+    return hf, random_prompts(cfg["vocab_size"], lengths), num_sms
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, tol", [("fp16", 5e-3), ("bf16", 3e-2)])
 def test_decode_batch_with_one_attention_partition_per_head_follows_hf(dtype, tol):
@@ -372,14 +382,10 @@ def test_decode_batch_with_one_attention_partition_per_head_follows_hf(dtype, to
     # HF on the same prefixes, ragged prompts
     from ftlab.kernels.decode_attention import pick_decode_blocks
 
-    cfg = dict(n_embd=256, n_head=16, n_layer=2, vocab_size=97)
-    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    batch = -(-5 * num_sms // cfg["n_head"])  # ~5 (sequence, head) pairs per SM
-    assert pick_decode_blocks(batch, cfg["n_head"], 256, 16, num_sms).part_size >= 256
-    hf = random_hf_model(**cfg)
+    hf, prompts, num_sms = one_partition_batch()
+    batch, heads = len(prompts), hf.config.n_head
+    assert pick_decode_blocks(batch, heads, 256, 16, num_sms).part_size >= 256
     model = ftlab_model(hf, dtype, "cuda")
-    gen = torch.Generator().manual_seed(3)
-    prompts = random_prompts(cfg["vocab_size"], torch.randint(1, 12, (batch,), generator=gen).tolist())
     result = generate(model, prompts, max_new_tokens=5, return_log_probs=True)
     assert_decode_follows_hf(hf, result, tol, what=f"{dtype}, batch {batch}")
 
@@ -392,11 +398,7 @@ def test_greedy_graph_calls_repeat_bit_for_bit():
     # between its loads and its stores, 26 of 200 calls of this batch (NaN left in the allocator's free blocks
     # before each) differed from the first at 1-4 (sequence, step) pairs, by up to 20x the tolerance of
     # test_decode_batch_with_one_attention_partition_per_head_follows_hf. The barriers are the fix this checks.
-    cfg = dict(n_embd=256, n_head=16, n_layer=2, vocab_size=97)
-    batch = -(-5 * torch.cuda.get_device_properties(0).multi_processor_count // cfg["n_head"])
-    hf = random_hf_model(**cfg)
-    lengths = torch.randint(1, 12, (batch,), generator=torch.Generator().manual_seed(3)).tolist()
-    prompts = random_prompts(cfg["vocab_size"], lengths)
+    hf, prompts, _ = one_partition_batch()
     first = None
     for call in range(60):
         if call % 5 == 0:
