@@ -8,6 +8,7 @@ that batch size, which the call loads and then owns until it returns (one CUDA-g
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -267,8 +268,18 @@ def capture_cuda_graph(step: Callable[[], object], device) -> tuple[torch.cuda.C
     else:
         step()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    # No cycle collection inside the capture: it can free an older graph (a dropped model's or session's graphs sit
+    # in reference cycles), and destroying a graph while a stream captures invalidates the capture ("operation
+    # failed due to a previous error during capture"; seen on an H100 in the GPU suite, 2026-12-07). torch's
+    # graph context no longer collects on entry unless torch.compiler.config.force_cudagraph_gc is set.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph):
+            out = step()
+    finally:
+        if collecting:
+            gc.enable()
     return graph, out
 
 

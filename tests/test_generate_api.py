@@ -198,6 +198,48 @@ def _graphs_run_eagerly(monkeypatch):
         m.graph_cache, ("eager", b, c), lambda: gen.DecodeGraph(m, b, c), gen.MAX_GRAPHS_PER_MODEL))
 
 
+class _FakeGraphContext:
+    def __init__(self, graph):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("collecting", [True, False])
+def test_capture_pauses_cycle_collection_and_restores_it(collecting, monkeypatch):
+    # a collection inside a capture can destroy an older graph, which invalidates the capture: capture_cuda_graph
+    # keeps the collector off while the stream captures (the warm-up runs with it as it was) and leaves it as it
+    # found it, on an error too. Fake graph classes: the bookkeeping on any device
+    import gc
+
+    import ftlab.generate as gen
+
+    monkeypatch.setattr(gen.torch.cuda, "CUDAGraph", lambda: "graph")
+    monkeypatch.setattr(gen.torch.cuda, "graph", _FakeGraphContext)
+    seen = []
+
+    def step():
+        seen.append(gc.isenabled())
+        if len(seen) == 4:
+            raise RuntimeError("capture failed")
+        return len(seen)
+
+    was = gc.isenabled()
+    try:
+        gc.enable() if collecting else gc.disable()
+        assert gen.capture_cuda_graph(step, "cpu") == ("graph", 2)
+        assert seen == [collecting, False] and gc.isenabled() == collecting
+        with pytest.raises(RuntimeError, match="capture failed"):
+            gen.capture_cuda_graph(step, "cpu")
+        assert seen[2:] == [collecting, False] and gc.isenabled() == collecting
+    finally:
+        gc.enable() if was else gc.disable()
+
+
 @pytest.mark.parametrize("prefill_first,token_graph,early", [("0", "1", "1"), ("1", "1", "1"), ("1", "1", "0"),
                                                              ("1", "0", "1")])
 def test_decode_graph_logic_runs_eagerly_like_the_session(prefill_first, token_graph, early, model, monkeypatch):

@@ -391,6 +391,36 @@ def test_decode_batch_with_one_attention_partition_per_head_follows_hf(dtype, to
 
 
 @pytest.mark.gpu
+def test_no_cycle_collection_runs_inside_a_capture():
+    # a model dropped with its graphs in reference cycles goes at some later cycle collection; one that runs while
+    # a stream captures destroys those graphs mid-capture and invalidates it (seen on an H100 in the GPU suite,
+    # 2026-12-07: "operation failed due to a previous error during capture" in a prefill graph's capture).
+    # Collections made as frequent as Python allows, old graphs left for them: none may run inside a capture
+    import gc
+
+    hf, prompts, _ = one_partition_batch()
+    old = ftlab_model(hf, "fp16", "cuda")
+    generate(old, prompts[:3], max_new_tokens=3)
+    del old
+    inside = []
+
+    def watch(phase, info):
+        if phase == "start":
+            inside.append(torch.cuda.is_current_stream_capturing())
+
+    threshold = gc.get_threshold()
+    gc.callbacks.append(watch)
+    gc.set_threshold(1, 1, 1)
+    try:
+        result = generate(ftlab_model(hf, "fp16", "cuda"), prompts[:3], max_new_tokens=3)
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(watch)
+    assert inside and not any(inside), f"{sum(inside)} of {len(inside)} collections ran inside a capture"
+    assert len(result.output_ids) == 3
+
+
+@pytest.mark.gpu
 def test_greedy_graph_calls_repeat_bit_for_bit():
     # the captured greedy step (kernels/finish_step.py greedy_finish_step: argmax, bookkeeping and the next step's
     # embedding in one program per request, whose values several warps hold) gives the same tokens and log-probs
