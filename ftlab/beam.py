@@ -10,6 +10,8 @@
   heuristic: the best running score normalised by the current length) or nothing can continue.
 beam_search_diversity_rate (FT) subtracts rate * rank from the j-th best continuation of each beam before the
 beams compete (diverse beams); 0 turns it off. Beams run on the non-graph path; the cache reorder copies rows.
+Under ftlab.parallel every rank runs the same search: tensor-parallel ranks hold the same logits, and with
+layer parallelism the last stage picks the continuations and broadcasts them (PipelineBeamModel).
 """
 from __future__ import annotations
 
@@ -30,13 +32,10 @@ def beam_search(model, prompts, *, max_new_tokens: int, beam_width: int, len_pen
     in `beams` / `beam_scores` / `beam_log_probs` (summed log-probabilities) and cum_log_probs the best
     hypothesis' summed log-probability."""
     cfg = model.config
-    if hasattr(model, "open_session"):  # ftlab.parallel's engine
-        if model.layout.pp > 1:
-            raise GenerationError("beam search runs in one process or under tensor parallelism, not under layer "
-                                  "parallelism (layer_para_size > 1)")
-        # every tensor-parallel rank holds the same all-reduced logits, so each rank runs the same search over its
-        # shard of the model (the all-reduces inside keep them in step)
-        model = model.model
+    if hasattr(model, "open_session"):  # ftlab.parallel's engine: every rank runs this same search
+        model = model.beam_model()
+    # a pipeline's stages: logits on the last one only, which shares its choices (GPT: it has the logits already)
+    share = getattr(model, "share", None)
     if isinstance(beam_width, bool) or not isinstance(beam_width, int) or not 1 <= beam_width <= MAX_BEAM_WIDTH:
         raise GenerationError(f"beam_width must be an integer in [1, {MAX_BEAM_WIDTH}], got {beam_width!r}")
     if 2 * beam_width > cfg.vocab_size:
@@ -65,7 +64,7 @@ def beam_search(model, prompts, *, max_new_tokens: int, beam_width: int, len_pen
     cache.k.copy_(prompt_cache.k[:, rows])
     cache.v.copy_(prompt_cache.v[:, rows])
     del prompt_cache
-    logits = logits[rows]  # (B*K, V)
+    logits = logits[rows] if logits is not None else None  # (B*K, V)
     positions = batch.lengths_device.repeat_interleave(K)
     steps = torch.zeros(B * K, dtype=torch.int32, device=dev)
 
@@ -76,16 +75,13 @@ def beam_search(model, prompts, *, max_new_tokens: int, beam_width: int, len_pen
     done = [False] * B
     V = cfg.vocab_size
     for step in range(max_new_tokens):
-        if processor is not None:
-            logits = processor.process(logits, steps)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)  # (B*K, V)
-        if beam_search_diversity_rate:
-            # FT's diverse beams: within each beam, the j-th best token pays j * rate. This needs the rank of every
-            # token (a full sort), not a top-k, so it stays in torch rather than the beam top-k kernel.
-            order = log_probs.argsort(dim=-1, descending=True).argsort(dim=-1)
-            log_probs = log_probs - beam_search_diversity_rate * order.float()
-        scores = (log_probs.view(B, K, V) + running[:, :, None]).view(B, K * V)
-        top_scores, top_index = topk(scores, 2 * K)  # (B, 2K), best first; equal scores: lowest index first
+        top_scores = top_index = None
+        if logits is not None:
+            if processor is not None:
+                logits = processor.process(logits, steps)
+            top_scores, top_index = _best_continuations(logits, running, 2 * K, beam_search_diversity_rate)
+        if share is not None:
+            top_scores, top_index = share(top_scores, top_index, (B, 2 * K))
         top_beam, top_token = top_index // V, top_index % V
         last = step == max_new_tokens - 1
         host_scores, host_beam, host_token = top_scores.tolist(), top_beam.tolist(), top_token.tolist()
@@ -139,6 +135,19 @@ def beam_search(model, prompts, *, max_new_tokens: int, beam_width: int, len_pen
                               input_length=[len(p) for p in prompts], cum_log_probs=cum)
     result.beams, result.beam_scores, result.beam_log_probs = all_beams, scores, beam_log_probs
     return result
+
+
+def _best_continuations(logits, running, n: int, diversity_rate: float):
+    """(B*K, V) logits and (B, K) running scores -> the n best (score, beam * V + token) of each request, (B, n)
+    each, best first; equal scores: lowest index first."""
+    B, K = running.shape
+    log_probs = torch.log_softmax(logits.float(), dim=-1)  # (B*K, V)
+    if diversity_rate:
+        # FT's diverse beams: within each beam, the j-th best token pays j * rate. This needs the rank of every
+        # token (a full sort), not a top-k, so it stays in torch rather than the beam top-k kernel.
+        order = log_probs.argsort(dim=-1, descending=True).argsort(dim=-1)
+        log_probs = log_probs - diversity_rate * order.float()
+    return topk((log_probs.view(B, K, -1) + running[:, :, None]).view(B, -1), n)
 
 
 def _keep(hyps: list, score: float, tokens: list[int], log_prob: float, width: int) -> None:

@@ -220,6 +220,12 @@ class ParallelEngine:
             return LocalSession(self.model, prompts, max_new_tokens, params, use_cuda_graph=use_cuda_graph)
         return PipelineSession(self, prompts, max_new_tokens, params, use_cuda_graph=use_cuda_graph)
 
+    def beam_model(self):
+        """What ftlab.beam searches with: at one stage the rank's GPT (every tensor-parallel rank holds the same
+        all-reduced logits and runs the same search, the all-reduces inside keeping them in step), else a
+        PipelineBeamModel."""
+        return self.model if self.layout.pp == 1 else PipelineBeamModel(self)
+
     @torch.no_grad()
     def logits(self, sequences: list[list[int]]) -> list[torch.Tensor] | None:
         """Logits of every position (the parallel twin of GPT.logits); on the last stage, None elsewhere."""
@@ -229,9 +235,8 @@ class ParallelEngine:
         def run(x):
             return self.model.run_blocks_prefill(x, batch.cu_seqlens, batch.max_seqlen, session.cache)
 
-        x = session._stage((batch.token_ids, batch.positions), run, rows=len(batch.token_ids))
-        for handle, _ in session.pending:
-            handle.wait()
+        x = session.link.run((batch.token_ids, batch.positions), run, rows=len(batch.token_ids))
+        session.link.flush()
         return list(self.model.lm_logits(x).split(batch.lengths)) if x is not None else None
 
 
@@ -244,6 +249,37 @@ def _recv(shape, dtype, device, src: int, out: torch.Tensor | None = None) -> to
     buf = torch.empty(shape, dtype=dtype, device=device) if out is None else out
     dist.recv(buf.view(torch.uint8), src)
     return buf
+
+
+class StageLink:
+    """Hidden states between neighbouring stages (ranks of equal tp_rank). A send is asynchronous: its tensor is
+    kept in `pending` until flush(), which every rank calls before its next broadcast."""
+
+    def __init__(self, engine: "ParallelEngine"):
+        self.engine, self.lay, self.model = engine, engine.layout, engine.model
+        self.pending = []  # (isend handle, tensor) pairs: the tensor must live until its send completes
+
+    def run(self, inputs, run_blocks, rows: int) -> torch.Tensor | None:
+        """Embed `inputs` (token ids, positions) on the first stage or receive (rows, H) hidden states, run this
+        stage's blocks, send them on; the last stage returns its output, the others None."""
+        lay, model = self.lay, self.model
+        if lay.is_first_stage:
+            x = model.embed(*inputs)
+        else:
+            x = _recv((rows, self.engine.config.hidden), model.dtype, self.engine.device, src=lay.rank - lay.tp)
+        x = run_blocks(x)
+        if not lay.is_last_stage:
+            self.send(x.contiguous())
+            return None
+        return x
+
+    def send(self, x: torch.Tensor) -> None:
+        self.pending.append((_send(x, dst=self.lay.rank + self.lay.tp), x))
+
+    def flush(self) -> None:
+        for handle, _ in self.pending:
+            handle.wait()
+        self.pending = []
 
 
 class StageGraph:
@@ -287,7 +323,7 @@ class PipelineSession:
         self.cache = self.graph.cache if self.graph is not None else self.model.new_kv_cache(B, capacity)
         self.positions = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=engine.device)
         self.steps = torch.zeros(B, dtype=torch.int32, device=engine.device)
-        self.pending = []  # (isend handle, tensor) pairs: the tensor must live until its send completes
+        self.link = StageLink(engine)
         # every rank keeps the processor's state (it only needs the shared tokens); the last stage applies it
         self.processor = (LogitsProcessor.build(prompts, engine.config.vocab_size, engine.device, params)
                           if params is not None else None)
@@ -305,28 +341,11 @@ class PipelineSession:
             shared[0], shared[1] = tokens.double(), log_probs.double()
         self.steps += 1
         if self.lay.world > 1:
-            for handle, _ in self.pending:
-                handle.wait()
-            self.pending = []
+            self.link.flush()
             dist.broadcast(shared, src=self.lay.last_stage_lead)
         tokens = shared[0].long()
         stopped = self.processor.observe(tokens) if self.processor is not None else None
         return tokens, shared[1].float(), stopped
-
-    def _stage(self, x_or_inputs, run_blocks, rows: int):
-        """Receive (or embed), run this stage's blocks, send on (or keep for the head)."""
-        lay, model = self.lay, self.model
-        H = self.engine.config.hidden
-        if lay.is_first_stage:
-            x = model.embed(*x_or_inputs)
-        else:
-            x = _recv((rows, H), model.dtype, self.engine.device, src=lay.rank - lay.tp)
-        x = run_blocks(x)
-        if not lay.is_last_stage:
-            payload = x.contiguous()
-            self.pending.append((_send(payload, dst=lay.rank + lay.tp), payload))
-            return None
-        return x
 
     def first(self):
         B = len(self.prompts)
@@ -342,7 +361,7 @@ class PipelineSession:
                 return self.model.run_blocks_prefill(x, batch.cu_seqlens, batch.max_seqlen, cache,
                                                      last_tokens_only=last)
 
-            x = self._stage((batch.token_ids, batch.positions), run, rows=len(batch.token_ids))
+            x = self.link.run((batch.token_ids, batch.positions), run, rows=len(batch.token_ids))
             if x is not None:
                 last_hidden.append(x)  # (prompts of this micro-batch, H)
         logits = self.model.lm_logits(torch.cat(last_hidden)) if self.lay.is_last_stage else None
@@ -359,15 +378,51 @@ class PipelineSession:
                 _recv(None, None, None, src=lay.rank - lay.tp, out=graph.hidden_in)
             graph.graph.replay()
             if not lay.is_last_stage:  # graph.out is rewritten by the next replay, which waits for this send
-                self.pending.append((_send(graph.out, dst=lay.rank + lay.tp), graph.out))
+                self.link.send(graph.out)
             return self._sample_and_share(graph.out if lay.is_last_stage else None)
 
         def run(x):
             return self.model.run_blocks_decode(x, self.positions, self.cache)
 
-        x = self._stage((tokens, self.positions), run, rows=len(self.prompts))
+        x = self.link.run((tokens, self.positions), run, rows=len(self.prompts))
         self.positions += 1
         return self._sample_and_share(self.model.lm_logits(x) if x is not None else None)
+
+
+class PipelineBeamModel:
+    """The stages as beam search sees a model: prefill and decode return logits on the last stage and None on the
+    others, and share() gives every rank the last stage's choice of continuations, so all ranks keep the same
+    hypotheses and reorder their own layers' KV-cache rows alike. Eager (no CUDA graph), like beam search in one
+    process."""
+
+    def __init__(self, engine: ParallelEngine):
+        self.engine, self.config, self.device = engine, engine.config, engine.device
+        self.lay, self.model, self.link = engine.layout, engine.model, StageLink(engine)
+
+    def new_kv_cache(self, batch_size: int, capacity: int):
+        return self.model.new_kv_cache(batch_size, capacity)  # this stage's layers only
+
+    def prefill(self, token_ids, positions, cu_seqlens, max_seqlen: int, cache) -> torch.Tensor | None:
+        def run(x):
+            return self.model.run_blocks_prefill(x, cu_seqlens, max_seqlen, cache,
+                                                 last_tokens_only=self.lay.is_last_stage)
+
+        x = self.link.run((token_ids, positions), run, rows=len(token_ids))
+        return self.model.lm_logits(x) if x is not None else None
+
+    def decode(self, token_ids, positions, cache) -> torch.Tensor | None:
+        x = self.link.run((token_ids, positions), lambda x: self.model.run_blocks_decode(x, positions, cache),
+                          rows=len(token_ids))
+        return self.model.lm_logits(x) if x is not None else None
+
+    def share(self, scores: torch.Tensor | None, index: torch.Tensor | None, shape) -> tuple[torch.Tensor, ...]:
+        """(scores, flat indices) of the best continuations, `shape` each, from the last stage's lead rank."""
+        shared = torch.empty(2, *shape, dtype=torch.float64, device=self.device)  # indices < 2**53 stay exact
+        if self.lay.is_last_stage:
+            shared[0], shared[1] = scores.double(), index.double()
+        self.link.flush()
+        dist.broadcast(shared, src=self.lay.last_stage_lead)
+        return shared[0].float(), shared[1].long()
 
 
 # --- a Python API for notebooks: run the ranks under torchrun in a subprocess ------------------------------------------

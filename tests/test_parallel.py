@@ -2,14 +2,13 @@
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
 from ftlab.checkpoint import random_ft_tensors, write_cmodel
 from ftlab.config import GPTConfig
 from ftlab.model import GPT
-from ftlab.generate import GenerationError, generate
+from ftlab.generate import generate
 from ftlab.parallel import ParallelError, run_workers
 from tests.util import assert_rel_close
 
@@ -18,6 +17,7 @@ PROMPTS = [[3, 14, 15, 9, 2], [6], [5, 35, 8]]
 GREEDY = dict(max_new_tokens=6)
 SAMPLED = dict(max_new_tokens=6, top_k=0, top_p=0.95, temperature=1.3, random_seed=[1, 2, 3])
 BEAMS = dict(max_new_tokens=6, beam_width=3, len_penalty=0.8)
+DIVERSE_BEAMS = dict(max_new_tokens=5, beam_width=2, beam_search_diversity_rate=0.7, repetition_penalty=1.5)
 
 
 @pytest.fixture(scope="module")
@@ -31,34 +31,28 @@ def model_dirs(tmp_path_factory):
 def single_process(model_dirs):
     model = GPT.from_cmodel(model_dirs[1], dtype="fp32", device="cpu")
     return (generate(model, PROMPTS, **GREEDY), generate(model, PROMPTS, **SAMPLED), model.logits(PROMPTS),
-            generate(model, PROMPTS, **BEAMS))
+            generate(model, PROMPTS, **BEAMS), generate(model, PROMPTS, **DIVERSE_BEAMS))
 
 
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)])
 def test_parallel_matches_single_process(model_dirs, single_process, tp, pp):
     jobs = [{"generate": dict(GREEDY, prompts=PROMPTS)}, {"generate": dict(SAMPLED, prompts=PROMPTS)},
-            {"logits": PROMPTS}]
-    if pp == 1:  # beam search runs under tensor parallelism (not layer parallelism)
-        jobs.append({"generate": dict(BEAMS, prompts=PROMPTS)})
+            {"logits": PROMPTS}, {"generate": dict(BEAMS, prompts=PROMPTS)},
+            {"generate": dict(DIVERSE_BEAMS, prompts=PROMPTS)}]
     greedy, sampled, logits, *beams = run_workers(model_dirs[tp], jobs, tensor_para_size=tp, layer_para_size=pp,
                                                   dtype="fp32", layer_para_batch_size=2, timeout_s=240)
-    ref_greedy, ref_sampled, ref_logits, ref_beams = single_process
+    ref_greedy, ref_sampled, ref_logits, *ref_beams = single_process
     assert greedy.output_ids == ref_greedy.output_ids
     assert sampled.output_ids == ref_sampled.output_ids
     assert sampled.output_ids != greedy.output_ids  # the sampled run really sampled
     for got, ref in zip(logits, ref_logits):
         assert_rel_close(got, ref, tol=1e-5, what=f"logits T={tp} L={pp}")
-    if beams:
-        assert beams[0].output_ids == ref_beams.output_ids and beams[0].beams == ref_beams.beams
-        for got, ref in zip(beams[0].beam_scores, ref_beams.beam_scores):
-            assert got == pytest.approx(ref, rel=1e-5)
-        assert any(len(hyps) == 3 for hyps in beams[0].beams)
-
-
-def test_beam_search_under_layer_parallelism_is_refused():
-    engine = SimpleNamespace(open_session=None, layout=SimpleNamespace(pp=2), config=CFG)
-    with pytest.raises(GenerationError, match="not under layer parallelism"):
-        generate(engine, PROMPTS, **BEAMS)
+    for got, ref, width in zip(beams, ref_beams, (BEAMS["beam_width"], DIVERSE_BEAMS["beam_width"])):
+        assert got.output_ids == ref.output_ids and got.beams == ref.beams
+        for got_scores, ref_scores in zip(got.beam_scores, ref.beam_scores):
+            assert got_scores == pytest.approx(ref_scores, rel=1e-5)
+        assert any(len(hyps) == width for hyps in got.beams)
+    assert beams[0].beams != beams[1].beams  # the second search's settings changed what it found
 
 
 def test_files_split_for_another_n(model_dirs):
