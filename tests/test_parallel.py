@@ -1,4 +1,5 @@
 """Tensor x layer parallelism on CPU processes (gloo): the same tokens and logits as one process."""
+import json
 import os
 import subprocess
 import sys
@@ -68,6 +69,20 @@ def test_process_count_mismatch_fails_on_every_rank_without_hanging(model_dirs):
     assert proc.returncode != 0
     for rank in (0, 1):
         assert f"(rank {rank}): error: 2 processes but tensor_para_size=2 x layer_para_size=2 = 4" in proc.stderr
+
+
+def test_cli_beam_search_across_two_stages_matches_one_process(model_dirs, single_process):
+    # `torchrun ... ftlab generate --layer-para-size 2 --beam-width 3` prints what one process finds and exits 0 on
+    # every rank (before the CLI closed its engine, 2 of 8 such runs aborted at exit after printing)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ftlab",
+           "generate", "-m", str(model_dirs[1]), "--input-ids", ",".join(map(str, PROMPTS[0])), "--dtype", "fp32",
+           "--max-new-tokens", str(BEAMS["max_new_tokens"]), "--beam-width", str(BEAMS["beam_width"]),
+           "--len-penalty", str(BEAMS["len_penalty"]), "--layer-para-size", "2", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    ref = single_process[3]
+    assert out["output_ids"] == ref.output_ids[:1] and out["beams"] == ref.beams[:1]
 
 
 def test_close_frees_captured_graphs_before_leaving(model_dirs):
