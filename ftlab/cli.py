@@ -8,7 +8,7 @@
                 [--profile-decode | --timeline-decode | --timeline-prefill | --breakdown-decode |
                  --ab-decode "default;FTLAB_NAME=value ..."]
     ftlab serve [-m MODEL_DIR] [--host H] [--port 8000] [--grpc-port 8001] [--max-batch-size N]
-                [--max-queue-delay-us US]
+                [--max-queue-delay-us US]     (under torchrun with --tensor-para-size T --layer-para-size L)
     ftlab sweep [-m MODEL_DIR] [--prompt TEXT ...] [--top-k 1,8,40,0] [--top-p 0.5,0.9,1] [--seeds N] [--csv F]
                 [--plot F.png]
 """
@@ -64,7 +64,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print {output_ids, sequence_length, text} as JSON")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (one request)")
-    par = p.add_argument_group("parallelism (run under: torchrun --nproc-per-node T*L -m ftlab generate ...)")
+    _add_parallelism(p, "generate")
+
+
+def _add_parallelism(p, command: str) -> None:
+    par = p.add_argument_group(f"parallelism (run under: torchrun --nproc-per-node T*L -m ftlab {command} ...)")
     par.add_argument("--tensor-para-size", type=int, default=1, help="T: ranks splitting every layer")
     par.add_argument("--layer-para-size", type=int, default=1, help="L: pipeline stages of contiguous layers")
     par.add_argument("--layer-para-batch-size", type=int, default=None,
@@ -177,7 +181,7 @@ def _add_serve(sub) -> None:
                    help="how long the first request of a batch waits for more")
     p.add_argument("--dtype", default="auto", help="fp32 | fp16 | bf16 (default: fp16 on a GPU, fp32 on the CPU)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    p.set_defaults(tensor_para_size=1, layer_para_size=1, layer_para_batch_size=None)
+    _add_parallelism(p, "serve")
 
 
 def _csv_list(kind):
@@ -437,17 +441,27 @@ def cmd_bench(args) -> int:
 def cmd_serve(args) -> int:
     from .serve import InferenceServer
 
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise ValueError("ftlab serve runs in one process: serving a tensor/layer-parallel engine is not supported yet")
     model, model_dir = _load_model(args)
+    leader = None
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: rank 0 serves, the other ranks follow it
+        from .parallel_serve import ParallelLeader, calls_group, follow
+
+        group = calls_group()
+        if model.layout.rank != 0:
+            follow(model, group)
+            return 0
+        model = leader = ParallelLeader(model, group)
     server = InferenceServer(model, model_name=args.model_name, host=args.host, port=args.port,
                              max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
                              grpc_port=args.grpc_port)
     server.start()
     grpc = f" and grpc://{server.grpc_url}" if server.grpc_url else ""
-    print(f"ftlab serve: {model_dir or 'random weights'} as '{args.model_name}' on http://{server.url}{grpc} "
+    ranks = f", {leader.engine.layout.world} ranks" if leader is not None else ""
+    print(f"ftlab serve: {model_dir or 'random weights'} as '{args.model_name}'{ranks} on http://{server.url}{grpc} "
           f"(KServe v2 / Triton protocols; Ctrl-C stops)", file=sys.stderr, flush=True)
-    server.serve_forever()
+    server.serve_forever()  # returns after Ctrl-C, the server stopped
+    if leader is not None:
+        leader.close()
     return 0
 
 

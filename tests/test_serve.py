@@ -218,7 +218,6 @@ def test_server_arguments_are_checked(model):
 
 
 def test_cli_serves_a_cmodel(tmp_path, model):
-    import os
     import subprocess
     import sys
 
@@ -241,6 +240,63 @@ def test_cli_serves_a_cmodel(tmp_path, model):
     bad = subprocess.run([sys.executable, "-m", "ftlab", "serve", "-m", str(model_dir), "--port", url.split(":")[1],
                            "--max-batch-size", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "max_batch_size" in bad.stderr
-    torchrun = subprocess.run([sys.executable, "-m", "ftlab", "serve", "-m", str(model_dir)], capture_output=True,
-                              text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "2"})
-    assert torchrun.returncode == 2 and "one process" in torchrun.stderr
+    alone = subprocess.run([sys.executable, "-m", "ftlab", "serve", "-m", str(model_dir), "--layer-para-size", "2"],
+                           capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 2 and "torchrun --nproc-per-node 2" in alone.stderr  # one process cannot split
+
+
+def test_cli_serves_across_two_pipeline_stages(tmp_path):
+    # torchrun -m ftlab serve --layer-para-size 2: rank 0 serves, rank 1 follows each call; answers equal one
+    # process's, a request that generate() refuses (on both ranks) fails alone, and the ranks keep serving
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ftlab.checkpoint import write_cmodel
+
+    config = CFG.replace(num_layer=2)
+    tensors = random_ft_tensors(config, seed=4, std=0.5)
+    model_dir = write_cmodel(tmp_path, config, tensors, tensor_para_size=1)
+    one = GPT.from_ft_tensors(config, tensors, dtype="fp32", device="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             "-m", "ftlab", "serve", "-m", str(model_dir), "--port", "0", "--dtype", "fp32",
+                             "--device", "cpu", "--layer-para-size", "2", "--max-queue-delay-us", "200000"],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline, banner = time.monotonic() + 120, ""
+        while "ftlab serve:" not in banner and time.monotonic() < deadline and proc.poll() is None:
+            banner = proc.stderr.readline()
+        assert "2 ranks on http://" in banner, banner
+        url = banner.split("http://")[1].split()[0]
+        client = httpclient.InferenceServerClient(url, concurrency=2)
+        greedy = client.infer(MODEL, _request(PROMPTS, 4)).as_numpy("output_ids")
+        for b, want in enumerate(generate(one, PROMPTS, max_new_tokens=4).output_ids):
+            assert greedy[b, 0, :len(want)].tolist() == want
+        # two sampling requests in flight at once: batched together, each answered as alone
+        pending = [client.async_infer(MODEL, _request([p], 5, runtime_top_k=([k], np.uint32),
+                                                      random_seed=([s], np.uint64)))
+                   for p, k, s in ((PROMPTS[0], 5, 11), (PROMPTS[2], 0, 12))]
+        for (p, k, s), future in zip(((PROMPTS[0], 5, 11), (PROMPTS[2], 0, 12)), pending):
+            want = generate(one, [p], max_new_tokens=5, top_k=k, random_seed=s).output_ids[0]
+            assert future.get_result().as_numpy("output_ids")[0, 0].tolist() == want
+        beams = client.infer(MODEL, _request(PROMPTS[:2], 3, beam_width=([3, 3], np.uint32))).as_numpy("output_ids")
+        for b, hyps in enumerate(generate(one, PROMPTS[:2], max_new_tokens=3, beam_width=3).beams):
+            assert [beams[b, k, :len(h)].tolist() for k, h in enumerate(hyps)] == hyps
+        with pytest.raises(InferenceServerException, match="2\\*beam_width <= vocab_size"):  # 40 passes the protocol
+            client.infer(MODEL, _request(PROMPTS[:1], 3, beam_width=([40], np.uint32)))
+        again = client.infer(MODEL, _request(PROMPTS[1:2], 4)).as_numpy("output_ids")
+        assert again[0, 0].tolist() == generate(one, PROMPTS[1:2], max_new_tokens=4).output_ids[0]
+        body = json.dumps({"input_ids": PROMPTS[0], "request_output_len": 4, "runtime_top_k": 3, "random_seed": 9})
+        request = urllib.request.Request(f"http://{url}/v2/models/{MODEL}/generate_stream", data=body.encode())
+        with urllib.request.urlopen(request, timeout=60) as response:
+            raw = response.read().decode()
+        events = [json.loads(line[len("data: "):]) for line in raw.split("\n\n") if line.startswith("data: ")]
+        want = generate(one, [PROMPTS[0]], max_new_tokens=4, top_k=3, random_seed=9).generated_ids(0)
+        assert [e["output_ids"][0] for e in events][:len(want)] == want
+        client.close()
+        assert proc.poll() is None  # still serving
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)

@@ -17,6 +17,7 @@ one per generated token).
 """
 from __future__ import annotations
 
+import functools
 import json
 import queue
 import re
@@ -53,6 +54,9 @@ class InferenceServer:
             raise ValueError(f"max_batch_size must be >= 1 and max_queue_delay_us >= 0, got {max_batch_size} and "
                              f"{max_queue_delay_us}")
         self.model, self.model_name, self.version = model, model_name, "1"
+        # ftlab.parallel_serve.ParallelLeader runs each call on every rank of a parallel engine; else here alone
+        self._generate_fn = getattr(model, "run_generate", None) or functools.partial(generate, model)
+        self._stream_fn = getattr(model, "run_stream", None) or functools.partial(stream, model)
         self.max_batch_size, self.max_queue_delay_us = max_batch_size, max_queue_delay_us
         self.stats = {"requests": 0, "batches": 0, "failed": 0, "rejected": 0}
         self._queue: queue.Queue = queue.Queue()  # _Work items, then _STOP
@@ -210,13 +214,13 @@ class InferenceServer:
         if job.beam_width > 1:
             params = {k: v for k, v in params.items() if k not in ("top_k", "top_p", "temperature", "random_seed")}
             params["end_id"] = params["end_id"][0]
-            return generate(self.model, job.prompts, max_new_tokens=n_out, beam_width=job.beam_width,
-                            **job.beam, **params)
+            return self._generate_fn(job.prompts, max_new_tokens=n_out, beam_width=job.beam_width, **job.beam,
+                                     **params)
         if work.events is None:
-            return generate(self.model, job.prompts, max_new_tokens=n_out, return_log_probs=job.return_log_probs,
-                            **params)
+            return self._generate_fn(job.prompts, max_new_tokens=n_out, return_log_probs=job.return_log_probs,
+                                     **params)
         try:
-            for step in stream(self.model, job.prompts, max_new_tokens=n_out, **params):
+            for step in self._stream_fn(job.prompts, max_new_tokens=n_out, **params):
                 work.events.put({"output_ids": step.token_ids, "step": step.step, "finished": step.finished})
         finally:
             work.events.put(None)
