@@ -46,7 +46,8 @@ class _Work:
 
 
 class InferenceServer:
-    """Serve `model` (a GPT, or anything generate() takes) at http://host:port. Use start()/stop(), or a `with`."""
+    """Serve `model` (a GPT, anything generate() takes, or a ParallelLeader on rank 0 of a parallel engine) at
+    http://host:port. Use start()/stop(), or a `with`."""
 
     def __init__(self, model, *, model_name: str = "fastertransformer", host: str = "127.0.0.1", port: int = 8000,
                  max_batch_size: int = 64, max_queue_delay_us: int = 1000, grpc_port: int | None = None):
