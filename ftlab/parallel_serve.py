@@ -9,7 +9,9 @@ collectives inside a call keep the engine's timeout.
 A call whose inputs are wrong fails alike on every rank before its first collective (generate() validates first),
 so the followers just wait for the next call and the server answers that request with the error, as it does in one
 process. The followers' results are dropped: every rank ends a call with the same tokens (ftlab.parallel
-broadcasts them), and rank 0 answers."""
+broadcasts them), and rank 0 answers. An error on some ranks only (out of memory) cannot fail alone: the ranks'
+collectives fall out of step, a follower exits with the error (at once, or at the engine's collective timeout), and
+torchrun ends the job rather than leaving it hanging."""
 from __future__ import annotations
 
 import datetime
