@@ -39,6 +39,7 @@ class ParallelLeader:
             raise ValueError(f"the leader runs on rank 0, not on rank {engine.layout.rank}")
         self.engine, self.group = engine, group
         self.config, self.dtype = engine.config, engine.model.dtype
+        self.pipeline_para_size = engine.layout.pp  # FT's name for layer_para_size, in the served model's config
 
     def _announce(self, kind: str, prompts=None, kwargs=None) -> None:
         dist.broadcast_object_list([(kind, prompts, kwargs)], src=0, group=self.group)

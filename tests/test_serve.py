@@ -89,6 +89,7 @@ def test_health_metadata_and_config(client, server):
     assert [t["name"] for t in meta["outputs"]][:2] == ["output_ids", "sequence_length"]
     config = client.get_model_config(MODEL)
     assert config["max_batch_size"] == 8 and config["parameters"]["vocab_size"]["string_value"] == "61"
+    assert config["parameters"]["pipeline_para_size"]["string_value"] == "1"
     assert not client.is_model_ready("gpt-other")
     with urllib.request.urlopen(f"http://{server.url}/v2/models/{MODEL}/stats", timeout=60) as response:
         stats = json.loads(response.read())["model_stats"][0]
@@ -271,6 +272,8 @@ def test_cli_serves_across_two_pipeline_stages(tmp_path):
         assert "2 ranks on http://" in banner, banner
         url = banner.split("http://")[1].split()[0]
         client = httpclient.InferenceServerClient(url, concurrency=2)
+        parameters = client.get_model_config(MODEL)["parameters"]
+        assert parameters["pipeline_para_size"]["string_value"] == "2"
         greedy = client.infer(MODEL, _request(PROMPTS, 4)).as_numpy("output_ids")
         for b, want in enumerate(generate(one, PROMPTS, max_new_tokens=4).output_ids):
             assert greedy[b, 0, :len(want)].tolist() == want

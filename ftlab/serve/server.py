@@ -131,6 +131,7 @@ class InferenceServer:
                       "num_layer": cfg.num_layer, "vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_pos_seq_len,
                       "start_id": cfg.start_id, "end_id": cfg.end_id,
                       "tensor_para_size": getattr(cfg, "tensor_para_size", 1),
+                      "pipeline_para_size": getattr(self.model, "pipeline_para_size", 1),
                       "data_type": str(getattr(self.model, "dtype", "")).replace("torch.", "")}
         return {"name": self.model_name, "platform": "ftlab", "backend": "fastertransformer",
                 "max_batch_size": self.max_batch_size,
