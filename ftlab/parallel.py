@@ -396,7 +396,7 @@ class PipelineBeamModel:
     process."""
 
     def __init__(self, engine: ParallelEngine):
-        self.engine, self.config, self.device = engine, engine.config, engine.device
+        self.config, self.device = engine.config, engine.device
         self.lay, self.model, self.link = engine.layout, engine.model, StageLink(engine)
 
     def new_kv_cache(self, batch_size: int, capacity: int):
