@@ -33,7 +33,6 @@ import torch
 from .config import GPTConfig
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 # per-layer tensors: suffix -> axis along which tensor parallelism splits it (None: unsplit, kept on every rank)
 LAYER_TENSORS = {
@@ -242,15 +241,6 @@ class CModelWriter:
             self._write(spec, rank, shard)
         self.written.add(name)
 
-    def add_shard(self, name: str, rank: int, shard: torch.Tensor) -> None:
-        """Write one rank's piece directly (converters that already hold per-rank tensors)."""
-        spec = self.specs[name]
-        expected = spec.shard_shape(self.tp)
-        if tuple(shard.shape) != expected:
-            raise CheckpointError(f"{name} rank {rank}: shape {tuple(shard.shape)}, expected {expected}")
-        self._write(spec, rank, shard)
-        self.written.add(f"{name}#{rank}")
-
     def _write(self, spec: TensorSpec, rank: int, shard: torch.Tensor) -> None:
         array = shard.detach().to(torch.float32).contiguous().numpy().astype(NUMPY_DTYPES[self.config.weight_data_type])
         array.tofile(self.tmp_dir / spec.filename(rank if spec.split_axis is not None else None))
@@ -259,14 +249,7 @@ class CModelWriter:
         shutil.copy2(src, self.tmp_dir / (dst_name or Path(src).name))
 
     def _missing(self) -> list[str]:
-        missing = []
-        for name, spec in self.specs.items():
-            if name in self.written:
-                continue
-            ranks = range(self.tp) if spec.split_axis is not None else [0]
-            if not all(f"{name}#{r}" in self.written for r in ranks):
-                missing.append(name)
-        return missing
+        return [name for name in self.specs if name not in self.written]
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:

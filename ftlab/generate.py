@@ -46,11 +46,6 @@ class GenerationOutput:
     def generated_ids(self, b: int) -> list[int]:
         return self.output_ids[b][self.input_length[b]:]
 
-    def padded(self, pad_id: int) -> torch.Tensor:
-        """(B, max sequence_length) with pad_id after each sequence's end."""
-        width = max(self.sequence_length)
-        return torch.tensor([ids + [pad_id] * (width - len(ids)) for ids in self.output_ids], dtype=torch.int64)
-
 
 def _is_scalar(value) -> bool:
     """Whether _column repeats one value for the whole batch."""
